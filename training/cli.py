@@ -1,0 +1,74 @@
+"""The ``cxr-drift`` command: one entry point, one module per subcommand, imported only when used.
+
+Every command module exposes ``configure_parser(parser)`` and ``run(args) -> int``. Expected failures (bad
+paths, bad data, unknown architecture, incompatible checkpoint...) are raised as :class:`CliError` or as
+``ValueError``/``FileNotFoundError``/``OSError`` and printed as one line on stderr with a non-zero exit code;
+``--debug`` (or ``CXR_DRIFT_DEBUG=1``) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["CliError", "main"]
+
+
+class CliError(Exception):
+    """An error whose message is meant for the user as it is."""
+
+
+# command -> (module, one-line help). Modules are imported lazily so `cxr-drift --help` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("training.synth_cli", "generate a synthetic chest X-ray dataset (ImageFolder + masks + manifest.csv)"),
+    "train": ("training.train", "two-stage training (transfer, then fine-tuning) and export of a model pair"),
+    "export": ("training.export", "export a trained model pair to the artifact folder (ONNX + manifest)"),
+    "calibrate": ("service.engine.calibrate", "learn drift thresholds from a reference split and store them"),
+    "serve": ("service.commands", "run the API server"),
+    "demo": ("service.demo", "synthetic data + demo model pairs for all architectures, then serve"),
+    "keys": ("service.commands_keys", "create and list API keys"),
+    "openapi": ("service.commands_openapi", "write the service's OpenAPI document"),
+}
+
+
+def _build_parser(selected: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr-drift", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == selected:
+            importlib.import_module(module_name).configure_parser(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in args_list if not a.startswith("-")), None)
+    selected = selected if selected in COMMANDS else None
+    debug = "--debug" in args_list or os.environ.get("CXR_DRIFT_DEBUG") == "1"
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        parser = _build_parser(selected)
+        args = parser.parse_args(args_list)
+        module = importlib.import_module(COMMANDS[args.command][0])
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("cxr-drift: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as exc:
+        if debug:
+            raise
+        print(f"cxr-drift: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, CliError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
