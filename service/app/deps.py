@@ -1,0 +1,146 @@
+"""Request dependencies as ``Annotated`` type aliases, so handlers never repeat ``Depends(...)``.
+
+Authentication: the key comes in ``X-API-Key`` or ``Authorization: Bearer <key>``. It is checked against the
+keys in the settings (SHA-256 digests, compared with ``hmac.compare_digest``) and then against the database
+(``service.app.keys.authenticate``). No key or an unknown key: 401; a key whose role does not allow the
+route: 403. Role ``admin`` allows everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+import sqlalchemy
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.app.errors import ApiError
+from service.app.settings import Settings
+from service.app.state import AppState
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AnyKeyDep",
+    "AuditKeyDep",
+    "EngineDep",
+    "PredictKeyDep",
+    "Principal",
+    "SettingsDep",
+    "StateDep",
+    "require_role",
+]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who made the request: the key's name (``None`` when auth is disabled) and its role."""
+
+    name: str | None
+    role: str
+
+
+def get_state(request: Request) -> AppState:
+    state = getattr(request.app.state, "cxr", None)
+    if state is None:
+        raise ApiError(503, "not_started", "the service is starting up or shutting down; retry shortly")
+    assert isinstance(state, AppState)
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_app_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+def get_engine(state: StateDep) -> sqlalchemy.Engine:
+    return state.engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+EngineDep = Annotated[sqlalchemy.Engine, Depends(get_engine)]
+
+# auto_error=False: we answer missing keys ourselves, in the error model; these also document the schemes
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
+_bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
+
+
+def _sha256_hex(key: str) -> str:
+    try:
+        from service.app.keys import hash_key
+
+        return hash_key(key)
+    except ImportError:  # pragma: no cover - keys.py is part of the service; this keeps the rule in one place
+        return hashlib.sha256(key.encode()).hexdigest()
+
+
+def authenticate(state: AppState, key: str) -> Principal | None:
+    """The principal for ``key``: settings keys first (constant-time), then the database's keys."""
+    digest = _sha256_hex(key)
+    found: Principal | None = None
+    for entry in state.settings.settings_keys():
+        # compare against every entry (no early exit), so timing does not tell which prefix matched
+        if hmac.compare_digest(digest.encode(), entry.sha256.encode()) and found is None:
+            found = Principal(name=entry.name, role=entry.role)
+    if found is not None:
+        return found
+    from service.app import keys
+    from service.app.db import DatabaseUnavailable
+
+    try:
+        api_key = keys.authenticate(state.engine, key)
+    except DatabaseUnavailable as exc:
+        raise ApiError(503, "database_unavailable", f"cannot check the API key: {exc}") from exc
+    if api_key is None:
+        return None
+    return Principal(name=str(api_key.name), role=str(api_key.role))
+
+
+_UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer, ApiKey header="X-API-Key"'}
+
+
+def require_role(*roles: str) -> Callable[..., Principal]:
+    """A dependency that authenticates the request and requires one of ``roles`` (``admin`` passes all)."""
+    allowed = frozenset(roles) | {"admin"}
+
+    def dependency(
+        state: StateDep,
+        api_key: Annotated[str | None, Depends(_api_key_header)],
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        if not state.settings.auth_enabled:
+            return Principal(name=None, role="admin")
+        key = api_key or (bearer.credentials if bearer is not None else None)
+        if not key:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing API key: send it in the X-API-Key header or as 'Authorization: Bearer <key>'",
+                headers=_UNAUTHORIZED_HEADERS,
+            )
+        principal = authenticate(state, key)
+        if principal is None:
+            raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
+        if principal.role not in allowed:
+            raise ApiError(
+                403,
+                "forbidden",
+                f"the key {principal.name!r} has role {principal.role!r}; this route needs one of "
+                f"{', '.join(sorted(allowed))}",
+                details={"role": principal.role, "allowed_roles": sorted(allowed)},
+            )
+        return principal
+
+    return dependency
+
+
+PredictKeyDep = Annotated[Principal, Depends(require_role("predict"))]
+AuditKeyDep = Annotated[Principal, Depends(require_role("audit"))]
+AnyKeyDep = Annotated[Principal, Depends(require_role("predict", "audit"))]

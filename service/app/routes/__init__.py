@@ -1,0 +1,16 @@
+"""Every router of the service, one per resource, included by :func:`include_routers`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from service.app.routes import audit, health, models, predict
+
+__all__ = ["include_routers"]
+
+
+def include_routers(app: FastAPI) -> None:
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(predict.router)
+    app.include_router(audit.router)

@@ -1,0 +1,187 @@
+"""The audit trail: summaries, records (JSON pages and CSV), and verification of the hash chain."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from service.app.deps import AuditKeyDep, EngineDep
+from service.app.errors import ApiError, error_responses
+from service.app.schemas import (
+    AuditFiltersOut,
+    AuditRecord,
+    AuditRecordPage,
+    AuditSummaryResponse,
+    AuditVerifyResponse,
+)
+
+router = APIRouter(prefix="/audit", tags=["audit"])
+
+GROUP_BY_OPTIONS = ("model", "method", "class", "day", "week")
+T = TypeVar("T")
+
+
+def audit_filters(
+    start: Annotated[datetime | None, Query(description="records created at or after (ISO 8601)")] = None,
+    end: Annotated[datetime | None, Query(description="records created before (ISO 8601)")] = None,
+    model: Annotated[str | None, Query(description="model pair name")] = None,
+    method: Annotated[Literal["layercam", "gradcampp"] | None, Query()] = None,
+    target_class: Annotated[str | None, Query(alias="class", description="target class name")] = None,
+    agreement: Annotated[bool | None, Query(description="both checkpoints predicted the same class")] = None,
+    severity: Annotated[Literal["low", "moderate", "high"] | None, Query()] = None,
+    flagged: Annotated[bool | None, Query()] = None,
+) -> Any:
+    from service.app.audit import AuditFilters
+
+    if start is not None and end is not None and end <= start:
+        raise ApiError(
+            422, "validation_error", f"end ({end.isoformat()}) must be after start ({start.isoformat()})"
+        )
+    return AuditFilters(
+        start=start,
+        end=end,
+        model=model,
+        method=method,
+        target_class=target_class,
+        agreement=agreement,
+        severity=severity,
+        flagged=flagged,
+    )
+
+
+FiltersDep = Annotated[Any, Depends(audit_filters)]
+
+
+def _filters_out(filters: Any) -> AuditFiltersOut:
+    return AuditFiltersOut(**{name: getattr(filters, name, None) for name in AuditFiltersOut.model_fields})
+
+
+async def _call_db(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking audit-layer call off the event loop; a database failure becomes 503."""
+    from service.app.db import DatabaseUnavailable
+
+    try:
+        return await run_in_threadpool(func, *args, **kwargs)
+    except DatabaseUnavailable as exc:
+        raise ApiError(503, "database_unavailable", f"audit database unavailable: {exc}") from exc
+
+
+def _parse_group_by(values: list[str]) -> list[str]:
+    parts = [p.strip() for v in values for p in v.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in GROUP_BY_OPTIONS]
+    if unknown:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"unknown group_by value(s) {', '.join(map(repr, unknown))}; valid options: "
+            f"{', '.join(GROUP_BY_OPTIONS)}",
+            details={"valid": list(GROUP_BY_OPTIONS)},
+        )
+    return list(dict.fromkeys(parts))
+
+
+@router.get(
+    "/summary",
+    response_model=AuditSummaryResponse,
+    summary="aggregates of drift over time windows and filters",
+    responses=error_responses(401, 403, 422, 503),
+)
+async def summary(
+    engine: EngineDep,
+    principal: AuditKeyDep,
+    filters: FiltersDep,
+    group_by: Annotated[
+        list[str],
+        Query(description=f"repeat or comma-separate; among {', '.join(GROUP_BY_OPTIONS)}"),
+    ] = [],  # noqa: B006 - FastAPI copies defaults per request
+) -> AuditSummaryResponse:
+    from service.app import audit
+
+    groups = _parse_group_by(group_by)
+    try:
+        result = await _call_db(audit.summarize, engine, filters=filters, group_by=groups)
+    except ValueError as exc:
+        raise ApiError(422, "validation_error", str(exc)) from exc
+    return AuditSummaryResponse(filters=_filters_out(filters), group_by=groups, summary=result)
+
+
+@router.get(
+    "/records",
+    response_model=AuditRecordPage,
+    summary="audit records, newest first, paginated with before_id",
+    responses=error_responses(401, 403, 422, 503),
+)
+async def list_records(
+    engine: EngineDep,
+    principal: AuditKeyDep,
+    filters: FiltersDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before_id: Annotated[int | None, Query(ge=1, description="only records with a smaller id")] = None,
+) -> AuditRecordPage:
+    from service.app import audit
+
+    page = await _call_db(audit.list_records, engine, filters=filters, limit=limit, before_id=before_id)
+    items = [AuditRecord.model_validate(item) for item in page.items]
+    return AuditRecordPage(items=items, next_before_id=page.next_before_id)
+
+
+@router.get(
+    "/records.csv",
+    response_class=StreamingResponse,
+    summary="audit records as CSV, one row per (record, model, method)",
+    responses={200: {"content": {"text/csv": {}}}, **error_responses(401, 403, 422, 503)},
+)
+async def export_records_csv(
+    engine: EngineDep, principal: AuditKeyDep, filters: FiltersDep
+) -> StreamingResponse:
+    from service.app import audit
+
+    def first_and_rest() -> tuple[str, Iterator[str]]:
+        lines = iter(audit.export_csv(engine, filters=filters))
+        return next(lines, ""), lines
+
+    # read the header now, so a database that is down is a 503, not a broken 200 stream
+    first, rest = await _call_db(first_and_rest)
+
+    def body() -> Iterator[str]:
+        yield first
+        yield from rest
+
+    return StreamingResponse(
+        body(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="audit-records.csv"'},
+    )
+
+
+@router.get(
+    "/records/{record_id}",
+    response_model=AuditRecord,
+    summary="one audit record",
+    responses=error_responses(401, 403, 404, 422, 503),
+)
+async def get_record(record_id: int, engine: EngineDep, principal: AuditKeyDep) -> AuditRecord:
+    from service.app import audit
+
+    record = await _call_db(audit.get_record, engine, record_id)
+    if record is None:
+        raise ApiError(404, "not_found", f"no audit record with id {record_id}", details={"id": record_id})
+    return AuditRecord.model_validate(record)
+
+
+@router.get(
+    "/verify",
+    response_model=AuditVerifyResponse,
+    summary="recompute the hash chain; names the first record that does not match",
+    responses=error_responses(401, 403, 503),
+)
+async def verify(engine: EngineDep, principal: AuditKeyDep) -> AuditVerifyResponse:
+    from service.app import audit
+
+    result = await _call_db(audit.verify, engine)
+    return AuditVerifyResponse.model_validate(result.to_dict())

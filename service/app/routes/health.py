@@ -1,0 +1,69 @@
+"""Liveness, readiness and Prometheus metrics.
+
+Readiness rule (``GET /readyz``): 200 only if at least one model pair is loaded with its file hashes
+verified, no model-pair folder failed to load, and the audit database accepts a write. Otherwise 503 with
+the reasons. ``/healthz`` and ``/readyz`` need no key; ``/metrics`` needs a key of any role.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from service.app.deps import AnyKeyDep, StateDep
+from service.app.errors import ApiError, error_responses
+from service.app.metrics import CONTENT_TYPE_LATEST
+from service.app.schemas import HealthResponse, NotReadyModel, ReadyResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=HealthResponse, summary="the process is up (no key needed)")
+def healthz(request: Request) -> HealthResponse:
+    state = getattr(request.app.state, "cxr", None)
+    uptime = time.time() - state.started_at if state is not None else None
+    return HealthResponse(status="ok", uptime_s=uptime)
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    summary="ready to serve audited predictions (no key needed)",
+    responses=error_responses(503),
+)
+async def readyz(state: StateDep) -> ReadyResponse:
+    from service.app.db import check_writable
+
+    reasons: list[str] = []
+    if not state.pairs:
+        reasons.append("no model pair is loaded")
+    reasons.extend(f"model pair {f.name!r} failed to load: {f.reason}" for f in state.failed)
+    database = "ok"
+    try:
+        await run_in_threadpool(check_writable, state.engine)
+    except Exception as exc:
+        database = f"not writable: {exc}"
+        reasons.append(f"audit database {database}")
+    body = ReadyResponse(
+        ready=not reasons,
+        models_ready=state.ready_names(),
+        models_failed=[NotReadyModel(name=f.name, folder=f.folder, reason=f.reason) for f in state.failed],
+        database=database,
+        reasons=reasons,
+    )
+    if reasons:
+        raise ApiError(503, "not_ready", "; ".join(reasons), details=body.model_dump())
+    return body
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics (text exposition format)",
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **error_responses(401, 403)},
+)
+def metrics(state: StateDep, principal: AnyKeyDep) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,168 @@
+"""Response models of every route (they are what the committed OpenAPI document describes).
+
+The per-model report mirrors the engine's ``DriftReport.to_dict()``; models allow extra keys so that a field
+the engine adds later reaches clients without a schema change here (it just is not documented yet).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "AuditRecord",
+    "AuditRecordPage",
+    "AuditSummaryResponse",
+    "AuditVerifyResponse",
+    "HealthResponse",
+    "ModelsResponse",
+    "PredictResponse",
+    "ReadyResponse",
+]
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class CheckpointPrediction(_Open):
+    index: int
+    class_name: str = Field(alias="class")
+    probabilities: dict[str, float]
+
+
+class Predictions(_Open):
+    transfer: CheckpointPrediction
+    finetuned: CheckpointPrediction
+
+
+class TargetClass(_Open):
+    index: int
+    name: str
+    source: Literal["finetuned_prediction", "requested"] | str
+
+
+class MethodReport(_Open):
+    metrics: dict[str, float | dict[str, float | None] | None]
+    drift_score: float | None = None
+    severity: str | None = None
+    flagged: bool = False
+    flags: list[str] = Field(default_factory=list)
+    diagnostics: dict[str, Any] = Field(default_factory=dict)
+
+
+class MethodMaps(BaseModel):
+    """One method's maps for both checkpoints: base64 PNG overlays, or raw (S, S) arrays in [0, 1]."""
+
+    transfer: str | list[list[float]]
+    finetuned: str | list[list[float]]
+
+
+class ModelReport(_Open):
+    model: str
+    class_names: list[str]
+    predictions: Predictions
+    agreement: bool
+    target_class: TargetClass
+    methods: dict[str, MethodReport]
+    thresholds: dict[str, Any] = Field(default_factory=dict)
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    maps: dict[str, MethodMaps] | None = Field(
+        default=None, description="present when maps=overlay (base64 PNG) or maps=raw (nested lists)"
+    )
+
+
+class ImageInfo(BaseModel):
+    sha256: str
+    format: str
+    width: int
+    height: int
+    nbytes: int
+
+
+class PredictOptions(BaseModel):
+    models: list[str]
+    methods: list[str]
+    target_class: int | str | None
+    topk: float
+    maps: Literal["none", "overlay", "raw"]
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    audit_record_id: int
+    audit_row_hash: str
+    image: ImageInfo
+    options: PredictOptions
+    results: list[ModelReport]
+    timings_ms: dict[str, float]
+
+
+class AuditRecord(_Open):
+    """One audit row as the audit layer returns it (id, created_at, hashes, image digest, reports...)."""
+
+    id: int
+
+
+class AuditRecordPage(BaseModel):
+    items: list[AuditRecord]
+    next_before_id: int | None = Field(description="pass as before_id to get the next (older) page")
+
+
+class AuditFiltersOut(BaseModel):
+    start: datetime | None = None
+    end: datetime | None = None
+    model: str | None = None
+    method: str | None = None
+    target_class: str | None = None
+    agreement: bool | None = None
+    severity: str | None = None
+    flagged: bool | None = None
+
+
+class AuditSummaryResponse(BaseModel):
+    filters: AuditFiltersOut
+    group_by: list[str]
+    summary: dict[str, Any] = Field(description="aggregates as computed by the audit layer")
+
+
+class AuditVerifyResponse(BaseModel):
+    ok: bool
+    checked: int
+    first_bad_id: int | None
+    reason: str | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    folder: str
+    architecture: str | None
+    class_names: list[str]
+    input_size: int
+    manifest: dict[str, Any]
+
+
+class NotReadyModel(BaseModel):
+    name: str
+    folder: str
+    reason: str
+
+
+class ModelsResponse(BaseModel):
+    ready: list[ModelInfo]
+    not_ready: list[NotReadyModel]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    uptime_s: float | None = None
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    models_ready: list[str]
+    models_failed: list[NotReadyModel]
+    database: str
+    reasons: list[str]

@@ -1,0 +1,157 @@
+"""Service settings: environment variables prefixed ``CXR_DRIFT_``, validated, built on demand.
+
+Nothing is read at import time: :func:`get_settings` builds (and caches) them when the app or a command asks.
+Values that would make the service unsafe or unusable are refused with a message naming the variable, what
+arrived and what is accepted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["ROLES", "Settings", "SettingsKey", "get_settings"]
+
+ROLES = ("predict", "audit", "admin")
+BACKENDS = ("onnx", "torch")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class SettingsKey:
+    """An API key given in the settings: its name, role and the SHA-256 hex digest of the plaintext key."""
+
+    name: str
+    role: str
+    sha256: str
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Everything the service can be configured with (environment: ``CXR_DRIFT_<NAME>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_DRIFT_", extra="ignore", frozen=True)
+
+    artifacts_dir: Path = Path("./artifacts")
+    database_url: str = "sqlite:///./cxr-drift.db"
+    # "name:role:sha256hex" entries; from the environment as a comma-separated list or a JSON list
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    auth_enabled: bool = True
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: Literal["onnx", "torch"] = "onnx"
+    migrate_on_start: bool = True
+    ort_threads: int | None = None
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str]) -> list[str]:
+        names: set[str] = set()
+        for entry in value:
+            key = _parse_key(entry)
+            if key.name in names:
+                raise ValueError(f"api_keys: the key name {key.name!r} appears twice; names must be unique")
+            names.add(key.name)
+        return value
+
+    @field_validator("max_body_bytes", "max_pixels")
+    @classmethod
+    def _positive(cls, value: int, info: object) -> int:
+        if value <= 0:
+            field = getattr(info, "field_name", "value")
+            raise ValueError(f"{field} must be a positive integer, got {value}")
+        return value
+
+    @field_validator("port")
+    @classmethod
+    def _check_port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError(f"port must be in 1..65535, got {value}")
+        return value
+
+    @field_validator("ort_threads")
+    @classmethod
+    def _check_threads(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"ort_threads must be >= 1 (or unset for the runtime's default), got {value}")
+        return value
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _check_backend(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {value!r}")
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite:", "sqlite+", "postgresql")):
+            raise ValueError(
+                f"database_url must be a SQLite (sqlite:///path) or PostgreSQL (postgresql+psycopg://...) "
+                f"URL, got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_open_unauthenticated(self) -> Settings:
+        if not self.auth_enabled and not _is_loopback(self.host):
+            raise ValueError(
+                f"auth_enabled=false is only allowed on a loopback host (127.0.0.1, ::1, localhost); "
+                f"host is {self.host!r}. Enable auth or bind to loopback"
+            )
+        return self
+
+    def settings_keys(self) -> list[SettingsKey]:
+        """The API keys given in the settings, parsed."""
+        return [_parse_key(entry) for entry in self.api_keys]
+
+
+def _parse_key(entry: str) -> SettingsKey:
+    parts = entry.strip().split(":")
+    if len(parts) != 3 or not parts[0]:
+        raise ValueError(f"api_keys entries must look like 'name:role:sha256hex', got {entry!r}")
+    name, role, digest = parts[0], parts[1].lower(), parts[2].lower()
+    if role not in ROLES:
+        raise ValueError(f"api key {name!r}: unknown role {parts[1]!r}; valid options: {', '.join(ROLES)}")
+    if not _SHA256_HEX.match(digest):
+        raise ValueError(
+            f"api key {name!r}: expected the SHA-256 of the key as 64 hex digits, "
+            f"got {len(parts[2])} characters"
+        )
+    return SettingsKey(name=name, role=role, sha256=digest)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once (``get_settings.cache_clear()`` to re-read)."""
+    return Settings()

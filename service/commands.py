@@ -1,0 +1,52 @@
+"""``cxr-drift serve``: run the API with uvicorn on the settings' host and port (flags override them)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="bind address (default: CXR_DRIFT_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: CXR_DRIFT_PORT or 8000)")
+    p.add_argument(
+        "--artifacts-dir", type=Path, help="folder of model pairs (default: CXR_DRIFT_ARTIFACTS_DIR)"
+    )
+    p.add_argument("--database-url", help="audit database URL (default: CXR_DRIFT_DATABASE_URL)")
+    p.add_argument("--backend", choices=["onnx", "torch"], help="inference backend (default: onnx)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app.main import create_app
+    from service.app.settings import Settings
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "host": args.host,
+            "port": args.port,
+            "artifacts_dir": args.artifacts_dir,
+            "database_url": args.database_url,
+            "backend": args.backend,
+        }.items()
+        if value is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"invalid settings: {problems}") from None
+    print(
+        f"cxr-drift: serving on http://{settings.host}:{settings.port} (artifacts: {settings.artifacts_dir})"
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
