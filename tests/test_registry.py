@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
-import pytest
 
 from training.models import CxrClassifier, LogitsAndFeatures
 from training.registry import ArchSpec, build_model, get_arch, list_archs, register_arch
@@ -19,7 +19,9 @@ def test_registry_lists_the_paper_architectures() -> None:
 
 
 def test_unknown_architecture_lists_valid_options() -> None:
-    with pytest.raises(ValueError, match="unknown architecture 'vgg16'.*densenet201, inceptionv3, resnet50v2"):
+    with pytest.raises(
+        ValueError, match=r"unknown architecture 'vgg16'.*densenet201, inceptionv3, resnet50v2"
+    ):
         get_arch("vgg16")
 
 
@@ -73,7 +75,10 @@ def test_forward_shapes_and_target_layer(name: str) -> None:
 @pytest.mark.parametrize("name", ARCHS)
 def test_native_feature_grid(name: str) -> None:
     spec = get_arch(name)
-    assert spec.feature_grid(spec.native_input_size) == {"densenet201": 7, "resnet50v2": 7, "inceptionv3": 8}[name]
+    assert (
+        spec.feature_grid(spec.native_input_size)
+        == {"densenet201": 7, "resnet50v2": 7, "inceptionv3": 8}[name]
+    )
 
 
 @pytest.mark.parametrize("name", ARCHS)

@@ -24,7 +24,10 @@ class CliError(Exception):
 
 # command -> (module, one-line help). Modules are imported lazily so `cxr-drift --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("training.synth_cli", "generate a synthetic chest X-ray dataset (ImageFolder + masks + manifest.csv)"),
+    "synth": (
+        "training.synth_cli",
+        "generate a synthetic chest X-ray dataset (ImageFolder + masks + manifest.csv)",
+    ),
     "train": ("training.train", "two-stage training (transfer, then fine-tuning) and export of a model pair"),
     "export": ("training.export", "export a trained model pair to the artifact folder (ONNX + manifest)"),
     "calibrate": ("service.engine.calibrate", "learn drift thresholds from a reference split and store them"),
@@ -36,7 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _build_parser(selected: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxr-drift", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="cxr-drift", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():

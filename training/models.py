@@ -100,7 +100,7 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not a usable weights file"
+    except Exception as exc:
         raise PretrainedWeightsError(f"cannot read weights from {path}: {exc}") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -152,7 +152,7 @@ def build_classifier(
     use_hub = choice.lower() == "imagenet"
     try:
         backbone = timm.create_model(spec.timm_name, pretrained=use_hub, num_classes=0, global_pool="")
-    except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
+    except Exception as exc:
         if not use_hub:
             raise
         raise PretrainedWeightsError(

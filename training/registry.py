@@ -94,9 +94,7 @@ def build_model(
     """Build a classifier for a registered architecture (see :func:`training.models.build_classifier`)."""
     from training.models import build_classifier
 
-    return build_classifier(
-        get_arch(name), num_classes, pretrained=pretrained, drop_rate=drop_rate, **kwargs
-    )
+    return build_classifier(get_arch(name), num_classes, pretrained=pretrained, drop_rate=drop_rate, **kwargs)
 
 
 def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
