@@ -1,0 +1,227 @@
+"""Closed-form LayerCAM and GradCAM++ from one forward pass (features + head weight), no autograd.
+
+The classifier's head is "global average pool -> dropout -> linear" on a post-ReLU target activation
+``A`` (K, h, w), so the gradient of logit ``c`` with respect to ``A`` is the same at every position::
+
+    g_k = W[c, k] / (h * w)
+
+(no ReLU mask is needed: nothing but the pool sits between ``A`` and the linear layer). With it, both maps
+follow exactly as pytorch-grad-cam computes them (DESIGN.md section 3):
+
+- LayerCAM:  cam = ReLU( sum_k ReLU(g_k) * A_k )
+- GradCAM++: a_k = g_k^2 / (2 g_k^2 + S_k g_k^3 + eps)  (0 where g_k == 0),  S_k = sum_ij A_kij,
+             w_k = sum_ij ReLU(g_k) a_k = h w ReLU(g_k) a_k,  cam = ReLU( sum_k w_k A_k )
+
+then the library's post-processing: min-max ``(x - min) / (max(x - min) + 1e-7)`` on the native grid,
+bilinear resize to the input size (OpenCV ``INTER_LINEAR``, the library's own call), and a second min-max.
+
+``eps`` is not negligible (DESIGN.md trap 2): g^2 is often of the order of eps, so GradCAM++ results report
+how much of the denominator eps makes up (``eps_fraction``). NumPy and OpenCV only; no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "METHODS",
+    "CamResult",
+    "class_gradients",
+    "closed_form_cams",
+    "closed_form_cams_all_classes",
+    "gradcampp_raw",
+    "layercam_raw",
+    "min_max",
+    "postprocess",
+]
+
+METHODS = ("layercam", "gradcampp")
+DEFAULT_EPS = 1e-6
+# the library's min-max denominator offset (pytorch_grad_cam.utils.image.scale_cam_image)
+_MINMAX_OFFSET = np.float32(1e-7)
+# OpenCV handles at most this many channels in one resize call
+_CV_MAX_CHANNELS = 512
+
+
+@dataclass(frozen=True)
+class CamResult:
+    """Attribution maps of one method for a batch.
+
+    ``maps``: (B, S, S) float32 in [0, 1], the library's normalized, resized maps.
+    ``native``: (B, h, w) float32 in [0, 1], the min-max normalized map on the feature grid (before resize).
+    ``raw``: (B, h, w) float64, the ReLU'd map before any normalization.
+    ``all_zero``: (B,) bool, True where the map carries no signal (raw map constant, so the normalized map is
+    all zeros by definition, never NaN).
+    ``eps_fraction``: (B,) float64 for GradCAM++ (median over contributing channels, g_k > 0, of
+    eps / (2 g^2 + S g^3 + eps); NaN-free, 0.0 when no channel contributes), None for LayerCAM.
+    """
+
+    method: str
+    maps: np.ndarray
+    native: np.ndarray
+    raw: np.ndarray
+    all_zero: np.ndarray
+    eps_fraction: np.ndarray | None = None
+
+
+def _check_features(features: np.ndarray) -> np.ndarray:
+    arr = np.asarray(features)
+    if arr.ndim != 4:
+        raise ValueError(f"features must have shape (B, K, h, w), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("features contain NaN or infinite values")
+    return arr
+
+
+def _check_weight(weight: np.ndarray, channels: int) -> np.ndarray:
+    w = np.asarray(weight)
+    if w.ndim == 4 and w.shape[2:] == (1, 1):  # a 1x1-conv classifier (DESIGN.md trap 5)
+        w = w.reshape(w.shape[0], w.shape[1])
+    if w.ndim != 2 or w.shape[1] != channels:
+        raise ValueError(f"head weight must have shape (C, {channels}) to match the features, got {w.shape}")
+    return w
+
+
+def _check_classes(classes: Sequence[int] | np.ndarray, batch: int, num_classes: int) -> np.ndarray:
+    idx = np.asarray(classes)
+    if idx.ndim == 0:
+        idx = np.full(batch, int(idx))
+    if idx.shape != (batch,) or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"classes must be {batch} integer class indices (one per image), got {idx!r}")
+    bad = idx[(idx < 0) | (idx >= num_classes)]
+    if bad.size:
+        raise ValueError(f"class index {int(bad[0])} out of range; valid indices are 0..{num_classes - 1}")
+    return idx.astype(np.int64)
+
+
+def class_gradients(weight: np.ndarray, classes: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """d logit_c / d A_k for each image: ``g = W[c] / (h * w)``, shape (B, K), float64."""
+    h, w = grid
+    return np.asarray(weight, dtype=np.float64)[classes] / float(h * w)
+
+
+def layercam_raw(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """``ReLU( sum_k ReLU(g_k) A_k )`` for features (B, K, h, w) and spatially constant grads (B, K)."""
+    weights = np.maximum(grads, 0.0)
+    cam = np.einsum("bk,bkhw->bhw", weights, features.astype(np.float64, copy=False))
+    return np.maximum(cam, 0.0)
+
+
+def gradcampp_raw(features: np.ndarray, grads: np.ndarray, *, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """GradCAM++ as pytorch-grad-cam implements it, with spatially constant grads (B, K).
+
+    ``a_k = g^2 / (2 g^2 + S_k g^3 + eps)`` (0 where g == 0), ``w_k = h w ReLU(g_k) a_k``,
+    ``cam = ReLU( sum_k w_k A_k )``. Only channels with g_k > 0 get a non-zero weight, and for those the
+    denominator is positive (S_k >= 0 because A is post-ReLU), so no division by zero can occur.
+
+    Returns the map (B, h, w) and the per-image eps fraction: median over channels with g_k > 0 of
+    ``eps / (2 g^2 + S g^3 + eps)`` (0.0 where no channel has g_k > 0).
+    """
+    feats = features.astype(np.float64, copy=False)
+    _, _, h, w = feats.shape
+    sums = feats.sum(axis=(2, 3))
+    positive = grads > 0
+    g = np.where(positive, grads, 0.0)
+    g2 = g * g
+    denom = 2.0 * g2 + sums * g2 * g + eps
+    alpha = np.where(positive, g2 / np.where(positive, denom, 1.0), 0.0)
+    weights = (h * w) * g * alpha
+    cam = np.maximum(np.einsum("bk,bkhw->bhw", weights, feats), 0.0)
+    fraction = np.where(positive, eps / np.where(positive, denom, 1.0), np.nan)
+    eps_fraction = np.zeros(feats.shape[0])
+    has = positive.any(axis=1)
+    if has.any():
+        eps_fraction[has] = np.nanmedian(fraction[has], axis=1)
+    return cam, eps_fraction
+
+
+def min_max(maps: np.ndarray) -> np.ndarray:
+    """The library's per-map normalization: ``(x - min) / (max(x - min) + 1e-7)``, float32."""
+    x = np.asarray(maps, dtype=np.float32)
+    axes = tuple(range(1, x.ndim))
+    x = x - x.min(axis=axes, keepdims=True)
+    return x / (x.max(axis=axes, keepdims=True) + _MINMAX_OFFSET)
+
+
+def _resize_batch(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of (B, h, w) float32 maps to (B, H, W) with OpenCV INTER_LINEAR, as the library."""
+    height, width = size
+    out = np.empty((maps.shape[0], height, width), dtype=np.float32)
+    for start in range(0, maps.shape[0], _CV_MAX_CHANNELS):
+        chunk = np.ascontiguousarray(maps[start : start + _CV_MAX_CHANNELS].transpose(1, 2, 0))
+        resized = cv2.resize(chunk, (width, height), interpolation=cv2.INTER_LINEAR)
+        if resized.ndim == 2:
+            resized = resized[:, :, None]
+        out[start : start + chunk.shape[2]] = resized.transpose(2, 0, 1)
+    return out
+
+
+def postprocess(raw: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Library post-processing of raw ReLU'd maps (B, h, w): returns (resized maps (B, S, S), native maps)."""
+    target = (size, size) if isinstance(size, int) else size
+    native = min_max(raw)
+    resized = min_max(np.maximum(_resize_batch(native, target), 0.0))
+    return resized, native
+
+
+def closed_form_cams(
+    features: np.ndarray,
+    weight: np.ndarray,
+    classes: Sequence[int] | np.ndarray,
+    *,
+    method: str,
+    input_size: int | tuple[int, int],
+    eps: float = DEFAULT_EPS,
+) -> CamResult:
+    """Closed-form ``method`` maps for features (B, K, h, w), head weight (C, K) and one class per image."""
+    if method not in METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; valid options: {', '.join(METHODS)}")
+    feats = _check_features(features)
+    batch, channels, h, w = feats.shape
+    head = _check_weight(weight, channels)
+    idx = _check_classes(classes, batch, head.shape[0])
+    grads = class_gradients(head, idx, (h, w))
+    eps_fraction: np.ndarray | None = None
+    if method == "layercam":
+        raw = layercam_raw(feats, grads)
+    else:
+        raw, eps_fraction = gradcampp_raw(feats, grads, eps=eps)
+    maps, native = postprocess(raw, input_size)
+    spread = raw.max(axis=(1, 2)) - raw.min(axis=(1, 2))
+    return CamResult(
+        method=method, maps=maps, native=native, raw=raw, all_zero=spread <= 0.0, eps_fraction=eps_fraction
+    )
+
+
+def closed_form_cams_all_classes(
+    features: np.ndarray,
+    weight: np.ndarray,
+    *,
+    method: str,
+    input_size: int | tuple[int, int],
+    eps: float = DEFAULT_EPS,
+) -> CamResult:
+    """Maps for every class at once: arrays are (B, C, ...) instead of (B, ...)."""
+    feats = _check_features(features)
+    batch, channels = feats.shape[:2]
+    head = _check_weight(weight, channels)
+    num_classes = head.shape[0]
+    repeated = np.repeat(feats, num_classes, axis=0)
+    classes = np.tile(np.arange(num_classes), batch)
+    flat = closed_form_cams(repeated, head, classes, method=method, input_size=input_size, eps=eps)
+
+    def fold(a: np.ndarray) -> np.ndarray:
+        return a.reshape(batch, num_classes, *a.shape[1:])
+
+    return CamResult(
+        method=method,
+        maps=fold(flat.maps),
+        native=fold(flat.native),
+        raw=fold(flat.raw),
+        all_zero=fold(flat.all_zero),
+        eps_fraction=None if flat.eps_fraction is None else fold(flat.eps_fraction),
+    )

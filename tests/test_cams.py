@@ -1,0 +1,216 @@
+"""Closed-form CAMs against pytorch-grad-cam on every registered architecture (the engine's basis)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from service.engine.cams import (
+    METHODS,
+    closed_form_cams,
+    closed_form_cams_all_classes,
+    gradcampp_raw,
+    min_max,
+)
+from service.engine.reference import reference_cams, resolve_layers
+from training.models import CxrClassifier, LogitsAndFeatures
+from training.registry import build_model, get_arch, list_archs
+
+NUM_CLASSES = 4
+PARITY_ATOL = 1e-3
+# the smallest inputs whose feature grid is 3x3 (inceptionv3 needs >= 75 px and gives 1x1 below 107 px)
+SIZES = {"densenet201": 96, "resnet50v2": 96, "inceptionv3": 139}
+
+
+def _features(model: CxrClassifier, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        logits, feats = LogitsAndFeatures(model.eval())(x)
+    return logits.numpy(), feats.numpy()
+
+
+@pytest.fixture(scope="module", params=list_archs())
+def model_pair(request: pytest.FixtureRequest) -> tuple[str, CxrClassifier, CxrClassifier]:
+    """A random-init "transfer" model and a "fine-tuned" one with perturbed backbone and head."""
+    name = request.param
+    torch.manual_seed(0)
+    transfer = build_model(name, NUM_CLASSES).eval()
+    finetuned = copy.deepcopy(transfer)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in finetuned.backbone.parameters():
+            p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+        finetuned.head.weight.mul_(3.0).add_(0.01 * torch.randn(finetuned.head.weight.shape, generator=gen))
+    return name, transfer, finetuned
+
+
+@pytest.mark.parametrize("head_scale", [1.0, 1e-3, 100.0], ids=["head_x1", "small_head_eps", "large_head"])
+def test_closed_form_matches_pytorch_grad_cam(
+    model_pair: tuple[str, CxrClassifier, CxrClassifier], head_scale: float
+) -> None:
+    name, transfer, finetuned = model_pair
+    size = SIZES[name]
+    grid = get_arch(name).feature_grid(size)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    classes = np.array([0, 3])
+    # both checkpoints at the trained scale; the extreme head scales on the fine-tuned one only
+    checkpoints = (
+        (("transfer", transfer), ("finetuned", finetuned))
+        if head_scale == 1.0
+        else (("finetuned", finetuned),)
+    )
+    for label, base in checkpoints:
+        model = base
+        saved = model.head.weight.detach().clone()
+        try:
+            with torch.no_grad():
+                model.head.weight.mul_(head_scale)
+            _check_parity(name, label, model, x, classes, size, grid, head_scale, saved.numpy())
+        finally:
+            with torch.no_grad():
+                model.head.weight.copy_(saved)
+
+
+def _check_parity(
+    name: str,
+    label: str,
+    model: CxrClassifier,
+    x: torch.Tensor,
+    classes: np.ndarray,
+    size: int,
+    grid: int,
+    head_scale: float,
+    trained_weight: np.ndarray,
+) -> None:
+    logits, feats = _features(model, x)
+    assert feats.shape[2:] == (grid, grid)
+    weight = model.head.weight.detach().numpy()
+    for method in METHODS:
+        fast = closed_form_cams(feats, weight, classes, method=method, input_size=size)
+        ref = reference_cams(model, x, classes, method=method)
+        assert fast.maps.shape == ref.maps.shape == (2, size, size)
+        assert fast.native.shape == ref.native.shape == (2, grid, grid)
+        diff = float(np.abs(fast.maps - ref.maps).max())
+        assert diff <= PARITY_ATOL, f"{name} {label} {method} x{head_scale}: max abs diff {diff}"
+        assert float(np.abs(fast.native - ref.native).max()) <= PARITY_ATOL
+        np.testing.assert_allclose(ref.logits, logits, atol=1e-4)
+        # the maps are real maps, not a trivially equal all-zero pair
+        assert not fast.all_zero.any()
+        assert np.allclose(fast.maps.max(axis=(1, 2)), 1.0, atol=1e-5)
+        if method == "gradcampp":
+            assert fast.eps_fraction is not None
+            assert np.all((fast.eps_fraction >= 0) & (fast.eps_fraction <= 1))
+            # eps makes up more of the denominator as head weights shrink (DESIGN.md trap 2)
+            trained = closed_form_cams(feats, trained_weight, classes, method=method, input_size=size)
+            assert trained.eps_fraction is not None
+            if head_scale < 1.0:
+                assert np.all(fast.eps_fraction > trained.eps_fraction)
+            if head_scale > 1.0:
+                assert np.all(fast.eps_fraction < trained.eps_fraction)
+                assert np.all(fast.eps_fraction < 0.01)  # LayerCAM-like regime
+
+
+def test_gradcampp_formula_matches_library_weights() -> None:
+    """The library's own weight function on spatially constant gradients is an oracle for ours."""
+    from pytorch_grad_cam import GradCAMPlusPlus
+
+    rng = np.random.default_rng(3)
+    feats = np.maximum(rng.normal(size=(2, 16, 3, 3)), 0).astype(np.float32)
+    grads = (rng.normal(size=(2, 16)) * 2e-3).astype(np.float32)
+    full = np.broadcast_to(grads[:, :, None, None], feats.shape).copy()
+    weights = GradCAMPlusPlus.get_cam_weights(None, None, None, None, feats, full)
+    expected = np.maximum((weights[:, :, None, None] * feats).sum(axis=1), 0)
+    ours, fraction = gradcampp_raw(feats, grads.astype(np.float64), eps=1e-6)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-9)
+    assert fraction.shape == (2,) and np.all((fraction > 0) & (fraction < 1))
+
+
+def test_eps_is_configurable_and_changes_the_regime() -> None:
+    rng = np.random.default_rng(4)
+    feats = np.maximum(rng.normal(size=(1, 32, 4, 4)), 0)
+    weight = rng.normal(size=(3, 32)) * 0.05
+    small = closed_form_cams(feats, weight, [1], method="gradcampp", input_size=16, eps=1e-12)
+    large = closed_form_cams(feats, weight, [1], method="gradcampp", input_size=16, eps=1e-2)
+    assert small.eps_fraction is not None and large.eps_fraction is not None
+    assert small.eps_fraction[0] < 1e-3 < 0.9 < large.eps_fraction[0]
+    # with eps -> 0, GradCAM++ weights are h*w*g^2/(2g^2 + S g^3): a different map from the eps-dominated one
+    assert float(np.abs(small.maps - large.maps).max()) > 1e-3
+
+
+def test_all_zero_features_give_zero_maps_and_a_flag() -> None:
+    feats = np.zeros((2, 8, 3, 3), dtype=np.float32)
+    weight = np.ones((3, 8))
+    for method in METHODS:
+        res = closed_form_cams(feats, weight, [0, 1], method=method, input_size=12)
+        assert res.all_zero.tolist() == [True, True]
+        assert np.all(res.maps == 0) and np.isfinite(res.maps).all()
+        if res.eps_fraction is not None:
+            assert np.isfinite(res.eps_fraction).all()
+
+
+def test_negative_class_weights_give_flagged_zero_map() -> None:
+    feats = np.abs(np.random.default_rng(5).normal(size=(1, 8, 3, 3)))
+    weight = -np.ones((2, 8))
+    res = closed_form_cams(feats, weight, [0], method="layercam", input_size=9)
+    assert res.all_zero[0] and np.all(res.maps == 0)
+
+
+def test_all_classes_equals_per_class_and_accepts_conv_weight() -> None:
+    rng = np.random.default_rng(6)
+    feats = np.maximum(rng.normal(size=(2, 10, 4, 4)), 0).astype(np.float32)
+    weight = rng.normal(size=(3, 10, 1, 1))  # a 1x1-conv classifier (DESIGN.md trap 5)
+    for method in METHODS:
+        every = closed_form_cams_all_classes(feats, weight, method=method, input_size=20)
+        assert every.maps.shape == (2, 3, 20, 20)
+        for c in range(3):
+            one = closed_form_cams(feats, weight, [c, c], method=method, input_size=20)
+            np.testing.assert_array_equal(every.maps[:, c], one.maps)
+
+
+def test_min_max_matches_library_scaling() -> None:
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    maps = np.random.default_rng(7).random((3, 5, 6)).astype(np.float32)
+    np.testing.assert_allclose(min_max(maps), scale_cam_image(maps), atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"classes": [5]}, r"class index 5 out of range; valid indices are 0\.\.2"),
+        ({"classes": [0, 1]}, r"must be 1 integer class indices"),
+        ({"method": "gradcam"}, r"unknown CAM method 'gradcam'; valid options: layercam, gradcampp"),
+        ({"weight": np.ones((3, 7))}, r"head weight must have shape \(C, 8\).*got \(3, 7\)"),
+        ({"features": np.ones((8, 3, 3))}, r"shape \(B, K, h, w\), got shape \(8, 3, 3\)"),
+        ({"features": np.full((1, 8, 3, 3), np.nan)}, r"NaN"),
+    ],
+)
+def test_malformed_inputs_raise_clear_errors(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {
+        "features": np.ones((1, 8, 3, 3)),
+        "weight": np.ones((3, 8)),
+        "classes": [0],
+        "method": "layercam",
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        closed_form_cams(
+            args["features"],  # type: ignore[arg-type]
+            args["weight"],  # type: ignore[arg-type]
+            args["classes"],  # type: ignore[arg-type]
+            method=str(args["method"]),
+            input_size=12,
+        )
+
+
+def test_reference_rejects_unknown_layer_and_class(
+    model_pair: tuple[str, CxrClassifier, CxrClassifier],
+) -> None:
+    _, transfer, _ = model_pair
+    with pytest.raises(ValueError, match="target layer 'nope' is not a module"):
+        resolve_layers(transfer, "nope")
+    x = torch.zeros(1, 3, 96, 96)
+    with pytest.raises(ValueError, match=r"out of range; valid indices are 0\.\.3"):
+        reference_cams(transfer, x, [7], method="layercam")
