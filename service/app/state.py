@@ -59,8 +59,6 @@ def load_pairs(
 
     Returns the loaded pairs by name, their folders, and the folders that failed with the reason.
     """
-    from service.engine.runtime import ModelPair
-
     pairs: dict[str, ModelPair] = {}
     folders: dict[str, str] = {}
     failed: list[FailedPair] = []
@@ -69,6 +67,8 @@ def load_pairs(
             FailedPair(name="*", folder=str(artifacts_dir), reason="artifacts directory does not exist")
         )
         return pairs, folders, failed
+    from service.engine.runtime import ModelPair
+
     kwargs: dict[str, Any] = {"verify": True, "backend": backend}
     thread_param = _thread_parameter(ModelPair.load)
     if ort_threads is not None and thread_param is not None:
