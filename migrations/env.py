@@ -1,0 +1,65 @@
+"""Alembic environment: the URL and the table metadata come from the application.
+
+URL, first found: ``config.attributes["database_url"]`` (set by ``service.app.db.upgrade``), the
+``CXR_DRIFT_DATABASE_URL`` environment variable, ``sqlalchemy.url`` in alembic.ini.
+"""
+
+from __future__ import annotations
+
+import os
+from logging.config import fileConfig
+
+from alembic import context
+
+from service.app.db import make_engine
+from service.app.tables import metadata
+
+config = context.config
+
+# Only the alembic CLI (which has an ini file) configures logging; programmatic callers keep theirs.
+if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+target_metadata = metadata
+
+
+def database_url() -> str:
+    url = (
+        config.attributes.get("database_url")
+        or os.environ.get("CXR_DRIFT_DATABASE_URL")
+        or config.get_main_option("sqlalchemy.url")
+    )
+    if not url:
+        raise RuntimeError(
+            "no database URL: set CXR_DRIFT_DATABASE_URL (e.g. sqlite:///audit.db or "
+            "postgresql+psycopg://USER@HOST/DB) or pass --database-url"
+        )
+    return str(url)
+
+
+def run_migrations_offline() -> None:
+    context.configure(
+        url=database_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = make_engine(database_url())
+    try:
+        with engine.connect() as connection:
+            context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,149 @@
+"""Tables of the audit database (SQLAlchemy 2 typed declarative models).
+
+``audit_records`` holds one hash-chained row per served request, ``audit_drift`` one row per record x model
+x method with the drift metrics as plain float columns (so summaries aggregate in SQL), ``api_keys`` the
+hashed API keys. No image bytes and no patient identifiers are stored: the image is known by its SHA-256.
+The migrations in ``migrations/versions`` create exactly these tables (a test compares them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "AUDIT_TABLES",
+    "METRIC_COLUMNS",
+    "ApiKeyRow",
+    "AuditDrift",
+    "AuditRecord",
+    "Base",
+    "UtcDateTime",
+    "metadata",
+]
+
+# Deterministic constraint names, so migrations can name what they drop (Alembic "naming conventions").
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# One float column per drift metric, in the order of DESIGN.md section 4.
+METRIC_COLUMNS: tuple[str, ...] = (
+    "iou",
+    "dice",
+    "soft_iou",
+    "pearson",
+    "spearman",
+    "ssim",
+    "centroid_shift",
+    "peak_shift",
+    "zone_shift",
+    "emd",
+    "entropy_change",
+    "gini_change",
+)
+
+AUDIT_TABLES: tuple[str, ...] = ("audit_records", "audit_drift")
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every dialect (SQLite stores naive text: we store UTC there)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"expected a timezone-aware datetime, got naive {value.isoformat()}")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UtcDateTime(), dict[str, Any]: sa.JSON()}
+
+
+metadata = Base.metadata
+
+
+class AuditRecord(Base):
+    """One served request. ``row_hash`` = SHA-256 of the canonical content, drift rows and ``prev_hash``."""
+
+    __tablename__ = "audit_records"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    api_key_name: Mapped[str | None] = mapped_column(sa.String(100), index=True)
+    image_sha256: Mapped[str] = mapped_column(sa.String(64), index=True)
+    image_format: Mapped[str] = mapped_column(sa.String(16))
+    image_width: Mapped[int] = mapped_column(sa.Integer)
+    image_height: Mapped[int] = mapped_column(sa.Integer)
+    image_nbytes: Mapped[int] = mapped_column(sa.BigInteger)
+    # PostgreSQL `json` (not jsonb) keeps the text as written, so the hash recomputes from the stored value.
+    options: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    payload: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    prev_hash: Mapped[str] = mapped_column(sa.String(64))
+    row_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+
+
+class AuditDrift(Base):
+    """One record x model x method: the drift metrics as columns. Metrics are NULL when undefined."""
+
+    __tablename__ = "audit_drift"
+    __table_args__ = (
+        sa.UniqueConstraint("record_id", "model", "method", name="uq_audit_drift_record_model_method"),
+        sa.Index("ix_audit_drift_model_method", "model", "method"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    record_id: Mapped[int] = mapped_column(sa.ForeignKey("audit_records.id"), index=True)
+    model: Mapped[str] = mapped_column(sa.String(64))
+    method: Mapped[str] = mapped_column(sa.String(32), index=True)
+    target_class: Mapped[str] = mapped_column(sa.String(100), index=True)
+    transfer_class: Mapped[str] = mapped_column(sa.String(100))
+    finetuned_class: Mapped[str] = mapped_column(sa.String(100))
+    agreement: Mapped[bool] = mapped_column(sa.Boolean, index=True)
+    drift_score: Mapped[float | None] = mapped_column(sa.Double)
+    severity: Mapped[str] = mapped_column(sa.String(16), index=True)
+    flagged: Mapped[bool] = mapped_column(sa.Boolean, index=True)
+    iou: Mapped[float | None] = mapped_column(sa.Double)
+    dice: Mapped[float | None] = mapped_column(sa.Double)
+    soft_iou: Mapped[float | None] = mapped_column(sa.Double)
+    pearson: Mapped[float | None] = mapped_column(sa.Double)
+    spearman: Mapped[float | None] = mapped_column(sa.Double)
+    ssim: Mapped[float | None] = mapped_column(sa.Double)
+    centroid_shift: Mapped[float | None] = mapped_column(sa.Double)
+    peak_shift: Mapped[float | None] = mapped_column(sa.Double)
+    zone_shift: Mapped[float | None] = mapped_column(sa.Double)
+    emd: Mapped[float | None] = mapped_column(sa.Double)
+    entropy_change: Mapped[float | None] = mapped_column(sa.Double)
+    gini_change: Mapped[float | None] = mapped_column(sa.Double)
+
+
+class ApiKeyRow(Base):
+    """An API key: only its SHA-256 is stored; revoked keys stay (with ``revoked_at``) for the record."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(100), unique=True)
+    role: Mapped[str] = mapped_column(sa.String(16))
+    key_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()

@@ -1,0 +1,572 @@
+"""The audit log on SQLite and PostgreSQL: chain, tamper detection, triggers, concurrency, summaries."""
+
+# ruff: noqa: F811  (fixtures imported from tests.db_fixtures are redefined as test arguments)
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import threading
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from scipy.stats import kendalltau
+
+from service.app import audit
+from service.app.audit import AuditEntry, AuditFilters
+from service.app.db import DatabaseUnavailable, check_writable, make_engine
+from service.app.tables import METRIC_COLUMNS
+from tests.db_fixtures import (  # noqa: F401
+    METHODS,
+    MODELS,
+    db_engine,
+    db_url,
+    empty_db_url,
+    make_entry,
+    pg_database_url,
+    pg_url,
+    sqlite_url,
+)
+
+STATISTICS = (*METRIC_COLUMNS, "drift_score")
+
+
+def disable_append_only(engine: sa.Engine) -> None:
+    """What an attacker with admin rights does first: take the append-only triggers away."""
+    with engine.begin() as connection:
+        for table in ("audit_records", "audit_drift"):
+            if engine.dialect.name == "sqlite":
+                for operation in ("update", "delete"):
+                    connection.exec_driver_sql(f"DROP TRIGGER {table}_append_only_{operation}")
+            else:
+                connection.exec_driver_sql(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+
+
+def append_many(engine: sa.Engine, entries: list[AuditEntry]) -> list[audit.AppendResult]:
+    return [audit.append(engine, entry) for entry in entries]
+
+
+def drift_rows_of(entries: list[AuditEntry]) -> list[dict[str, Any]]:
+    """The oracle's own reading of the reports (independent of audit.drift_rows_from_reports)."""
+    rows = []
+    for entry in entries:
+        for report in entry.reports:
+            for method, result in report["methods"].items():
+                row = {
+                    "created_at": entry.created_at,
+                    "model": report["model"],
+                    "method": method,
+                    "class": report["target_class"]["name"],
+                    "agreement": report["agreement"],
+                    "severity": result["severity"],
+                    "flagged": result["flagged"],
+                    "drift_score": result["drift_score"],
+                }
+                row.update({name: result["metrics"][name] for name in METRIC_COLUMNS})
+                rows.append(row)
+    return rows
+
+
+def expected_stats(values: list[float]) -> dict[str, Any]:
+    array = np.asarray(values, dtype=np.float64)
+    quantiles = np.percentile(array, [5, 25, 50, 75, 95])
+    return {
+        "n": len(values),
+        "mean": float(array.mean()),
+        "sd": float(array.std(ddof=1)) if len(values) > 1 else None,
+        **{f"p{p}": float(q) for p, q in zip((5, 25, 50, 75, 95), quantiles, strict=True)},
+    }
+
+
+def assert_stats_close(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        if value is None:
+            assert actual[key] is None, key
+        else:
+            assert actual[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+# ---------------------------------------------------------------------------------------------- chain
+
+
+def test_append_links_rows_and_verify_accepts_them(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(1)
+    results = append_many(db_engine, [make_entry(rng) for _ in range(5)])
+    assert results[0].prev_hash == audit.GENESIS_HASH
+    for previous, current in itertools.pairwise(results):
+        assert current.prev_hash == previous.row_hash
+        assert current.id > previous.id
+    outcome = audit.verify(db_engine)
+    assert outcome == audit.VerifyResult(ok=True, checked=5, first_bad_id=None, reason=None)
+    assert outcome.to_dict()["ok"] is True
+    assert audit.verify(db_engine, batch_size=2).checked == 5  # streaming in small batches
+
+
+def test_verify_on_empty_database_is_ok(db_engine: sa.Engine) -> None:
+    assert audit.verify(db_engine) == audit.VerifyResult(ok=True, checked=0)
+
+
+def test_stored_hash_recomputes_from_the_stored_columns(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(2)
+    entry = make_entry(rng)
+    entry.reports[0]["methods"]["layercam"]["metrics"]["ssim"] = float("nan")  # undefined metric
+    entry.reports[0]["methods"]["layercam"]["metrics"]["pearson"] = -0.0
+    entry.reports[0]["maps"] = {"layercam": {"transfer": [[0.0, 1.0]]}}  # pixels must not be stored
+    result = audit.append(db_engine, entry)
+    record = audit.get_record(db_engine, result.id)
+    assert record is not None
+    assert record["row_hash"] == result.row_hash
+    assert "maps" not in record["reports"][0]
+    layercam = next(d for d in record["drift"] if d["model"] == MODELS[0] and d["method"] == "layercam")
+    assert layercam["ssim"] is None
+    assert audit.verify(db_engine).ok
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "new_value"),
+    [
+        ("audit_records", "image_width", "image_width + 1"),
+        ("audit_records", "api_key_name", "'someone_else'"),
+        ("audit_drift", "iou", "iou + 0.000001"),
+        ("audit_drift", "flagged", "NOT flagged"),
+    ],
+)
+def test_verify_names_the_tampered_row(db_engine: sa.Engine, table: str, column: str, new_value: str) -> None:
+    rng = np.random.default_rng(3)
+    results = append_many(db_engine, [make_entry(rng) for _ in range(4)])
+    victim = results[2].id
+    disable_append_only(db_engine)
+    key = "id" if table == "audit_records" else "record_id"
+    with db_engine.begin() as connection:
+        changed = connection.exec_driver_sql(
+            f"UPDATE {table} SET {column} = {new_value} WHERE {key} = {victim}"
+        ).rowcount
+    assert changed >= 1
+    outcome = audit.verify(db_engine)
+    assert not outcome.ok
+    assert outcome.first_bad_id == victim
+    assert outcome.checked == 2
+    assert outcome.reason is not None and outcome.reason.startswith("content hash mismatch")
+
+
+def test_verify_names_the_row_after_a_deleted_one(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(4)
+    results = append_many(db_engine, [make_entry(rng) for _ in range(4)])
+    disable_append_only(db_engine)
+    with db_engine.begin() as connection:
+        connection.exec_driver_sql(f"DELETE FROM audit_drift WHERE record_id = {results[1].id}")
+        connection.exec_driver_sql(f"DELETE FROM audit_records WHERE id = {results[1].id}")
+    outcome = audit.verify(db_engine)
+    assert not outcome.ok
+    assert outcome.first_bad_id == results[2].id
+    assert outcome.reason is not None and outcome.reason.startswith("broken link")
+
+
+def test_verify_detects_a_deleted_drift_row(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(5)
+    results = append_many(db_engine, [make_entry(rng) for _ in range(3)])
+    disable_append_only(db_engine)
+    with db_engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"DELETE FROM audit_drift WHERE record_id = {results[0].id} AND method = 'gradcampp'"
+        )
+    outcome = audit.verify(db_engine)
+    assert (outcome.ok, outcome.first_bad_id) == (False, results[0].id)
+
+
+def test_triggers_reject_update_and_delete(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(6)
+    append_many(db_engine, [make_entry(rng) for _ in range(2)])
+    for table in ("audit_records", "audit_drift"):
+        for statement in (f"UPDATE {table} SET id = id", f"DELETE FROM {table}"):
+            with pytest.raises(sa.exc.DBAPIError, match="append-only"), db_engine.begin() as connection:
+                connection.exec_driver_sql(statement)
+    assert audit.verify(db_engine) == audit.VerifyResult(ok=True, checked=2)
+
+
+def test_postgresql_rejects_truncate(db_engine: sa.Engine) -> None:
+    if db_engine.dialect.name != "postgresql":
+        pytest.skip("TRUNCATE exists on PostgreSQL only")
+    append_many(db_engine, [make_entry(np.random.default_rng(7))])
+    with pytest.raises(sa.exc.DBAPIError, match="append-only"), db_engine.begin() as connection:
+        connection.exec_driver_sql("TRUNCATE audit_drift, audit_records")
+
+
+def test_duplicate_request_id_is_refused_and_chain_unchanged(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(8)
+    entry = make_entry(rng)
+    audit.append(db_engine, entry)
+    with pytest.raises(ValueError, match=entry.request_id):
+        audit.append(db_engine, entry)
+    assert audit.verify(db_engine) == audit.VerifyResult(ok=True, checked=1)
+
+
+def test_naive_created_at_is_refused(db_engine: sa.Engine) -> None:
+    entry = make_entry(np.random.default_rng(9), created_at=datetime(2026, 1, 1, 12, 0))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        audit.append(db_engine, entry)
+
+
+def test_concurrent_appends_keep_one_linear_chain(db_url: str) -> None:
+    threads_count, per_thread = 4, 5
+    engines = [make_engine(db_url) for _ in range(threads_count)]
+    errors: list[BaseException] = []
+    results: list[audit.AppendResult] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(threads_count)
+
+    def work(index: int) -> None:
+        rng = np.random.default_rng(100 + index)
+        entries = [make_entry(rng, models=MODELS[:1]) for _ in range(per_thread)]
+        try:
+            barrier.wait()
+            for entry in entries:
+                result = audit.append(engines[index], entry)
+                with lock:
+                    results.append(result)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for engine in engines:
+        engine.dispose()
+    assert errors == []
+    assert len(results) == threads_count * per_thread
+    prev_hashes = [r.prev_hash for r in results]
+    assert len(set(prev_hashes)) == len(prev_hashes), (
+        "two rows link to the same predecessor: the chain forked"
+    )
+    engine = make_engine(db_url)
+    try:
+        assert audit.verify(engine) == audit.VerifyResult(ok=True, checked=threads_count * per_thread)
+    finally:
+        engine.dispose()
+
+
+# ------------------------------------------------------------------------------------------ summaries
+
+START = datetime(2026, 11, 27, 22, 0, tzinfo=UTC)  # a Friday
+
+
+@pytest.fixture
+def populated(db_engine: sa.Engine) -> tuple[sa.Engine, list[AuditEntry]]:
+    rng = np.random.default_rng(10)
+    # every 9 h over ~5 days: crosses the Sunday/Monday week boundary and several UTC days
+    entries = [make_entry(rng, created_at=START + timedelta(hours=9 * i)) for i in range(14)]
+    append_many(db_engine, entries)
+    return db_engine, entries
+
+
+def test_summary_matches_a_python_recomputation(populated: tuple[sa.Engine, list[AuditEntry]]) -> None:
+    engine, entries = populated
+    rows = drift_rows_of(entries)
+    summary = audit.summarize(engine, filters=AuditFilters(), group_by=["model", "method"])
+    assert summary["total"] == len(rows)
+    assert len(summary["groups"]) == len(MODELS) * len(METHODS)
+    for group in summary["groups"]:
+        members = [
+            r for r in rows if r["model"] == group["key"]["model"] and r["method"] == group["key"]["method"]
+        ]
+        assert group["count"] == len(members)
+        assert group["agreement_rate"] == pytest.approx(np.mean([r["agreement"] for r in members]))
+        assert group["flagged_rate"] == pytest.approx(np.mean([r["flagged"] for r in members]))
+        for name in STATISTICS:
+            assert_stats_close(group["metrics"][name], expected_stats([r[name] for r in members]))
+
+
+def test_summary_without_grouping_is_one_group(populated: tuple[sa.Engine, list[AuditEntry]]) -> None:
+    engine, entries = populated
+    rows = drift_rows_of(entries)
+    summary = audit.summarize(engine, filters=AuditFilters(), group_by=[])
+    (group,) = summary["groups"]
+    assert group["key"] == {}
+    assert group["count"] == len(rows)
+    assert_stats_close(group["metrics"]["iou"], expected_stats([r["iou"] for r in rows]))
+
+
+def test_percentiles_match_numpy_for_groups_of_every_size(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(19)
+    sizes = {"densenet201": 1, "resnet50v2": 2, "inceptionv3": 3, "vgg": 4, "vit": 7, "convnext": 13}
+    entries = []
+    for model, n in sizes.items():
+        for _ in range(n):
+            entry = make_entry(rng, models=[model], methods=METHODS[:1])
+            # ties and repeated values are where rank-based percentiles go wrong
+            entry.reports[0]["methods"][METHODS[0]]["metrics"]["iou"] = float(
+                rng.choice([0.1, 0.5, 0.5, 0.9])
+            )
+            entries.append(entry)
+    append_many(db_engine, entries)
+    summary = audit.summarize(db_engine, filters=AuditFilters(), group_by=["model"])
+    assert {g["key"]["model"]: g["count"] for g in summary["groups"]} == sizes
+    rows = drift_rows_of(entries)
+    for group in summary["groups"]:
+        members = [r for r in rows if r["model"] == group["key"]["model"]]
+        for name in ("iou", "emd", "drift_score"):
+            assert_stats_close(group["metrics"][name], expected_stats([r[name] for r in members]))
+
+
+def test_null_metrics_are_left_out_of_statistics(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(11)
+    entries = [make_entry(rng, models=MODELS[:1], methods=METHODS[:1]) for _ in range(5)]
+    for entry in entries[:2]:
+        entry.reports[0]["methods"][METHODS[0]]["metrics"]["ssim"] = None
+    append_many(db_engine, entries)
+    (group,) = audit.summarize(db_engine, filters=AuditFilters(), group_by=[])["groups"]
+    kept = [e.reports[0]["methods"][METHODS[0]]["metrics"]["ssim"] for e in entries[2:]]
+    assert_stats_close(group["metrics"]["ssim"], expected_stats(kept))
+    assert group["metrics"]["iou"]["n"] == 5
+
+
+FILTER_CASES = [
+    AuditFilters(model="resnet50v2"),
+    AuditFilters(method="gradcampp"),
+    AuditFilters(target_class="normal"),
+    AuditFilters(agreement=True),
+    AuditFilters(agreement=False),
+    AuditFilters(severity="high"),
+    AuditFilters(flagged=True),
+    AuditFilters(start=START + timedelta(days=1), end=START + timedelta(days=3)),
+    AuditFilters(start=START + timedelta(days=1), model="densenet201", flagged=False),
+]
+
+
+def test_filters_select_the_same_rows_as_python(populated: tuple[sa.Engine, list[AuditEntry]]) -> None:
+    engine, entries = populated
+    for filters in FILTER_CASES:
+        check_filters(engine, entries, filters)
+
+
+def check_filters(engine: sa.Engine, entries: list[AuditEntry], filters: AuditFilters) -> None:
+
+    def keep(row: dict[str, Any]) -> bool:
+        checks = [
+            filters.start is None or row["created_at"] >= filters.start,
+            filters.end is None or row["created_at"] < filters.end,
+            filters.model is None or row["model"] == filters.model,
+            filters.method is None or row["method"] == filters.method,
+            filters.target_class is None or row["class"] == filters.target_class,
+            filters.agreement is None or row["agreement"] == filters.agreement,
+            filters.severity is None or row["severity"] == filters.severity,
+            filters.flagged is None or row["flagged"] == filters.flagged,
+        ]
+        return all(checks)
+
+    rows = [r for r in drift_rows_of(entries) if keep(r)]
+    assert rows, f"the fixture data should exercise every filter: {filters}"
+    summary = audit.summarize(engine, filters=filters, group_by=["class"])
+    assert summary["total"] == len(rows)
+    by_class: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        by_class[row["class"]].append(row["drift_score"])
+    assert {g["key"]["class"]: g["count"] for g in summary["groups"]} == {
+        k: len(v) for k, v in by_class.items()
+    }
+    for group in summary["groups"]:
+        assert_stats_close(group["metrics"]["drift_score"], expected_stats(by_class[group["key"]["class"]]))
+
+    exported = list(csv.DictReader(io.StringIO("".join(audit.export_csv(engine, filters=filters)))))
+    assert len(exported) == len(rows)
+    listed_ids: set[int] = set()
+    page = audit.list_records(engine, filters=filters, limit=3)
+    while True:
+        listed_ids.update(item["id"] for item in page.items)
+        if page.next_before_id is None:
+            break
+        page = audit.list_records(engine, filters=filters, limit=3, before_id=page.next_before_id)
+    assert listed_ids == {int(row["record_id"]) for row in exported}
+
+
+@pytest.mark.parametrize("unit", ["day", "week"])
+def test_grouping_by_day_and_week_uses_utc_dates(db_engine: sa.Engine, unit: str) -> None:
+    rng = np.random.default_rng(12)
+    plus_five = timezone(timedelta(hours=5))
+    stamps = [
+        datetime(2026, 11, 29, 23, 59, 59, 999999, tzinfo=UTC),  # Sunday, last microsecond
+        datetime(2026, 11, 30, 0, 0, tzinfo=UTC),  # Monday: a new day and a new ISO week
+        datetime(2026, 11, 30, 3, 0, tzinfo=plus_five),  # = Sunday 22:00 UTC
+        datetime(2026, 12, 31, 12, 0, tzinfo=UTC),  # Thursday; its week starts on Monday 28 December
+        datetime(2027, 1, 3, 12, 0, tzinfo=UTC),  # Sunday of that same week, in the next year
+    ]
+    entries = [make_entry(rng, created_at=stamp, models=MODELS[:1], methods=METHODS[:1]) for stamp in stamps]
+    append_many(db_engine, entries)
+    summary = audit.summarize(db_engine, filters=AuditFilters(), group_by=[unit])
+    expected: dict[str, int] = defaultdict(int)
+    for stamp in stamps:
+        day = stamp.astimezone(UTC).date()
+        key = day if unit == "day" else day - timedelta(days=day.weekday())
+        expected[key.isoformat()] += 1
+    assert {g["key"][unit]: g["count"] for g in summary["groups"]} == dict(expected)
+
+
+def test_group_by_rejects_unknown_values(db_engine: sa.Engine) -> None:
+    with pytest.raises(ValueError, match="valid options: model, method, class, day, week"):
+        audit.summarize(db_engine, filters=AuditFilters(), group_by=["hour"])
+
+
+def test_ranking_and_its_reversal_between_methods(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(13)
+    # LayerCAM: inceptionv3 most stable, resnet50v2 least; GradCAM++: densenet201 first, inceptionv3 last
+    base_iou = {
+        "layercam": {"inceptionv3": 0.78, "densenet201": 0.70, "resnet50v2": 0.55},
+        "gradcampp": {"densenet201": 0.75, "resnet50v2": 0.66, "inceptionv3": 0.60},
+    }
+    entries = []
+    for _ in range(6):
+        entry = make_entry(rng)
+        for report in entry.reports:
+            for method, result in report["methods"].items():
+                result["metrics"]["iou"] = base_iou[method][report["model"]] + float(rng.uniform(-0.02, 0.02))
+        entries.append(entry)
+    append_many(db_engine, entries)
+    ranking = audit.summarize(db_engine, filters=AuditFilters(), group_by=[])["ranking"]
+    rows = drift_rows_of(entries)
+    means = {
+        (m, model): np.mean([r["iou"] for r in rows if r["method"] == m and r["model"] == model])
+        for m in METHODS
+        for model in MODELS
+    }
+    for method in METHODS:
+        order = [e["model"] for e in ranking["per_method"][method]]
+        assert order == sorted(MODELS, key=lambda model: -means[(method, model)])
+        for entry in ranking["per_method"][method]:
+            assert entry["mean_iou"] == pytest.approx(means[(method, entry["model"])])
+    (comparison,) = ranking["comparisons"]
+    first, second = comparison["methods"]
+    models = sorted(MODELS)
+    expected_tau = kendalltau([means[(first, m)] for m in models], [means[(second, m)] for m in models])
+    assert comparison["kendall_tau"] == pytest.approx(expected_tau.statistic)
+    assert comparison["kendall_tau"] < 0
+    assert comparison["reversal"] and comparison["rank_changed"]
+
+
+# ------------------------------------------------------------------------------------ records, export
+
+
+def test_list_records_pages_newest_first(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(14)
+    results = append_many(db_engine, [make_entry(rng) for _ in range(7)])
+    seen: list[int] = []
+    page = audit.list_records(db_engine, filters=AuditFilters(), limit=3)
+    while True:
+        seen.extend(item["id"] for item in page.items)
+        for item in page.items:
+            assert len(item["drift"]) == len(MODELS) * len(METHODS)
+            assert "reports" not in item
+        if page.next_before_id is None:
+            break
+        page = audit.list_records(db_engine, filters=AuditFilters(), limit=3, before_id=page.next_before_id)
+    assert seen == [r.id for r in reversed(results)]
+    with pytest.raises(ValueError, match="limit"):
+        audit.list_records(db_engine, filters=AuditFilters(), limit=0)
+
+
+def test_get_record_returns_what_was_written(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(15)
+    entry = make_entry(rng, created_at=datetime(2026, 11, 26, 12, 30, 15, 123456, tzinfo=UTC))
+    result = audit.append(db_engine, entry)
+    record = audit.get_record(db_engine, result.id)
+    assert record is not None
+    assert record["request_id"] == entry.request_id
+    assert record["created_at"] == "2026-11-26T12:30:15.123456Z"
+    assert record["image_sha256"] == entry.image_sha256
+    assert record["reports"] == entry.reports
+    assert record["timings_ms"] == entry.timings_ms
+    assert record["options"] == entry.options
+    assert audit.get_record(db_engine, result.id + 1000) is None
+
+
+def test_export_csv_has_one_line_per_record_model_method(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(16)
+    entries = [make_entry(rng) for _ in range(3)]
+    append_many(db_engine, entries)
+    lines = list(audit.export_csv(db_engine, filters=AuditFilters()))
+    assert lines[0].rstrip("\n").split(",") == list(audit.CSV_COLUMNS)
+    rows = list(csv.DictReader(io.StringIO("".join(lines))))
+    expected = drift_rows_of(entries)
+    assert len(rows) == len(expected)
+    order = [(r["request_id"], r["model"], r["method"]) for r in rows]
+    assert order == sorted(order, key=lambda key: ([e.request_id for e in entries].index(key[0]), key[1:]))
+    by_key = {(r["request_id"], r["model"], r["method"]): r for r in rows}
+    for entry in entries:
+        for report in entry.reports:
+            for method, result in report["methods"].items():
+                row = by_key[(entry.request_id, report["model"], method)]
+                assert float(row["iou"]) == result["metrics"]["iou"]
+                assert row["severity"] == result["severity"]
+
+
+# ---------------------------------------------------------------------------------------- availability
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:////nonexistent-directory/cxr-drift/audit.db",
+        "postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2",
+    ],
+    ids=["sqlite", "postgresql"],
+)
+def test_unreachable_database_raises_database_unavailable(url: str) -> None:
+    engine = make_engine(url)
+    entry = make_entry(np.random.default_rng(17))
+    calls = [
+        lambda: audit.append(engine, entry),
+        lambda: audit.verify(engine),
+        lambda: audit.summarize(engine, filters=AuditFilters(), group_by=["model"]),
+        lambda: audit.list_records(engine, filters=AuditFilters()),
+        lambda: audit.get_record(engine, 1),
+        lambda: audit.export_csv(engine, filters=AuditFilters()),
+        lambda: check_writable(engine),
+    ]
+    for call in calls:
+        with pytest.raises(DatabaseUnavailable, match="audit database unavailable"):
+            call()
+    engine.dispose()
+
+
+def test_check_writable(empty_db_url: str) -> None:
+    from service.app.db import upgrade
+
+    engine = make_engine(empty_db_url)
+    try:
+        with pytest.raises(DatabaseUnavailable, match="upgrade"):
+            check_writable(engine)
+        upgrade(empty_db_url)
+        check_writable(engine)
+    finally:
+        engine.dispose()
+
+
+def test_make_engine_configures_sqlite_for_durability(db_engine: sa.Engine) -> None:
+    if db_engine.dialect.name != "sqlite":
+        pytest.skip("SQLite pragmas")
+    with db_engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert (connection.exec_driver_sql("PRAGMA busy_timeout").scalar() or 0) > 0
+
+
+def test_make_engine_refuses_unknown_urls() -> None:
+    with pytest.raises(ValueError, match="psycopg"):
+        make_engine("postgresql+psycopg2://u@h/db")
+    with pytest.raises(ValueError, match="expected one of"):
+        make_engine("mysql://u@h/db")
+
+
+def test_report_shape_errors_name_the_missing_key(db_engine: sa.Engine) -> None:
+    entry = make_entry(np.random.default_rng(18))
+    del entry.reports[1]["methods"]["layercam"]["severity"]
+    with pytest.raises(ValueError, match="severity"):
+        audit.append(db_engine, entry)
