@@ -101,9 +101,24 @@ class PredictResponse(BaseModel):
 
 
 class AuditRecord(_Open):
-    """One audit row as the audit layer returns it (id, created_at, hashes, image digest, reports...)."""
+    """One audit row: the request, the image's digest (never its bytes), the chain hashes, per (model, method)
+    drift rows, and (single-record view) the stored reports and timings."""
 
     id: int
+    request_id: str
+    created_at: datetime
+    api_key_name: str | None = None
+    image_sha256: str
+    image_format: str
+    image_width: int
+    image_height: int
+    image_nbytes: int
+    options: dict[str, Any]
+    prev_hash: str
+    row_hash: str
+    drift: list[dict[str, Any]] = Field(default_factory=list)
+    reports: list[dict[str, Any]] | None = None
+    timings_ms: dict[str, Any] | None = None
 
 
 class AuditRecordPage(BaseModel):
