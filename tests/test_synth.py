@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -188,7 +189,7 @@ def test_dataset_layout_manifest_and_stratified_split(tmp_path: Path) -> None:
 
 
 def test_dataset_is_byte_identical_for_same_arguments_and_any_worker_count(tmp_path: Path) -> None:
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "n": 15,
         "size": 40,
         "seed": 9,
