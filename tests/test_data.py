@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image
 from skimage.transform import resize as skimage_resize
 
@@ -114,6 +117,22 @@ def test_preprocess_validates_input() -> None:
         preprocess(ok, input_size=4, mean=MEAN, std=(0.2, 0.0, 0.2))
     with pytest.raises(ValueError, match="NumPy"):
         preprocess([[0.0]], input_size=4, mean=MEAN, std=STD)  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    gray=hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=24),
+        elements=st.floats(0.0, 1.0, width=32),
+    ),
+    size=st.integers(1, 20),
+)
+def test_resize_is_a_convex_combination(gray: np.ndarray, size: int) -> None:
+    """Bilinear weights are non-negative and sum to one: the output stays within the input's range."""
+    out = resize_gray(gray, size=size)
+    assert out.shape == (size, size) and np.all(np.isfinite(out))
+    assert out.min() >= gray.min() - 1e-5 and out.max() <= gray.max() + 1e-5
 
 
 def test_preprocess_batch_stacks() -> None:
@@ -534,4 +553,7 @@ def test_index_is_plain_data(tmp_path: Path) -> None:
     index = load_index(tmp_path)
     assert isinstance(index, DatasetIndex)
     assert index.source == tmp_path.absolute()
+    described = index.describe()
+    assert described["fingerprint"] == index.fingerprint() and described["source"] == str(tmp_path.absolute())
+    assert described["counts"] == index.counts()
     assert Sample(path=Path("x"), label=1, split="train", extra={"k": "v"}) == Sample(Path("x"), 1, "train")

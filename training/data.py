@@ -111,6 +111,10 @@ class DatasetIndex:
         order = [*SPLITS, "unsplit", "total"]
         return {key: out[key] for key in order if key in out}
 
+    def describe(self) -> dict[str, object]:
+        """The ``dataset`` entry of a model pair's manifest.json: fingerprint, source and counts."""
+        return {"fingerprint": self.fingerprint(), "source": str(self.source), "counts": self.counts()}
+
     def file_sha256(self, path: Path) -> str:
         digest = self._file_hashes.get(path)
         if digest is None:
