@@ -16,8 +16,10 @@ from service.app.tables import metadata
 
 config = context.config
 
-# Only the alembic CLI (which has an ini file) configures logging; programmatic callers keep theirs.
-if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+# Only the alembic CLI (which has an ini file) configures logging; programmatic callers keep theirs,
+# and `alembic -x configure_logger=false ...` (tests) opts out.
+wants_logging = context.get_x_argument(as_dictionary=True).get("configure_logger", "true") != "false"
+if config.config_file_name is not None and wants_logging:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = metadata

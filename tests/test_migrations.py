@@ -1,0 +1,141 @@
+"""Alembic migrations on SQLite and PostgreSQL: round trip, schema == metadata, triggers, CLI."""
+
+# ruff: noqa: F811  (fixtures imported from tests.db_fixtures are redefined as test arguments)
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from service import commands_db
+from service.app import db
+from service.app.tables import metadata
+from tests.db_fixtures import (  # noqa: F401
+    empty_db_url,
+    pg_database_url,
+    pg_url,
+    sqlite_url,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+APP_TABLES = {"audit_records", "audit_drift", "api_keys"}
+
+
+def table_names(engine: sa.Engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+
+
+def trigger_names(engine: sa.Engine) -> set[str]:
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            query = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+        else:
+            query = (
+                "SELECT tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "WHERE NOT t.tgisinternal AND c.relnamespace = current_schema()::regnamespace"
+            )
+        return set(connection.exec_driver_sql(query).scalars())
+
+
+def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
+    engine = db.make_engine(empty_db_url)
+    try:
+        assert db.current_revision(engine) is None
+        db.upgrade(empty_db_url)
+        head = db.head_revision()
+        assert db.current_revision(engine) == head
+        assert table_names(engine) == APP_TABLES
+        assert trigger_names(engine), "the migration creates the append-only triggers"
+        db.downgrade(empty_db_url)
+        assert db.current_revision(engine) is None
+        assert table_names(engine) == set()
+        assert trigger_names(engine) == set()
+        db.upgrade(empty_db_url)
+        assert db.current_revision(engine) == head
+        assert table_names(engine) == APP_TABLES
+        db.check_writable(engine)
+    finally:
+        engine.dispose()
+
+
+def test_migrated_schema_matches_the_table_metadata(empty_db_url: str) -> None:
+    db.upgrade(empty_db_url)
+    engine = db.make_engine(empty_db_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            differences = compare_metadata(context, metadata)
+    finally:
+        engine.dispose()
+    assert differences == []
+
+
+def test_append_only_triggers_cover_both_audit_tables(empty_db_url: str) -> None:
+    db.upgrade(empty_db_url)
+    engine = db.make_engine(empty_db_url)
+    try:
+        names = trigger_names(engine)
+    finally:
+        engine.dispose()
+    for table in ("audit_records", "audit_drift"):
+        assert any(name.startswith(f"{table}_append_only") for name in names), names
+
+
+def test_revisions_are_date_prefixed_with_one_head() -> None:
+    files = sorted(p.name for p in (REPO / "migrations" / "versions").glob("*.py"))
+    assert files
+    for name in files:
+        assert re.fullmatch(r"20\d{6}_\w+\.py", name), f"{name}: expected YYYYMMDD_<rev>_<slug>.py"
+    script = ScriptDirectory(str(REPO / "migrations"))
+    assert len(script.get_heads()) == 1
+    assert db.head_revision() == script.get_current_head()
+
+
+def test_alembic_cli_reads_the_url_from_the_environment(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alembic.config import main as alembic_main
+
+    monkeypatch.setenv("CXR_DRIFT_DATABASE_URL", sqlite_url)
+    monkeypatch.chdir(REPO)
+    alembic_main(argv=["-c", str(REPO / "alembic.ini"), "-x", "configure_logger=false", "upgrade", "head"])
+    engine = db.make_engine(sqlite_url)
+    try:
+        assert db.current_revision(engine) == db.head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_db_command(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    commands_db.configure_parser(parser)
+
+    def run(*argv: str) -> str:
+        assert commands_db.run(parser.parse_args([*argv, "--database-url", sqlite_url])) == 0
+        return capsys.readouterr().out
+
+    assert "not migrated" in run("current")
+    run("upgrade")
+    assert f"current: {db.head_revision()}" in run("current")
+    run("downgrade")
+    assert "not migrated" in run("current")
+
+
+def test_missing_url_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CXR_DRIFT_DATABASE_URL", raising=False)
+    parser = argparse.ArgumentParser()
+    commands_db.configure_parser(parser)
+    with pytest.raises(ValueError, match="CXR_DRIFT_DATABASE_URL"):
+        commands_db.run(parser.parse_args(["upgrade"]))
+
+
+def test_upgrade_of_an_unreachable_database_raises_database_unavailable() -> None:
+    with pytest.raises(db.DatabaseUnavailable):
+        db.upgrade("sqlite:////nonexistent-directory/cxr-drift/audit.db")
