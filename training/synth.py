@@ -382,7 +382,10 @@ def _anatomy(size: int, rng: np.random.Generator, config: SynthConfig) -> tuple[
     rib_cortex = rib_body - _ramp(rib_half - 0.06 - rib_dist, 0.05)
     rib_extent = _ramp(rib_phase, 0.2) * _ramp(9.6 - rib_phase, 0.4) * _ramp(wb - 0.07, 0.04)
     rib_extent *= _ramp(rib_limit - wb, 0.05)
-    ribs = rib_extent * (0.1 * rib_body + 0.06 * rib_cortex)
+    # Each rib its own density, so that the cage does not look like a ladder.
+    rib_density = rng.uniform(0.75, 1.15, 24).astype(np.float32)
+    rib_number = np.clip(rib_phase, 0, 11).astype(np.int32) + (12 * right_f[box]).astype(np.int32)
+    ribs = rib_extent * rib_density[rib_number] * (0.1 * rib_body + 0.06 * rib_cortex)
     ant_phase = (vb + 0.45 * wb - 0.1 * wb * wb - (apex_v + 0.2)) * (1 / (rib_spacing * 1.35))
     ant_body = _ramp(0.2 - np.abs(ant_phase - np.floor(ant_phase) - 0.5), 0.08)
     ant_extent = _ramp(ant_phase, 0.3) * _ramp(6.0 - ant_phase, 0.5) * _ramp(wb - 0.3, 0.1)
@@ -488,7 +491,7 @@ def _lobar_consolidation(
                     * _ramp(anatomy.hilum_radius - 0.08, 0.04)
                     * _ramp(reach - anatomy.hilum_radius, 0.05),
                 )
-            opacity = opacity * (1.0 - 0.55 * bronchi * side)
+            opacity = opacity * (1.0 - 0.35 * bronchi * side)
     return np.clip(opacity, 0.0, 1.0)
 
 
@@ -509,8 +512,8 @@ def _bilateral_lower_zone(
 
 def _diffuse_patchy(anatomy: _Anatomy, rng: np.random.Generator, size: int, strength: float) -> FloatArray:
     """Ground-glass patches scattered through both lungs."""
-    patches = _ramp(_smooth_noise(rng, size, 20) - _uniform(rng, (0.0, 0.5)), 0.7)
-    modulation = 0.75 + 0.25 * _smooth_noise(rng, size, 5)
+    patches = _ramp(_smooth_noise(rng, size, 14) - _uniform(rng, (0.0, 0.5)), 1.4)
+    modulation = 0.7 + 0.2 * _smooth_noise(rng, size, 5) + 0.1 * _smooth_noise(rng, size, 40)
     opacity = anatomy.lung_soft * patches * modulation * (_uniform(rng, (0.5, 0.7)) * strength)
     return np.clip(opacity, 0.0, 0.9)
 
