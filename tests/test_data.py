@@ -557,3 +557,19 @@ def test_index_is_plain_data(tmp_path: Path) -> None:
     assert described["fingerprint"] == index.fingerprint() and described["source"] == str(tmp_path.absolute())
     assert described["counts"] == index.counts()
     assert Sample(path=Path("x"), label=1, split="train", extra={"k": "v"}) == Sample(Path("x"), 1, "train")
+
+
+def test_reads_the_synthetic_generator_output(tmp_path: Path) -> None:
+    """The contract with training.synth: its folder (splits, masks/, manifest.csv) loads through the manifest."""
+    from training.synth import FINDINGS, generate_dataset
+
+    manifest = generate_dataset(tmp_path / "synth", n=35, size=48, seed=3, progress=False)
+    index = load_index(tmp_path / "synth", class_names=list(FINDINGS))
+    assert index.source == manifest.absolute() and index.skipped == []
+    assert len(index.samples) == 35 and index.has_splits
+    assert all(sum(per_class.values()) > 0 for per_class in index.counts().values())
+    sample = index.samples[0]
+    assert {"lesion_mask", "lung_mask", "cue", "lesion_fraction"} <= set(sample.extra)
+    assert (index.root / sample.extra["lung_mask"]).is_file()
+    assert sample.path.parent.name == FINDINGS[sample.label]
+    assert sample.path.parent.parent.name == sample.split
