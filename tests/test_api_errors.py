@@ -166,6 +166,7 @@ def test_missing_file_field_is_422(api: ApiClient) -> None:
     assert error["code"] == "validation_error" and any("file" in d["loc"] for d in error["details"])
 
 
+@pytest.mark.filterwarnings("ignore:Unknown encoding:UserWarning")
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     prefix=st.sampled_from(
