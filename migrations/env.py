@@ -10,8 +10,9 @@ import os
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import text
 
-from service.app.db import make_engine
+from service.app.db import SQLITE_IMMEDIATE, make_engine
 from service.app.tables import metadata
 
 config = context.config
@@ -23,6 +24,7 @@ if config.config_file_name is not None and wants_logging:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = metadata
+MIGRATION_LOCK_KEY = 0x0C58_D41F_7A12
 
 
 def database_url() -> str:
@@ -54,8 +56,16 @@ def run_migrations_online() -> None:
     engine = make_engine(database_url())
     try:
         with engine.connect() as connection:
+            # Replicas that migrate on start must not race: serialise migrations on the database itself
+            # (PostgreSQL: a transaction-scoped advisory lock; SQLite: the write lock, BEGIN IMMEDIATE).
+            if connection.dialect.name == "sqlite":
+                connection.execution_options(**{SQLITE_IMMEDIATE: True})
             context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                    )
                 context.run_migrations()
     finally:
         engine.dispose()

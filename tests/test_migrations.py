@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import re
 from pathlib import Path
 
@@ -139,3 +140,15 @@ def test_missing_url_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_upgrade_of_an_unreachable_database_raises_database_unavailable() -> None:
     with pytest.raises(db.DatabaseUnavailable):
         db.upgrade("sqlite:////nonexistent-directory/cxr-drift/audit.db")
+
+
+def test_concurrent_upgrades_do_not_race(empty_db_url: str) -> None:
+    """Replicas migrate on start: upgrades from several processes at once leave one migrated schema."""
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        pool.map(db.upgrade, [empty_db_url] * 3)
+    engine = db.make_engine(empty_db_url)
+    try:
+        assert db.current_revision(engine) == db.head_revision()
+        assert table_names(engine) == APP_TABLES
+    finally:
+        engine.dispose()

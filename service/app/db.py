@@ -9,8 +9,10 @@ and a busy timeout so concurrent writers wait instead of failing. PostgreSQL is 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Execution option that makes a SQLite transaction start with BEGIN IMMEDIATE (takes the write lock at once).
 SQLITE_IMMEDIATE = "cxr_drift_sqlite_immediate"
+# Alembic's `context`/`op` are module-level proxies: one migration at a time per process. Between
+# processes (replicas), migrations/env.py serialises on the database.
+_ALEMBIC_LOCK = threading.Lock()
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -119,7 +124,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database at ``url`` to ``revision`` (default: the newest)."""
     from alembic import command
 
-    with translate_errors("upgrade the schema"):
+    with _ALEMBIC_LOCK, translate_errors("upgrade the schema"):
         command.upgrade(_alembic_config(url), revision)
 
 
@@ -127,14 +132,20 @@ def downgrade(url: str, revision: str = "base") -> None:
     """Take the database at ``url`` back to ``revision`` (default: empty schema)."""
     from alembic import command
 
-    with translate_errors("downgrade the schema"):
+    with _ALEMBIC_LOCK, translate_errors("downgrade the schema"):
         command.downgrade(_alembic_config(url), revision)
 
 
 def head_revision() -> str | None:
+    """The newest revision in the migration scripts (read once per scripts folder)."""
+    return _head_revision(migrations_dir())
+
+
+@functools.lru_cache(maxsize=4)
+def _head_revision(scripts: Path) -> str | None:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(_alembic_config("")).get_current_head()
+    return ScriptDirectory(str(scripts)).get_current_head()
 
 
 def current_revision(engine: sa.Engine) -> str | None:
