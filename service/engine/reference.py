@@ -50,12 +50,15 @@ def resolve_layers(model: Any, names: str | Sequence[str]) -> list[Any]:
 def reference_cams(
     model: Any,
     inputs: np.ndarray | torch.Tensor,
-    classes: Sequence[int] | np.ndarray,
+    classes: Sequence[int] | np.ndarray | None,
     *,
     method: str,
     target_layers: str | Sequence[str] = "feature_act",
 ) -> ReferenceCams:
-    """pytorch-grad-cam maps of ``method`` for ``inputs`` (B, 3, S, S), one target class per image."""
+    """pytorch-grad-cam maps of ``method`` for ``inputs`` (B, 3, S, S), one target class per image.
+
+    ``classes=None`` lets the library target each image's predicted class (argmax of the logits).
+    """
     import torch
     from pytorch_grad_cam import GradCAMPlusPlus, LayerCAM
     from pytorch_grad_cam.utils.image import scale_cam_image
@@ -66,20 +69,22 @@ def reference_cams(
     x = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, torch.Tensor) else inputs)
     if x.ndim != 4:
         raise ValueError(f"inputs must have shape (B, 3, S, S), got {tuple(x.shape)}")
-    idx = [int(c) for c in np.atleast_1d(np.asarray(classes))]
     num_classes = int(model.head.out_features) if hasattr(model, "head") else None
-    if len(idx) != x.shape[0]:
+    idx = None if classes is None else [int(c) for c in np.atleast_1d(np.asarray(classes))]
+    if idx is not None and len(idx) != x.shape[0]:
         raise ValueError(f"expected {x.shape[0]} class indices (one per image), got {len(idx)}")
-    if num_classes is not None and any(not 0 <= c < num_classes for c in idx):
+    if idx is not None and num_classes is not None and any(not 0 <= c < num_classes for c in idx):
         raise ValueError(f"class indices {idx} out of range; valid indices are 0..{num_classes - 1}")
     layers = resolve_layers(model, target_layers)
     cam_type = LayerCAM if method == "layercam" else GradCAMPlusPlus
     model.eval()
-    targets = [ClassifierOutputTarget(c) for c in idx]
+    targets = None if idx is None else [ClassifierOutputTarget(c) for c in idx]
     result: ReferenceCams | None = None
     with cam_type(model=model, target_layers=layers) as cam:
         maps = cam(input_tensor=x, targets=targets)
         # the native map of the first target layer, recomputed from the activations/gradients the call stored
+        if targets is None:
+            targets = [ClassifierOutputTarget(int(c)) for c in cam.outputs.argmax(dim=1)]
         acts = cam.activations_and_grads.activations[0].numpy()
         grads = cam.activations_and_grads.gradients[0].numpy()
         raw = np.maximum(cam.get_cam_image(x, layers[0], targets, acts, grads, False), 0)

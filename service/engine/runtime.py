@@ -1,0 +1,247 @@
+"""Load a model-pair artifact folder (docs/CONTRACTS.md) and run both checkpoints.
+
+``ModelPair.load(folder)`` reads ``manifest.json``, verifies the SHA-256 of every file it lists (a missing
+or altered file is an :class:`ArtifactError` naming it), opens one ONNX Runtime session per checkpoint and
+reads each checkpoint's head weight (C, K) with ``safetensors.numpy`` for the closed-form CAMs.
+``backend="torch"`` builds the ``CxrClassifier`` instead (torch imported lazily; CUDA when asked for and
+available). Either way ``pair.forward(batch)`` returns logits and target-layer features per checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BACKENDS", "CHECKPOINTS", "ArtifactError", "Forward", "ModelPair", "sha256_file"]
+
+CHECKPOINTS = ("transfer", "finetuned")
+BACKENDS = ("onnx", "torch")
+SUPPORTED_SCHEMA = 1
+_REQUIRED_KEYS = ("schema_version", "architecture", "class_names", "input_size", "mean", "std", "checkpoints")
+
+
+class ArtifactError(Exception):
+    """The model-pair folder is missing, incomplete, altered or inconsistent; the message names what."""
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One checkpoint's outputs for a batch: ``logits`` (B, C) and ``features`` (B, K, h, w), float32."""
+
+    logits: np.ndarray
+    features: np.ndarray
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / "manifest.json"
+    if not folder.is_dir():
+        raise ArtifactError(f"model folder {str(folder)!r} does not exist or is not a folder")
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; expected a model-pair folder written by training.export")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path} lacks required keys: {', '.join(missing)}")
+    if manifest["schema_version"] != SUPPORTED_SCHEMA:
+        raise ArtifactError(
+            f"{path}: schema_version {manifest['schema_version']!r} is not supported (expected {SUPPORTED_SCHEMA})"
+        )
+    return manifest
+
+
+def verify_files(folder: Path, manifest: Mapping[str, Any]) -> None:
+    """Check every file in ``manifest["files"]`` against its SHA-256; raise :class:`ArtifactError` naming it."""
+    files = manifest.get("files")
+    if not isinstance(files, Mapping) or not files:
+        raise ArtifactError(f"{folder / 'manifest.json'} has no 'files' hash list to verify")
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{name} is listed in the manifest but missing from {folder}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"{name} does not match its manifest hash (expected sha256 {expected}, got {actual}); "
+                "the file was altered or the manifest belongs to another export"
+            )
+
+
+class ModelPair:
+    """The transfer and fine-tuned checkpoints of one architecture, ready for inference."""
+
+    def __init__(
+        self,
+        *,
+        folder: Path,
+        manifest: dict[str, Any],
+        runners: Mapping[str, Any],
+        head_weights: Mapping[str, np.ndarray],
+        backend: str,
+    ) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.name: str = manifest["architecture"]
+        self.class_names: list[str] = list(manifest["class_names"])
+        self.input_size: int = int(manifest["input_size"])
+        self.mean: tuple[float, ...] = tuple(float(v) for v in manifest["mean"])
+        self.std: tuple[float, ...] = tuple(float(v) for v in manifest["std"])
+        self.backend = backend
+        self.head_weights = dict(head_weights)
+        self._runners = dict(runners)
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        *,
+        verify: bool = True,
+        backend: str = "onnx",
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> ModelPair:
+        """Open the model pair in ``folder``; see the module docstring."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid options: {', '.join(BACKENDS)}")
+        root = Path(folder)
+        manifest = _read_manifest(root)
+        if verify:
+            verify_files(root, manifest)
+        checkpoints = manifest["checkpoints"]
+        heads: dict[str, np.ndarray] = {}
+        runners: dict[str, Any] = {}
+        for name in CHECKPOINTS:
+            entry = checkpoints.get(name) if isinstance(checkpoints, Mapping) else None
+            if not isinstance(entry, Mapping) or "safetensors" not in entry or "onnx" not in entry:
+                raise ArtifactError(
+                    f"manifest.json: checkpoint {name!r} needs 'safetensors' and 'onnx' entries"
+                )
+            weights_path = root / str(entry["safetensors"])
+            heads[name] = _head_weight(weights_path, manifest)
+            if backend == "onnx":
+                runners[name] = _OnnxRunner(root / str(entry["onnx"]), threads=threads)
+            else:
+                runners[name] = _TorchRunner(weights_path, manifest, device=device, threads=threads)
+        log.info("loaded %s model pair from %s (%s backend)", manifest["architecture"], root, backend)
+        return cls(folder=root, manifest=manifest, runners=runners, head_weights=heads, backend=backend)
+
+    @property
+    def drift_thresholds(self) -> Mapping[str, Any] | None:
+        value = self.manifest.get("drift_thresholds")
+        return value if isinstance(value, Mapping) else None
+
+    def forward(self, batch: np.ndarray) -> dict[str, Forward]:
+        """Both checkpoints on ``batch`` (B, 3, S, S) float32: ``{"transfer": Forward, "finetuned": Forward}``."""
+        x = np.asarray(batch)
+        expected = (3, self.input_size, self.input_size)
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise ValueError(f"batch must have shape (B, {', '.join(map(str, expected))}), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("batch contains NaN or infinite values")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return {name: self._runners[name](x) for name in CHECKPOINTS}
+
+    def torch_model(self, checkpoint: str) -> Any:
+        """The ``CxrClassifier`` of ``checkpoint`` (torch backend only)."""
+        runner = self._runners[checkpoint]
+        if not isinstance(runner, _TorchRunner):
+            raise ValueError(f"torch_model needs backend='torch', this pair uses {self.backend!r}")
+        return runner.model
+
+
+def _head_weight(path: Path, manifest: Mapping[str, Any]) -> np.ndarray:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    key = str(manifest.get("head", {}).get("weight", "head.weight"))
+    if not path.is_file():
+        raise ArtifactError(f"{path.name} is missing from {path.parent}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+    if key not in tensors:
+        raise ArtifactError(f"{path.name} has no tensor {key!r} (the head weight)")
+    weight = tensors[key]
+    if weight.ndim == 4 and weight.shape[2:] == (1, 1):
+        weight = weight.reshape(weight.shape[:2])
+    classes = len(manifest["class_names"])
+    if weight.ndim != 2 or weight.shape[0] != classes:
+        raise ArtifactError(f"{path.name}: head weight has shape {weight.shape}, expected ({classes}, K)")
+    return np.ascontiguousarray(weight, dtype=np.float32)
+
+
+class _OnnxRunner:
+    def __init__(self, path: Path, *, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise ArtifactError(f"{path.name} is missing from {path.parent}")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for bad models
+            raise ArtifactError(f"{path.name} cannot be opened by ONNX Runtime: {exc}") from exc
+        outputs = {o.name for o in self.session.get_outputs()}
+        if not {"logits", "features"} <= outputs:
+            raise ArtifactError(
+                f"{path.name} must have outputs 'logits' and 'features', has {sorted(outputs)}"
+            )
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> Forward:
+        logits, features = self.session.run(["logits", "features"], {self.input_name: x})
+        return Forward(logits=np.asarray(logits), features=np.asarray(features))
+
+
+class _TorchRunner:
+    def __init__(self, path: Path, manifest: Mapping[str, Any], *, device: str, threads: int | None) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from training.registry import build_model
+
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            log.warning("CUDA requested but not available; using the CPU")
+            device = "cpu"
+        self.device = torch.device(device)
+        model = build_model(manifest["architecture"], len(manifest["class_names"]))
+        try:
+            model.load_state_dict(load_file(str(path)))
+        except RuntimeError as exc:
+            raise ArtifactError(f"{path.name} does not fit {manifest['architecture']}: {exc}") from exc
+        self.model = model.eval().to(self.device)
+
+    def __call__(self, x: np.ndarray) -> Forward:
+        import torch
+
+        with torch.inference_mode():
+            feats = self.model.forward_features(torch.from_numpy(x).to(self.device))
+            logits = self.model.forward_head(feats)
+        return Forward(logits=logits.float().cpu().numpy(), features=feats.float().cpu().numpy())

@@ -1,0 +1,247 @@
+"""Model-pair runtime, drift report, overlay and calibration on a real exported pair (random-init, small input)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.engine.calibrate import calibrate, write_thresholds
+from service.engine.overlay import overlay_png
+from service.engine.report import FALLBACK_THRESHOLDS, METHODS, drift_report, drift_reports
+from service.engine.runtime import ArtifactError, ModelPair
+from training.export import export_pair
+from training.registry import build_model
+
+ARCH, SIZE = "resnet50v2", 96  # 3x3 feature grid
+CLASSES = ["normal", "consolidation", "nodules"]
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    transfer = build_model(ARCH, len(CLASSES)).eval()
+    finetuned = build_model(ARCH, len(CLASSES)).eval()
+    with torch.no_grad():
+        finetuned.load_state_dict(transfer.state_dict())
+        for p in finetuned.parameters():
+            p.add_(0.1 * p.abs().mean() * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("pair") / ARCH
+    return export_pair(transfer, finetuned, out_dir=out, class_names=CLASSES, input_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def pair(pair_dir: Path) -> ModelPair:
+    return ModelPair.load(pair_dir, threads=1)
+
+
+def _grays(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:120, :100]
+    out = []
+    for _ in range(n):
+        cy, cx = rng.uniform(20, 100), rng.uniform(20, 80)
+        blob = np.exp(-((rows - cy) ** 2 + (cols - cx) ** 2) / 300.0)
+        out.append(np.clip(0.3 + 0.5 * blob + 0.05 * rng.random((120, 100)), 0, 1).astype(np.float32))
+    return out
+
+
+def test_report_has_the_contract_json_shape(pair: ModelPair) -> None:
+    report = drift_report(pair, _grays(1)[0])
+    d = json.loads(json.dumps(report.to_dict()))  # JSON-serializable as it is
+    assert set(d) == {
+        "model",
+        "class_names",
+        "predictions",
+        "agreement",
+        "target_class",
+        "methods",
+        "thresholds",
+        "timings_ms",
+    }
+    assert d["model"] == ARCH and d["class_names"] == CLASSES
+    for name in ("transfer", "finetuned"):
+        pred = d["predictions"][name]
+        assert set(pred) == {"index", "class", "probabilities"}
+        assert pred["class"] == CLASSES[pred["index"]]
+        assert sum(pred["probabilities"].values()) == pytest.approx(1.0)
+    assert d["agreement"] == (d["predictions"]["transfer"]["index"] == d["predictions"]["finetuned"]["index"])
+    assert d["target_class"] == {
+        "index": d["predictions"]["finetuned"]["index"],
+        "name": d["predictions"]["finetuned"]["class"],
+        "source": "finetuned_prediction",
+    }
+    assert set(d["methods"]) == set(METHODS)
+    expected_metrics = {
+        "iou",
+        "dice",
+        "soft_iou",
+        "pearson",
+        "spearman",
+        "ssim",
+        "centroid_shift",
+        "peak_shift",
+        "zone_shift",
+        "emd",
+        "entropy_change",
+        "gini_change",
+        "iou_k",
+    }
+    for entry in d["methods"].values():
+        assert set(entry) == {"metrics", "drift_score", "severity", "flagged", "flags", "diagnostics"}
+        assert set(entry["metrics"]) == expected_metrics
+        assert entry["drift_score"] == pytest.approx(1 - entry["metrics"]["iou"])
+        assert entry["severity"] in ("low", "moderate", "high")
+        assert entry["flagged"] == (entry["severity"] == "high")
+        assert entry["metrics"]["iou_k"]["20"] == entry["metrics"]["iou"]
+    assert "eps_fraction" in d["methods"]["gradcampp"]["diagnostics"]
+    assert d["thresholds"]["calibrated"] is False and d["thresholds"]["source"] == "fallback"
+    assert d["thresholds"]["layercam"] == FALLBACK_THRESHOLDS
+    assert set(d["timings_ms"]) == {"preprocess", "forward", "cams", "metrics"}
+
+
+def test_fast_report_equals_pytorch_grad_cam_report(pair_dir: Path, pair: ModelPair) -> None:
+    """End-to-end parity: ONNX + closed-form CAMs vs torch + pytorch-grad-cam give the same report."""
+    torch_pair = ModelPair.load(pair_dir, backend="torch")
+    gray = _grays(1, seed=3)[0]
+    fast = drift_report(pair, gray).to_dict()
+    slow = drift_report(torch_pair, gray, attribution="reference").to_dict()
+    assert fast["target_class"] == slow["target_class"]
+    for method in METHODS:
+        a, b = fast["methods"][method]["metrics"], slow["methods"][method]["metrics"]
+        for key in a:
+            if key != "iou_k":
+                assert a[key] == pytest.approx(b[key], abs=2e-3), (method, key)
+
+
+def test_requested_target_class_by_name_and_index(pair: ModelPair) -> None:
+    gray = _grays(1)[0]
+    by_name = drift_report(pair, gray, target_class="nodules")
+    by_index = drift_report(pair, gray, target_class=2)
+    assert by_name.target_class == {"index": 2, "name": "nodules", "source": "requested"}
+    assert by_name.methods["layercam"]["metrics"] == by_index.methods["layercam"]["metrics"]
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (5, r"target class index 5 is out of range; valid classes: 0=normal, 1=consolidation, 2=nodules"),
+        ("effusion", r"unknown target class 'effusion'; valid classes: 0=normal"),
+        (True, r"must be a class index or name"),
+    ],
+)
+def test_bad_target_class_lists_valid_classes(pair: ModelPair, target: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        drift_report(pair, _grays(1)[0], target_class=target)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("gray", "message"),
+    [
+        (
+            np.zeros((4, 5, 3), dtype=np.float32),
+            r"expected a grayscale \(H, W\) array, got shape \(4, 5, 3\)",
+        ),
+        (np.full((10, 10), np.nan, dtype=np.float32), r"NaN"),
+    ],
+)
+def test_malformed_image_raises(pair: ModelPair, gray: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        drift_report(pair, gray)
+
+
+def test_unknown_method_and_bad_batch_shape(pair: ModelPair) -> None:
+    with pytest.raises(ValueError, match="valid options: layercam, gradcampp"):
+        drift_report(pair, _grays(1)[0], methods=("gradcam",))
+    with pytest.raises(ValueError, match=r"batch must have shape \(B, 3, 96, 96\), got \(1, 3, 64, 64\)"):
+        pair.forward(np.zeros((1, 3, 64, 64), dtype=np.float32))
+
+
+def test_batched_reports_equal_single_reports_and_maps(pair: ModelPair) -> None:
+    grays = _grays(3, seed=5)
+    batched = drift_reports(pair, grays, include_maps=True)
+    for gray, report in zip(grays, batched, strict=True):
+        single = drift_report(pair, gray)
+        for method in METHODS:
+            a, b = report.methods[method]["metrics"], single.methods[method]["metrics"]
+            assert a["iou"] == pytest.approx(b["iou"], abs=1e-9)
+            assert a["emd"] == pytest.approx(b["emd"], abs=1e-6)
+        assert report.maps is not None
+        for method in METHODS:
+            for name in ("transfer", "finetuned"):
+                cam = report.maps[method][name]
+                assert cam.shape == (SIZE, SIZE) and cam.dtype == np.float32
+                assert cam.min() >= 0.0 and cam.max() <= 1.0
+
+
+def test_tampered_or_missing_file_is_refused(pair_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(pair_dir, copy)
+    with (copy / "finetuned.onnx").open("r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match=r"finetuned\.onnx does not match its manifest hash"):
+        ModelPair.load(copy)
+    (copy / "transfer.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"transfer\.safetensors is listed in the manifest but missing"):
+        ModelPair.load(copy)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        ModelPair.load(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="unknown backend 'tf'; valid options: onnx, torch"):
+        ModelPair.load(pair_dir, backend="tf")
+
+
+def test_runtime_reads_manifest_and_head_weights(pair: ModelPair) -> None:
+    assert pair.name == ARCH and pair.class_names == CLASSES and pair.input_size == SIZE
+    assert pair.head_weights["transfer"].shape == (3, 2048)
+    out = pair.forward(np.zeros((2, 3, SIZE, SIZE), dtype=np.float32))
+    assert out["transfer"].logits.shape == (2, 3) and out["finetuned"].features.shape == (2, 2048, 3, 3)
+    # logits are the head applied to the pooled features: the features are the CAM target
+    pooled = out["finetuned"].features.mean(axis=(2, 3))
+    bias = out["finetuned"].logits - pooled @ pair.head_weights["finetuned"].T
+    assert np.ptp(bias, axis=0) == pytest.approx(np.zeros(3), abs=1e-3)
+
+
+def test_calibration_writes_thresholds_the_report_uses(pair_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "pair"
+    shutil.copytree(pair_dir, copy)
+    pair = ModelPair.load(copy, threads=1)
+    grays = _grays(6, seed=7)
+    thresholds = calibrate(pair, grays, labels=[0] * 6, batch_size=4, min_true_positives=50)
+    assert thresholds["subset"] == "all" and thresholds["n"] == 6
+    scores = [r.methods["layercam"]["drift_score"] for r in drift_reports(pair, grays)]
+    assert thresholds["methods"]["layercam"]["high"] == pytest.approx(np.percentile(scores, 99))
+    assert thresholds["methods"]["layercam"]["moderate"] <= thresholds["methods"]["layercam"]["high"]
+    write_thresholds(copy, thresholds)
+    reloaded = ModelPair.load(copy)  # manifest.json is not hashed: still verifies
+    report = drift_report(reloaded, grays[0])
+    assert report.thresholds["calibrated"] is True and report.thresholds["source"] == "manifest"
+    assert report.thresholds["layercam"]["high"] == thresholds["methods"]["layercam"]["high"]
+    # the image with the largest score is at or above p99 only if it is the max: severity follows the rule
+    entry = report.methods["layercam"]
+    expected = "high" if entry["drift_score"] >= thresholds["methods"]["layercam"]["high"] else None
+    if expected:
+        assert entry["severity"] == "high" and entry["flagged"]
+
+
+def test_overlay_png_is_a_png_of_the_radiograph_size() -> None:
+    gray = _grays(1)[0]
+    cam = np.zeros((12, 12), dtype=np.float32)
+    cam[2:5, 3:6] = 1.0
+    data = overlay_png(gray, cam)
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG" and image.size == (100, 120) and image.mode == "RGB"
+    pixels = np.asarray(image).astype(int)
+    hot = pixels[int(3.5 * 10), int(4.5 * 100 / 12)]
+    cold = pixels[110, 90]
+    assert hot[0] > hot[2] and cold[2] > cold[0]  # red where the map is high, blue where it is low
+    with pytest.raises(ValueError, match="alpha must be in"):
+        overlay_png(gray, cam, alpha=2.0)
