@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["CliError", "main"]
 
@@ -33,17 +34,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("service.engine.calibrate", "learn drift thresholds from a reference split and store them"),
     "serve": ("service.commands", "run the API server"),
     "demo": ("service.demo", "synthetic data + demo model pairs for all architectures, then serve"),
-    "keys": ("service.commands_keys", "create and list API keys"),
+    "keys": ("service.commands_keys", "create, list and revoke API keys"),
+    "db": ("service.commands_db", "migrate the audit database (upgrade, downgrade, current)"),
     "openapi": ("service.commands_openapi", "write the service's OpenAPI document"),
 }
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what was wrong, and where to read more), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _build_parser(selected: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cxr-drift", description=__doc__.splitlines()[0] if __doc__ else None
+    parser = _OneLineParser(
+        prog="cxr-drift",
+        description="Train chest X-ray model pairs (transfer, fine-tuned) and serve their predictions with "
+        "semantic-drift audits.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_OneLineParser)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == selected:
@@ -62,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         parser = _build_parser(selected)
-        args = parser.parse_args(args_list)
+        try:
+            args = parser.parse_args(args_list)
+        except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)
+            return int(exc.code or 0)
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
