@@ -397,13 +397,15 @@ def recalibrate_batchnorm(
     *,
     device: torch.device,
     ctx: DistContext,
+    max_batches: int | None = None,
     progress: bool = False,
 ) -> int:
     """Replace BatchNorm running statistics by their average over ``loader`` (train-mode forward, no grad).
 
     Used before freezing a *randomly initialized* backbone: its running stats (mean 0, var 1) describe no
     data, so eval-mode features (stage 1) would differ wildly from train-mode ones (stage 2). ImageNet
-    weights keep their own statistics. Returns the number of BatchNorm layers updated.
+    weights keep their own statistics. ``max_batches`` caps the cost (a few hundred images estimate the
+    statistics well). Returns the number of BatchNorm layers updated.
     """
     norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -414,7 +416,9 @@ def recalibrate_batchnorm(
         m.momentum = None  # cumulative moving average: every batch weighs the same
     was_training = backbone.training
     backbone.train()
-    for images, _, _ in _progress(loader, enabled=progress, desc="BatchNorm statistics"):
+    for batch, (images, _, _) in enumerate(_progress(loader, enabled=progress, desc="BatchNorm statistics")):
+        if max_batches is not None and batch >= max_batches:
+            break
         with _autocast(device):
             backbone.forward_features(images.to(device, non_blocking=True))  # type: ignore[operator]
     for m, momentum in zip(norms, momenta, strict=True):
@@ -507,14 +511,13 @@ def fit_head(
 ) -> HeadFit:
     """Train a linear head on cached pooled features (stage 1) and fold the standardization into it.
 
-    Trains ``z = dropout((f - mu) / sigma) @ W'.T + b'`` with AdamW and a cosine schedule, then returns
+    Trains ``z = ((dropout(f) - mu) / sigma) @ W'.T + b'`` with AdamW and a cosine schedule, then returns
     ``W = W' / sigma``, ``b = b' - W' @ (mu / sigma)`` so that ``f @ W.T + b`` gives the same logits (exact at
     inference, where dropout is the identity). ``state`` resumes from what ``on_epoch(state)`` was given.
     """
     feats = torch.from_numpy(train[0]).float()
     labels = torch.from_numpy(train[1]).long()
     mu, sd = _standardizer(feats)
-    z = (feats - mu) / sd
     k = feats.shape[1]
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, num_classes)
@@ -522,7 +525,7 @@ def fit_head(
         lin.weight.normal_(0, 0.01, generator=gen)
         lin.bias.zero_()
     optimizer = torch.optim.AdamW(lin.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(z) / batch_size))
+    steps_per_epoch = max(1, math.ceil(len(feats) / batch_size))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
@@ -552,14 +555,15 @@ def fit_head(
         lin.train()
         # one generator per epoch for the order and the dropout masks: resuming replays the same epoch
         epoch_gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        perm = torch.randperm(len(z), generator=epoch_gen)
+        perm = torch.randperm(len(feats), generator=epoch_gen)
         total = 0.0
-        for i in range(0, len(z), batch_size):
+        for i in range(0, len(feats), batch_size):
             batch = perm[i : i + batch_size]
-            inputs = z[batch]
-            if drop_rate > 0:
+            inputs = feats[batch]
+            if drop_rate > 0:  # on the raw features, as the model's head does: stage 2 sees the same noise
                 keep = torch.bernoulli(torch.full_like(inputs, 1 - drop_rate), generator=epoch_gen)
                 inputs = inputs * keep / (1 - drop_rate)
+            inputs = (inputs - mu) / sd
             loss = criterion(lin(inputs), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -567,7 +571,7 @@ def fit_head(
             scheduler.step()
             total += loss.item() * len(batch)
         w, b = folded()
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(1, len(z))}
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(1, len(feats))}
         if val is not None and val[1].size:
             with torch.no_grad():
                 probe.weight.copy_(w)
@@ -1099,7 +1103,14 @@ def _run_transfer(
         train_set = datasets["train"]
         assert train_set is not None
         loader = _shard_loader(train_set, batch_size=config.batch_size, workers=config.workers, ctx=ctx)
-        recalibrate_batchnorm(model.backbone, loader, device=device, ctx=ctx, progress=config.progress)
+        recalibrate_batchnorm(
+            model.backbone,
+            loader,
+            device=device,
+            ctx=ctx,
+            max_batches=max(1, 256 // (config.batch_size * ctx.world_size)),
+            progress=config.progress,
+        )
     model.freeze_backbone(True)
     model.eval()
     features_path = train_dir / TRANSFER_FEATURES
@@ -1168,6 +1179,11 @@ def _run_transfer(
         )
     if per_rank:
         result["feature_samples_per_rank"] = per_rank
+    val_m = result["val"] or {}
+    log.info(
+        "transfer head: best epoch %d of %d, val macro-F1 %s, val loss %s",
+        fit.best_epoch + 1, config.epochs_transfer, val_m.get("macro_f1"), val_m.get("loss"),
+    )  # fmt: skip
     model.freeze_backbone(False)
     return result
 
