@@ -98,7 +98,7 @@ def build_artifacts(cache_root: Path) -> Path:
 
 def artifacts_for(config: pytest.Config) -> Path:
     """The test model pairs, cached in pytest's cache directory (use from a session-scoped fixture)."""
-    cache = config.cache
+    cache = getattr(config, "cache", None)
     root = Path(cache.mkdir("cxr-drift-api-pairs")) if cache is not None else Path(tempfile.mkdtemp())
     return build_artifacts(root)
 
