@@ -1097,9 +1097,8 @@ def _run_transfer(
 ) -> dict[str, Any]:
     """Stage 1: cache the frozen backbone's pooled features (sharded, gathered), fit the head on them."""
     model.to(device)
-    if config.pretrained.strip().lower() == "none" and not (
-        config.resume and (train_dir / TRANSFER_FEATURES).is_file()
-    ):
+    if config.pretrained.strip().lower() == "none":
+        # also on resume: the statistics belong to the transfer checkpoint and are recomputed identically
         train_set = datasets["train"]
         assert train_set is not None
         loader = _shard_loader(train_set, batch_size=config.batch_size, workers=config.workers, ctx=ctx)
