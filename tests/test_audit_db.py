@@ -180,6 +180,44 @@ def test_verify_detects_a_deleted_drift_row(db_engine: sa.Engine) -> None:
     assert (outcome.ok, outcome.first_bad_id) == (False, results[0].id)
 
 
+def test_verify_reports_the_head_and_detects_truncation_against_an_anchor(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(51)
+    results = append_many(db_engine, [make_entry(rng) for _ in range(4)])
+    outcome = audit.verify(db_engine)
+    assert (outcome.head_id, outcome.head_hash) == (results[-1].id, results[-1].row_hash)
+    assert outcome.anchor_found is None
+    # an anchor anywhere in the chain (the head recorded some time ago) is found
+    assert audit.verify(db_engine, anchor=results[1].row_hash).anchor_found is True
+    assert audit.verify(db_engine, anchor=results[-1].row_hash.upper()).ok
+    # deleting the newest rows leaves a valid, shorter chain: only the external anchor shows it
+    disable_append_only(db_engine)
+    with db_engine.begin() as connection:
+        for victim in results[2:]:
+            connection.exec_driver_sql(f"DELETE FROM audit_drift WHERE record_id = {victim.id}")
+            connection.exec_driver_sql(f"DELETE FROM audit_records WHERE id = {victim.id}")
+    assert audit.verify(db_engine).ok
+    truncated = audit.verify(db_engine, anchor=results[-1].row_hash)
+    assert not truncated.ok and truncated.anchor_found is False and truncated.first_bad_id is None
+    assert truncated.reason is not None and "truncation" in truncated.reason
+    assert (truncated.head_id, truncated.checked) == (results[1].id, 2)
+
+
+def test_verify_reports_an_unreadable_row_instead_of_failing(db_engine: sa.Engine) -> None:
+    """A JSON column edited into a value that cannot be hashed back is a bad row, not an exception."""
+    rng = np.random.default_rng(52)
+    results = append_many(db_engine, [make_entry(rng) for _ in range(3)])
+    disable_append_only(db_engine)
+    edits = ["""payload = '{"reports": [], "timings_ms": {"total": 1e999}}'"""]
+    if db_engine.dialect.name == "sqlite":  # SQLite also stores whatever text it is given
+        edits += ["payload = 'not json'", "options = '{\"topk\": NaN}'", "created_at = 'yesterday'"]
+    for edit in edits:
+        with db_engine.begin() as connection:
+            connection.exec_driver_sql(f"UPDATE audit_records SET {edit} WHERE id = {results[1].id}")
+        outcome = audit.verify(db_engine)
+        assert (outcome.ok, outcome.first_bad_id, outcome.checked) == (False, results[1].id, 1), edit
+        assert outcome.head_id == results[0].id and outcome.head_hash == results[0].row_hash
+
+
 def test_triggers_reject_update_and_delete(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(6)
     append_many(db_engine, [make_entry(rng) for _ in range(2)])

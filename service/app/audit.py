@@ -124,10 +124,17 @@ class AppendResult:
 
 @dataclass(frozen=True)
 class VerifyResult:
+    """Outcome of :func:`verify`. Equality compares the verdict (``ok checked first_bad_id reason``)."""
+
     ok: bool
     checked: int
     first_bad_id: int | None = None
     reason: str | None = None
+    # the newest row that verified, and its hash: keep it elsewhere and pass it back as ``anchor``
+    head_id: int | None = field(default=None, compare=False)
+    head_hash: str | None = field(default=None, compare=False)
+    # whether the ``anchor`` hash given to verify() is a row of the verified chain (None: none given)
+    anchor_found: bool | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -329,22 +336,51 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
 # ------------------------------------------------------------------------------------------- verifying
 
 
-def verify(engine: sa.Engine, *, batch_size: int = 1000) -> VerifyResult:
+def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = None) -> VerifyResult:
     """Walk the chain in id order (streamed) and recompute every hash; stop at the first bad row.
 
     A row is bad when its ``prev_hash`` is not the previous row's ``row_hash`` ("broken link": a row was
-    deleted or inserted before it) or when its stored content no longer hashes to ``row_hash``
-    ("content hash mismatch": a value was changed).
+    deleted or inserted before it), when its stored content no longer hashes to ``row_hash`` ("content
+    hash mismatch": a value was changed), or when a stored value cannot be read back at all ("unreadable
+    row": e.g. a JSON column or timestamp edited into something invalid).
+
+    The result names the chain head (``head_id``, ``head_hash``: the newest verified row). Deleting the
+    newest rows leaves a valid shorter chain, so keep the head hash somewhere else (a log, a ticket, a
+    notary) and pass it back as ``anchor``: if no row of the verified chain has that hash, the chain was
+    truncated or rewritten after it was recorded, and the result is not ok.
     """
+    # JSON and timestamp columns are read raw and parsed here, so a tampered value is a bad row, not an
+    # exception half-way through the stream (SQLite stores them as text that can be edited into anything).
+    raw = {
+        "options": sa.type_coerce(AuditRecord.options, sa.Text).label("options"),
+        "payload": sa.type_coerce(AuditRecord.payload, sa.Text).label("payload"),
+        "created_at": sa.type_coerce(AuditRecord.created_at, sa.String).label("created_at"),
+    }
+    record_columns = [column.name for column in AuditRecord.__table__.columns]
+    selected = [raw.get(name, getattr(AuditRecord, name)) for name in record_columns]
     drift_columns = [getattr(AuditDrift, name).label(f"d_{name}") for name in _DRIFT_CONTENT]
     statement = (
-        sa.select(AuditRecord, AuditDrift.id.label("d_id"), *drift_columns)
+        sa.select(*selected, AuditDrift.id.label("d_id"), *drift_columns)
         .outerjoin(AuditDrift, AuditDrift.record_id == AuditRecord.id)
         .order_by(AuditRecord.id, AuditDrift.model, AuditDrift.method)
     )
-    record_columns = [column.name for column in AuditRecord.__table__.columns]
     checked = 0
     expected_prev = GENESIS_HASH
+    head_id: int | None = None
+    anchor = anchor.strip().lower() if anchor is not None else None
+    anchor_found = False
+
+    def bad(record_id: int, reason: str) -> VerifyResult:
+        return VerifyResult(
+            ok=False,
+            checked=checked,
+            first_bad_id=record_id,
+            reason=reason,
+            head_id=head_id,
+            head_hash=None if head_id is None else expected_prev,
+            anchor_found=anchor_found if anchor is not None else None,
+        )
+
     with translate_errors("verify the audit chain"), engine.connect() as connection:
         result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(statement)
         for record_id, rows in itertools.groupby(result.mappings(), key=lambda row: row["id"]):
@@ -356,29 +392,65 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000) -> VerifyResult:
                 if row["d_id"] is not None
             ]
             if record["prev_hash"] != expected_prev:
-                return VerifyResult(
-                    ok=False,
-                    checked=checked,
-                    first_bad_id=record_id,
-                    reason=(
-                        f"broken link: prev_hash {record['prev_hash'][:12]}... does not match the previous "
-                        f"row's row_hash {expected_prev[:12]}... (a row before it was deleted or inserted)"
-                    ),
+                return bad(
+                    record_id,
+                    f"broken link: prev_hash {str(record['prev_hash'])[:12]}... does not match the previous "
+                    f"row's row_hash {expected_prev[:12]}... (a row before it was deleted or inserted)",
                 )
-            actual = compute_row_hash(record, drift, record["prev_hash"])
+            try:
+                record = _parse_stored_record(record)
+                actual = compute_row_hash(record, drift, record["prev_hash"])
+            except (ValueError, TypeError, OverflowError) as error:
+                return bad(record_id, f"unreadable row: {type(error).__name__}: {error}"[:500])
             if actual != record["row_hash"]:
-                return VerifyResult(
-                    ok=False,
-                    checked=checked,
-                    first_bad_id=record_id,
-                    reason=(
-                        f"content hash mismatch: stored row_hash {record['row_hash'][:12]}..., "
-                        f"content hashes to {actual[:12]}... (the record or its drift rows were changed)"
-                    ),
+                return bad(
+                    record_id,
+                    f"content hash mismatch: stored row_hash {str(record['row_hash'])[:12]}..., "
+                    f"content hashes to {actual[:12]}... (the record or its drift rows were changed)",
                 )
             expected_prev = record["row_hash"]
+            head_id = record_id
+            anchor_found = anchor_found or expected_prev == anchor
             checked += 1
-    return VerifyResult(ok=True, checked=checked)
+    if anchor is not None and not anchor_found:
+        return VerifyResult(
+            ok=False,
+            checked=checked,
+            first_bad_id=None,
+            reason=(
+                f"anchor {anchor[:12]}... is not the hash of any row in the chain: rows recorded after it "
+                "were deleted (truncation) or the chain was rewritten"
+            ),
+            head_id=head_id,
+            head_hash=None if head_id is None else expected_prev,
+            anchor_found=False,
+        )
+    return VerifyResult(
+        ok=True,
+        checked=checked,
+        head_id=head_id,
+        head_hash=None if head_id is None else expected_prev,
+        anchor_found=True if anchor is not None else None,
+    )
+
+
+def _parse_stored_record(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON columns and ``created_at`` as :func:`append` hashed them, from their raw stored form.
+
+    PostgreSQL's driver hands JSON and timestamps over already parsed; SQLite gives their text.
+    """
+    parsed = dict(record)
+    for name in ("options", "payload"):
+        value = parsed[name]
+        if isinstance(value, str | bytes):
+            parsed[name] = json.loads(value)
+    created = parsed["created_at"]
+    if isinstance(created, str):
+        created = datetime.fromisoformat(created)
+    if not isinstance(created, datetime):
+        raise TypeError(f"created_at: expected a timestamp, got {type(created).__name__}")
+    parsed["created_at"] = created.replace(tzinfo=UTC) if created.tzinfo is None else created
+    return parsed
 
 
 # ------------------------------------------------------------------------------------------- filtering
