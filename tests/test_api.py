@@ -410,12 +410,18 @@ def test_tampered_row_is_named_by_verify(api_artifacts: Path, database_url: str)
         responses = app.run(batch())
         assert [r.status_code for r in responses] == [200] * 4
         ids = sorted(r.json()["audit_record_id"] for r in responses)
+        head = next(r.json()["audit_row_hash"] for r in responses if r.json()["audit_record_id"] == ids[-1])
         assert app.get("/audit/verify", headers=headers("audit")).json() == {
             "ok": True,
             "checked": 4,
             "first_bad_id": None,
             "reason": None,
+            "head_id": ids[-1],
+            "head_hash": head,
+            "anchor_found": None,
         }
+        anchored = app.get("/audit/verify", params={"anchor": head}, headers=headers("audit")).json()
+        assert anchored["ok"] is True and anchored["anchor_found"] is True
         engine = app.app.state.cxr.engine
         _drop_triggers(engine)
         with engine.begin() as conn:

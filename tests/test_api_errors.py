@@ -144,6 +144,9 @@ def test_bad_images(api: ApiClient, data: bytes, status: int, code: str) -> None
         ({"target_class": "pneumothorax"}, "unknown_class", "normal, lobar_consolidation"),
         ({"target_class": "5"}, "unknown_class", "0..4"),
         ({"target_class": "-1"}, "unknown_class", "0..4"),
+        # str.isdigit() accepts these, int() does not: they once escaped as 500s
+        ({"target_class": "--5"}, "unknown_class", "normal, lobar_consolidation"),
+        ({"target_class": "\u00b2"}, "unknown_class", "normal, lobar_consolidation"),
         ({"topk": "3"}, "validation_error", "topk"),
         ({"topk": "51"}, "validation_error", "topk"),
         ({"topk": "nan"}, "validation_error", "topk"),
@@ -218,6 +221,45 @@ def test_unknown_route_method_and_record_answer_json(api: ApiClient) -> None:
         headers=headers("audit"),
     )
     assert window.status_code == 422 and "must be after start" in error_of(window)["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        # a time without an offset is UTC (it used to reach the database layer naive: 500)
+        ("/audit/records", {"start": "2026-01-01T00:00:00"}),
+        ("/audit/records.csv", {"start": "2026-01-01T00:00:00"}),
+        ("/audit/summary", {"start": "2026-01-01T00:00:00", "end": "2026-01-02T00:00:00Z"}),
+        ("/audit/summary", {"end": "2026-01-02"}),
+    ],
+)
+def test_audit_filters_take_times_without_offset_as_utc(
+    api: ApiClient, path: str, params: dict[str, str]
+) -> None:
+    response = api.get(path, params=params, headers=headers("audit"))
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/audit/records/99999999999999999999", {}),
+        ("/audit/records/0", {}),
+        ("/audit/records", {"before_id": "99999999999999999999"}),
+        ("/audit/records", {"start": "0001-01-01T00:00:00+05:00"}),
+        ("/audit/summary", {"end": "9999-12-31T23:00:00-05:00"}),
+        ("/audit/records.csv", {"start": "0001-01-01T00:00:00+05:00"}),
+        ("/audit/summary", {"model": "dense\x00net"}),
+        ("/audit/records", {"class": "\x00"}),
+        ("/audit/verify", {"anchor": "not-a-hash"}),
+    ],
+)
+def test_out_of_range_audit_parameters_are_422_not_500(
+    api: ApiClient, path: str, params: dict[str, str]
+) -> None:
+    response = api.get(path, params=params, headers=headers("audit"))
+    assert response.status_code == 422, response.text
+    assert error_of(response)["code"] == "validation_error"
 
 
 def test_unhandled_exception_is_a_json_500(api: ApiClient) -> None:

@@ -145,9 +145,19 @@ class AuditSummaryResponse(BaseModel):
 
 class AuditVerifyResponse(BaseModel):
     ok: bool
-    checked: int
+    checked: int = Field(description="rows verified before the first bad one (all of them when ok)")
     first_bad_id: int | None
     reason: str | None
+    head_id: int | None = Field(default=None, description="id of the newest row that verified")
+    head_hash: str | None = Field(
+        default=None,
+        description="row_hash of that row: store it outside the database and pass it later as `anchor`; "
+        "a chain can only show truncation of its newest rows against such an external copy",
+    )
+    anchor_found: bool | None = Field(
+        default=None,
+        description="whether the `anchor` given is a row of the verified chain (null: none given)",
+    )
 
 
 class ModelInfo(BaseModel):

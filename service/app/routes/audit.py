@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -27,8 +27,12 @@ T = TypeVar("T")
 
 
 def audit_filters(
-    start: Annotated[datetime | None, Query(description="records created at or after (ISO 8601)")] = None,
-    end: Annotated[datetime | None, Query(description="records created before (ISO 8601)")] = None,
+    start: Annotated[
+        datetime | None, Query(description="records created at or after (ISO 8601; no offset = UTC)")
+    ] = None,
+    end: Annotated[
+        datetime | None, Query(description="records created before (ISO 8601; no offset = UTC)")
+    ] = None,
     model: Annotated[str | None, Query(description="model pair name")] = None,
     method: Annotated[Literal["layercam", "gradcampp"] | None, Query()] = None,
     target_class: Annotated[str | None, Query(alias="class", description="target class name")] = None,
@@ -38,6 +42,11 @@ def audit_filters(
 ) -> Any:
     from service.app.audit import AuditFilters
 
+    start, end = _as_utc("start", start), _as_utc("end", end)
+    for name, text in (("model", model), ("class", target_class)):
+        if text is not None and "\x00" in text:
+            # PostgreSQL refuses NUL in text parameters (a driver DataError, not a client error otherwise)
+            raise ApiError(422, "validation_error", f"{name} must not contain NUL characters")
     if start is not None and end is not None and end <= start:
         raise ApiError(
             422, "validation_error", f"end ({end.isoformat()}) must be after start ({start.isoformat()})"
@@ -55,6 +64,22 @@ def audit_filters(
 
 
 FiltersDep = Annotated[Any, Depends(audit_filters)]
+# Record ids are 64-bit integers in both databases: larger values would overflow the driver (a 500).
+MAX_ID = 2**63 - 1
+
+
+def _as_utc(name: str, value: datetime | None) -> datetime | None:
+    """``value`` in UTC; a time without an offset is taken as UTC. Out-of-range instants are a 422."""
+    if value is None:
+        return None
+    if value.tzinfo is None or value.utcoffset() is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except (OverflowError, ValueError) as exc:
+        raise ApiError(
+            422, "validation_error", f"{name} ({value.isoformat()}) is out of range in UTC: {exc}"
+        ) from exc
 
 
 def _filters_out(filters: Any) -> AuditFiltersOut:
@@ -121,7 +146,9 @@ async def list_records(
     principal: AuditKeyDep,
     filters: FiltersDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    before_id: Annotated[int | None, Query(ge=1, description="only records with a smaller id")] = None,
+    before_id: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="only records with a smaller id")
+    ] = None,
 ) -> AuditRecordPage:
     from service.app import audit
 
@@ -165,7 +192,9 @@ async def export_records_csv(
     summary="one audit record",
     responses=error_responses(401, 403, 404, 422, 503),
 )
-async def get_record(record_id: int, engine: EngineDep, principal: AuditKeyDep) -> AuditRecord:
+async def get_record(
+    record_id: Annotated[int, Path(ge=1, le=MAX_ID)], engine: EngineDep, principal: AuditKeyDep
+) -> AuditRecord:
     from service.app import audit
 
     record = await _call_db(audit.get_record, engine, record_id)
@@ -178,10 +207,21 @@ async def get_record(record_id: int, engine: EngineDep, principal: AuditKeyDep) 
     "/verify",
     response_model=AuditVerifyResponse,
     summary="recompute the hash chain; names the first record that does not match",
-    responses=error_responses(401, 403, 503),
+    responses=error_responses(401, 403, 422, 503),
 )
-async def verify(engine: EngineDep, principal: AuditKeyDep) -> AuditVerifyResponse:
+async def verify(
+    engine: EngineDep,
+    principal: AuditKeyDep,
+    anchor: Annotated[
+        str | None,
+        Query(
+            pattern="^[0-9a-fA-F]{64}$",
+            description="a head_hash recorded earlier (outside this database); the answer is not ok "
+            "unless a row of the chain has it, so deleting the newest rows is detected",
+        ),
+    ] = None,
+) -> AuditVerifyResponse:
     from service.app import audit
 
-    result = await _call_db(audit.verify, engine)
+    result = await _call_db(audit.verify, engine, anchor=anchor)
     return AuditVerifyResponse.model_validate(result.to_dict())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 
 from service.app.deps import PredictKeyDep, StateDep
 from service.app.errors import ApiError, error_responses
-from service.app.schemas import ImageInfo, PredictOptions, PredictResponse
+from service.app.schemas import ImageInfo, PredictResponse
 from service.app.state import AppState
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ METHODS = ("layercam", "gradcampp")
 MAP_MODES = ("none", "overlay", "raw")
 TOPK_RANGE = (5.0, 50.0)
 MapMode = Literal["none", "overlay", "raw"]
+_INTEGER = re.compile(r"-?[0-9]{1,9}")
 
 _MODELS_HELP = "comma-separated model pair names; default: every loaded pair"
 _METHODS_HELP = f"comma-separated among {', '.join(METHODS)}; default: both"
@@ -100,7 +103,8 @@ def _resolve_options(
     target: int | str | None = None
     if target_class is not None and target_class.strip():
         text = target_class.strip()
-        target = int(text) if text.lstrip("-").isdigit() else text
+        # ASCII digits only: str.isdigit() also accepts "²" or "--5", which int() refuses
+        target = int(text) if _INTEGER.fullmatch(text) else text
         for name in chosen_models:
             _check_target(name, list(state.pairs[name].class_names), target)
     return _Options(
@@ -153,8 +157,9 @@ def _decode(data: bytes, max_pixels: int) -> tuple[np.ndarray, Any]:
         raise ApiError(422, "no_pixel_data", str(exc)) from exc
     except ImageDecodeError as exc:
         raise ApiError(422, "undecodable_image", str(exc)) from exc
-    except (ValueError, OSError, MemoryError) as exc:
-        # decoders (PIL, pydicom) raise many types on corrupt input; none of them is the server's fault
+    except Exception as exc:
+        # decoders (PIL, pydicom, their plugins) raise many types on corrupt input (ValueError, OSError,
+        # IndexError, struct.error, RuntimeError, NotImplementedError...); none of them is the server's fault
         raise ApiError(
             422, "undecodable_image", f"cannot decode image bytes: {type(exc).__name__}: {exc}"
         ) from exc
@@ -215,7 +220,7 @@ async def predict(
     target_class_query: Annotated[str | None, Query(alias="target_class", description=_TARGET_HELP)] = None,
     topk_query: Annotated[float | None, Query(alias="topk", ge=5, le=50, description=_TOPK_HELP)] = None,
     maps_query: Annotated[MapMode | None, Query(alias="maps", description=_MAPS_HELP)] = None,
-) -> PredictResponse:
+) -> Response:
     started = time.perf_counter()
     settings = state.settings
     options = _resolve_options(
@@ -233,8 +238,7 @@ async def predict(
     data = await file.read()
     if not data:
         raise ApiError(422, "empty_file", "the uploaded file is empty; send one PNG, JPEG or DICOM image")
-    image_sha256 = hashlib.sha256(data).hexdigest()
-    gray, info = await run_in_threadpool(_decode, data, settings.max_pixels)
+    image_sha256, (gray, info) = await run_in_threadpool(_hash_and_decode, data, settings.max_pixels)
     timings["decode_ms"] = _ms(t)
 
     reports: list[dict[str, Any]] = []
@@ -282,17 +286,29 @@ async def predict(
     timings["total_ms"] = _ms(started)
 
     results = [{**report, "maps": maps_by_model.get(str(report.get("model")))} for report in reports]
-    return PredictResponse.model_validate(
+    # Validating and encoding the answer (raw maps: several (S, S) float arrays per model) is CPU-bound:
+    # do it off the event loop and hand FastAPI finished JSON (non-finite floats become null).
+    body = await run_in_threadpool(
+        _render_response,
         {
             "request_id": request_id,
             "audit_record_id": appended.id,
             "audit_row_hash": appended.row_hash,
             "image": image.model_dump(),
-            "options": PredictOptions.model_validate(option_record).model_dump(),
+            "options": option_record,
             "results": results,
             "timings_ms": timings,
-        }
+        },
     )
+    return Response(content=body, media_type="application/json")
+
+
+def _render_response(content: dict[str, Any]) -> bytes:
+    return PredictResponse.model_validate(content).model_dump_json(by_alias=True).encode()
+
+
+def _hash_and_decode(data: bytes, max_pixels: int) -> tuple[str, tuple[np.ndarray, Any]]:
+    return hashlib.sha256(data).hexdigest(), _decode(data, max_pixels)
 
 
 async def _write_audit(
