@@ -27,7 +27,7 @@ class TrainConfig:
     Stage 1 (transfer): frozen backbone, its pooled features cached once, a linear head trained on them for
     ``epochs_transfer`` epochs at ``lr_transfer`` (cheap, so many epochs are affordable). Stage 2 (fine-tune):
     everything trainable, ``epochs_finetune`` epochs at ``lr_finetune`` (AdamW, linear warmup over
-    ``warmup_epochs`` then cosine decay), light augmentation. Each stage keeps the epoch with the best
+    ``warmup_epochs`` then cosine decay; the head at ``lr_finetune * head_lr_factor``), light augmentation. Each stage keeps the epoch with the best
     validation macro-F1 (ties: lower validation loss, then the earlier epoch); without a validation split it
     keeps the last epoch.
     """
@@ -44,6 +44,7 @@ class TrainConfig:
     batch_size: int = 16
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
+    head_lr_factor: float = 0.1
     label_smoothing: float = 0.0
     drop_rate: float | None = None
     seed: int = 0
@@ -66,6 +67,7 @@ class TrainConfig:
             (self.lr_finetune > 0, f"lr_finetune must be > 0, got {self.lr_finetune}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.head_lr_factor > 0, f"head_lr_factor must be > 0, got {self.head_lr_factor}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
@@ -132,6 +134,7 @@ RESUME_KEYS: tuple[str, ...] = (
     "batch_size",
     "weight_decay",
     "warmup_epochs",
+    "head_lr_factor",
     "label_smoothing",
     "drop_rate",
     "seed",

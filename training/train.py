@@ -689,11 +689,24 @@ def evaluate_split(
     return _split_metrics(logits, labels, class_names)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and normalization parameters (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _param_groups(
+    model: CxrClassifier, *, lr: float, weight_decay: float, head_lr_factor: float
+) -> list[dict[str, Any]]:
+    """No weight decay on biases and normalization parameters (1-D tensors); the head at ``lr * head_lr_factor``.
+
+    Why a smaller head LR: pooled post-ReLU features share a large positive mean, and Adam moves every head
+    weight by about ``lr`` per step in a correlated direction, so the logits swing by ~``lr * K * mean``
+    (K = 1920..2048 channels): at the backbone's LR that undoes the stage-1 head within a few steps.
+    """
+    head = {id(p) for p in model.head.parameters()}
+    groups = []
+    for in_head, factor in ((False, 1.0), (True, head_lr_factor)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head) == in_head]
+        groups.append(
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": lr * factor}
+        )
+        groups.append({"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr * factor})
+    return [g for g in groups if g["params"]]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, *, floor: float = 0.02) -> Any:
@@ -787,7 +800,15 @@ def run_stage(
         pin_memory=device.type == "cuda",
     )
     steps_per_epoch = max(1, len(loader))
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr_finetune)
+    optimizer = torch.optim.AdamW(
+        _param_groups(
+            model,
+            lr=config.lr_finetune,
+            weight_decay=config.weight_decay,
+            head_lr_factor=config.head_lr_factor,
+        ),
+        lr=config.lr_finetune,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
     )
@@ -1241,6 +1262,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-finetune", type=float, default=d.lr_finetune)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--head-lr-factor", type=float, default=d.head_lr_factor, help="stage-2 head LR / --lr-finetune"
+    )
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
@@ -1267,6 +1291,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs,
+        head_lr_factor=args.head_lr_factor,
         seed=args.seed,
         device=args.device,
         workers=args.workers,
