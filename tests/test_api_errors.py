@@ -347,6 +347,9 @@ def test_auth_disabled_on_loopback_lets_requests_through(tmp_path: Path) -> None
         ({"api_keys": ["alice:audit:xyz"]}, "64 hex digits"),
         ({"api_keys": ["a:audit:" + "0" * 64, "a:predict:" + "1" * 64]}, "appears twice"),
         ({"database_url": "mysql://x"}, "SQLite"),
+        ({"database_url": "postgresql+psycopg2://postgres@db/cxr"}, "psycopg"),
+        ({"database_url": "::not a url::"}, "cannot parse"),
+        ({"api_keys": ["a:audit:" + "0" * 64, "b:admin:" + "0" * 64]}, "same SHA-256"),
     ],
 )
 def test_settings_refuse_unsafe_values(values: dict[str, object], message: str) -> None:
@@ -356,7 +359,8 @@ def test_settings_refuse_unsafe_values(values: dict[str, object], message: str) 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     digest = "ab" * 32
-    monkeypatch.setenv("CXR_DRIFT_API_KEYS", f"ops:audit:{digest}, ml:predict:{digest.upper()}")
+    other = "cd" * 32
+    monkeypatch.setenv("CXR_DRIFT_API_KEYS", f"ops:audit:{digest}, ml:predict:{other.upper()}")
     monkeypatch.setenv("CXR_DRIFT_MAX_PIXELS", "1234")
     monkeypatch.setenv("CXR_DRIFT_BACKEND", "TORCH")
     get_settings.cache_clear()
@@ -365,7 +369,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         assert get_settings() is settings_
         assert [(k.name, k.role, k.sha256) for k in settings_.settings_keys()] == [
             ("ops", "audit", digest),
-            ("ml", "predict", digest),
+            ("ml", "predict", other),
         ]
         assert settings_.max_pixels == 1234 and settings_.backend == "torch"
         assert (settings_.host, settings_.port, settings_.auth_enabled) == ("127.0.0.1", 8000, True)

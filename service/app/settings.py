@@ -76,11 +76,19 @@ class Settings(BaseSettings):
     @classmethod
     def _check_keys(cls, value: list[str]) -> list[str]:
         names: set[str] = set()
+        digests: dict[str, str] = {}
         for entry in value:
             key = _parse_key(entry)
             if key.name in names:
                 raise ValueError(f"api_keys: the key name {key.name!r} appears twice; names must be unique")
+            if key.sha256 in digests:
+                # one secret, two entries: which name and role would a request get?
+                raise ValueError(
+                    f"api_keys: keys {digests[key.sha256]!r} and {key.name!r} have the same SHA-256; "
+                    "each key must be a different secret"
+                )
             names.add(key.name)
+            digests[key.sha256] = key.name
         return value
 
     @field_validator("max_body_bytes", "max_pixels")
@@ -115,10 +123,21 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if not value.startswith(("sqlite:", "sqlite+", "postgresql")):
+        import sqlalchemy as sa
+
+        expected = "a SQLite (sqlite:///path) or PostgreSQL (postgresql+psycopg://USER@HOST/DB) URL"
+        try:
+            url = sa.make_url(value)
+        except Exception as exc:  # sqlalchemy.exc.ArgumentError is not a ValueError
+            raise ValueError(f"database_url must be {expected}; cannot parse {value!r}") from exc
+        shown = url.render_as_string(hide_password=True)
+        backend, driver = url.get_backend_name(), url.get_driver_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"database_url must be {expected}, got {shown!r}")
+        if backend == "postgresql" and driver != "psycopg":
             raise ValueError(
-                f"database_url must be a SQLite (sqlite:///path) or PostgreSQL (postgresql+psycopg://...) "
-                f"URL, got {value!r}"
+                f"database_url: PostgreSQL is reached through psycopg 3: write 'postgresql+psycopg://...', "
+                f"got driver {driver!r} in {shown!r}"
             )
         return value
 
