@@ -596,6 +596,14 @@ def test_make_engine_configures_sqlite_for_durability(db_engine: sa.Engine) -> N
         assert (connection.exec_driver_sql("PRAGMA busy_timeout").scalar() or 0) > 0
 
 
+def test_make_engine_bounds_the_postgresql_connect_time(db_engine: sa.Engine) -> None:
+    if db_engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL connection parameters")
+    with db_engine.connect() as connection:
+        dsn = connection.connection.driver_connection.info.dsn  # type: ignore[union-attr]
+    assert "connect_timeout=10" in dsn
+
+
 def test_make_engine_refuses_unknown_urls() -> None:
     with pytest.raises(ValueError, match="psycopg"):
         make_engine("postgresql+psycopg2://u@h/db")

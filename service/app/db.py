@@ -36,6 +36,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
 # Execution option that makes a SQLite transaction start with BEGIN IMMEDIATE (takes the write lock at once).
 SQLITE_IMMEDIATE = "cxr_drift_sqlite_immediate"
 # Alembic's `context`/`op` are module-level proxies: one migration at a time per process. Between
@@ -92,7 +93,10 @@ def make_engine(url: str) -> sa.Engine:
                 f"PostgreSQL URLs must use the psycopg 3 driver ('postgresql+psycopg://...'), "
                 f"got driver {parsed.get_driver_name()!r} in {parsed.render_as_string(hide_password=True)}"
             )
-        return sa.create_engine(parsed, pool_pre_ping=True)
+        # Without a connect timeout an unreachable server (packets dropped) holds every request for the
+        # OS's TCP timeout (minutes) instead of answering 503; a timeout in the URL wins.
+        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     raise ValueError(
         f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
         "expected one of 'sqlite:///PATH' or 'postgresql+psycopg://USER@HOST/DB'"
