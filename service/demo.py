@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from service.app.settings import Settings
 
     _, artifacts, sample = prepare(args)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     database_url = f"sqlite:///{(args.dir / 'audit.db').resolve()}"
     upgrade(database_url)
     engine = make_engine(database_url)
