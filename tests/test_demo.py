@@ -1,0 +1,82 @@
+"""The one-command demo: first run builds data + a calibrated, verified model pair and a key; a second run
+reuses everything (no retraining) and prints a fresh key that the audit database accepts."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from training.cli import main as cli_main
+
+
+def _demo(tmp: Path) -> list[str]:
+    return [
+        "demo",
+        "--dir",
+        str(tmp),
+        "--n",
+        "50",
+        "--image-size",
+        "128",
+        "--archs",
+        "resnet50v2",
+        "--epochs-transfer",
+        "2",
+        "--epochs-finetune",
+        "1",
+        "--no-serve",
+    ]
+
+
+@pytest.mark.slow
+def test_demo_prepares_then_reuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.app.db import make_engine
+    from service.app.keys import authenticate
+    from service.engine.runtime import ModelPair
+
+    assert cli_main(_demo(tmp_path)) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "artifacts" / "resnet50v2"
+    pair = ModelPair.load(folder, verify=True)
+    assert pair.manifest["drift_thresholds"]["methods"].keys() == {"layercam", "gradcampp"}
+    assert (tmp_path / "sample.png").is_file()
+    key = re.search(r"API key \(role admin, shown once\):\s+(\S+)", out)
+    assert key, out
+    assert f"-F file=@{tmp_path / 'sample.png'} http://127.0.0.1:8000/predict" in out
+
+    stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
+    manifest_before = json.loads((folder / "manifest.json").read_text())
+    assert cli_main(_demo(tmp_path)) == 0
+    out2 = capsys.readouterr().out
+    assert "resnet50v2: reusing verified model pair" in out2
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()} == stamp
+    assert json.loads((folder / "manifest.json").read_text()) == manifest_before
+
+    key2 = re.search(r"API key \(role admin, shown once\):\s+(\S+)", out2)
+    assert key2 and key2.group(1) != key.group(1)
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    try:
+        for k in (key.group(1), key2.group(1)):
+            found = authenticate(engine, k)
+            assert found is not None and found.role == "admin"
+    finally:
+        engine.dispose()
+
+
+def test_a_tampered_or_uncalibrated_pair_is_not_reused(tmp_path: Path) -> None:
+    from service.demo import _pair_is_usable
+    from service.engine.calibrate import write_thresholds
+    from tests.pairs import export_small_pair
+
+    folder = export_small_pair("resnet50v2", tmp_path / "resnet50v2")
+    assert _pair_is_usable(tmp_path / "missing") == (False, "not trained yet")
+    assert _pair_is_usable(folder) == (False, "drift thresholds not calibrated")
+    write_thresholds(folder, {"methods": {}})
+    assert _pair_is_usable(folder) == (True, "ok")
+    onnx = folder / "finetuned.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-10] + b"0123456789")
+    usable, why = _pair_is_usable(folder)
+    assert not usable and "finetuned.onnx" in why
