@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "two-stage training (transfer, then fine-tuning) and export of a model pair"),
     "export": ("training.export", "export a trained model pair to the artifact folder (ONNX + manifest)"),
     "calibrate": ("service.engine.calibrate", "learn drift thresholds from a reference split and store them"),
+    "study": (
+        "service.study_cli",
+        "offline drift study over model pairs and a data split: tables, statistics, plots",
+    ),
     "serve": ("service.commands", "run the API server"),
     "demo": ("service.demo", "synthetic data + demo model pairs for all architectures, then serve"),
     "keys": ("service.commands_keys", "create, list and revoke API keys"),
