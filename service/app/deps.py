@@ -106,37 +106,57 @@ def authenticate(state: AppState, key: str) -> Principal | None:
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer, ApiKey header="X-API-Key"'}
 
 
+def check_key(state: AppState, key: str | None, allowed: frozenset[str]) -> Principal:
+    """Authenticate ``key`` and require a role in ``allowed``; raises :class:`ApiError` 401/403 otherwise."""
+    if not state.settings.auth_enabled:
+        return Principal(name=None, role="admin")
+    if not key:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing API key: send it in the X-API-Key header or as 'Authorization: Bearer <key>'",
+            headers=_UNAUTHORIZED_HEADERS,
+        )
+    principal = authenticate(state, key)
+    if principal is None:
+        raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
+    if principal.role not in allowed:
+        raise ApiError(
+            403,
+            "forbidden",
+            f"the key {principal.name!r} has role {principal.role!r}; this route needs one of "
+            f"{', '.join(sorted(allowed))}",
+            details={"role": principal.role, "allowed_roles": sorted(allowed)},
+        )
+    return principal
+
+
+def key_from_headers(x_api_key: str | None, authorization: str | None) -> str | None:
+    """The key from ``X-API-Key``, else from ``Authorization: Bearer <key>``."""
+    if x_api_key:
+        return x_api_key
+    if authorization:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    return None
+
+
+def allowed_roles(*roles: str) -> frozenset[str]:
+    return frozenset(roles) | {"admin"}
+
+
 def require_role(*roles: str) -> Callable[..., Principal]:
     """A dependency that authenticates the request and requires one of ``roles`` (``admin`` passes all)."""
-    allowed = frozenset(roles) | {"admin"}
+    allowed = allowed_roles(*roles)
 
     def dependency(
         state: StateDep,
         api_key: Annotated[str | None, Depends(_api_key_header)],
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
-        if not state.settings.auth_enabled:
-            return Principal(name=None, role="admin")
         key = api_key or (bearer.credentials if bearer is not None else None)
-        if not key:
-            raise ApiError(
-                401,
-                "unauthorized",
-                "missing API key: send it in the X-API-Key header or as 'Authorization: Bearer <key>'",
-                headers=_UNAUTHORIZED_HEADERS,
-            )
-        principal = authenticate(state, key)
-        if principal is None:
-            raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
-        if principal.role not in allowed:
-            raise ApiError(
-                403,
-                "forbidden",
-                f"the key {principal.name!r} has role {principal.role!r}; this route needs one of "
-                f"{', '.join(sorted(allowed))}",
-                details={"role": principal.role, "allowed_roles": sorted(allowed)},
-            )
-        return principal
+        return check_key(state, key, allowed)
 
     return dependency
 
