@@ -16,6 +16,7 @@ from service.engine.cams import (
     min_max,
 )
 from service.engine.reference import reference_cams, resolve_layers
+from tests.pairs import calibrate_batchnorm
 from training.models import CxrClassifier, LogitsAndFeatures
 from training.registry import build_model, get_arch, list_archs
 
@@ -33,10 +34,16 @@ def _features(model: CxrClassifier, x: torch.Tensor) -> tuple[np.ndarray, np.nda
 
 @pytest.fixture(scope="module", params=list_archs())
 def model_pair(request: pytest.FixtureRequest) -> tuple[str, CxrClassifier, CxrClassifier]:
-    """A random-init "transfer" model and a "fine-tuned" one with perturbed backbone and head."""
+    """A random-init "transfer" model and a "fine-tuned" one with perturbed backbone and head.
+
+    BatchNorm statistics are calibrated as training would: with timm's running_var = 1 the activations of a
+    random Inception-v3 reach 1e11, every GradCAM++ denominator is S g^3 and neither eps nor the second
+    min-max influences the map, so the parity check could not see errors in either.
+    """
     name = request.param
     torch.manual_seed(0)
     transfer = build_model(name, NUM_CLASSES).eval()
+    calibrate_batchnorm(transfer, size=SIZES[name])
     finetuned = copy.deepcopy(transfer)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -110,6 +117,9 @@ def _check_parity(
             if head_scale > 1.0:
                 assert np.all(fast.eps_fraction < trained.eps_fraction)
                 assert np.all(fast.eps_fraction < 0.01)  # LayerCAM-like regime
+            if head_scale == 1.0 and label == "transfer":
+                # the mixed regime, where eps, S_k and the factor 2 all shape the map, is really exercised
+                assert np.all((fast.eps_fraction > 0.05) & (fast.eps_fraction < 0.95)), fast.eps_fraction
 
 
 def test_gradcampp_formula_matches_library_weights() -> None:
@@ -169,6 +179,27 @@ def test_all_classes_equals_per_class_and_accepts_conv_weight() -> None:
             np.testing.assert_array_equal(every.maps[:, c], one.maps)
 
 
+def test_batched_maps_equal_single_image_maps_bit_for_bit() -> None:
+    """A map must not depend on how many images share its batch (nor may a large batch fail: OpenCV 5 caps
+    one resize call at 128 channels); per-map resizing is also exactly the library's call."""
+    import cv2
+
+    rng = np.random.default_rng(8)
+    feats = np.maximum(rng.normal(size=(130, 16, 3, 3)), 0).astype(np.float32)
+    weight = (rng.normal(size=(3, 16)) * 0.05).astype(np.float32)
+    classes = np.arange(130) % 3
+    for method in METHODS:
+        batched = closed_form_cams(feats, weight, classes, method=method, input_size=(17, 23))
+        assert batched.maps.shape == (130, 17, 23)
+        for i in (0, 1, 129):
+            single = closed_form_cams(
+                feats[i : i + 1], weight, classes[i : i + 1], method=method, input_size=(17, 23)
+            )
+            np.testing.assert_array_equal(batched.maps[i], single.maps[0])
+            resized = cv2.resize(batched.native[i], (23, 17))  # the library's call: dsize is (width, height)
+            np.testing.assert_array_equal(batched.maps[i], min_max(resized[None])[0])
+
+
 def test_min_max_matches_library_scaling() -> None:
     from pytorch_grad_cam.utils.image import scale_cam_image
 
@@ -185,6 +216,9 @@ def test_min_max_matches_library_scaling() -> None:
         ({"weight": np.ones((3, 7))}, r"head weight must have shape \(C, 8\).*got \(3, 7\)"),
         ({"features": np.ones((8, 3, 3))}, r"shape \(B, K, h, w\), got shape \(8, 3, 3\)"),
         ({"features": np.full((1, 8, 3, 3), np.nan)}, r"NaN"),
+        ({"features": np.full((1, 8, 3, 3), -0.5)}, r"post-ReLU \(non-negative\), got minimum -0\.5"),
+        ({"eps": -1e-6}, r"eps must be a finite number >= 0, got -1e-06"),
+        ({"input_size": 0}, r"input_size must be a positive int or \(height, width\), got 0"),
     ],
 )
 def test_malformed_inputs_raise_clear_errors(kwargs: dict[str, object], message: str) -> None:
@@ -192,7 +226,9 @@ def test_malformed_inputs_raise_clear_errors(kwargs: dict[str, object], message:
         "features": np.ones((1, 8, 3, 3)),
         "weight": np.ones((3, 8)),
         "classes": [0],
-        "method": "layercam",
+        "method": "gradcampp",
+        "eps": 1e-6,
+        "input_size": 12,
     }
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
@@ -201,7 +237,8 @@ def test_malformed_inputs_raise_clear_errors(kwargs: dict[str, object], message:
             args["weight"],  # type: ignore[arg-type]
             args["classes"],  # type: ignore[arg-type]
             method=str(args["method"]),
-            input_size=12,
+            input_size=args["input_size"],  # type: ignore[arg-type]
+            eps=args["eps"],  # type: ignore[arg-type]
         )
 
 
@@ -214,3 +251,6 @@ def test_reference_rejects_unknown_layer_and_class(
     x = torch.zeros(1, 3, 96, 96)
     with pytest.raises(ValueError, match=r"out of range; valid indices are 0\.\.3"):
         reference_cams(transfer, x, [7], method="layercam")
+    # NumPy float64 input is cast to the model's dtype instead of failing inside torch
+    ref = reference_cams(transfer, np.zeros((1, 3, 96, 96)), [1], method="layercam")
+    assert ref.maps.shape == (1, 96, 96) and ref.maps.dtype == np.float32

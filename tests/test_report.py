@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ import torch
 from PIL import Image
 
 from service.engine.calibrate import calibrate, write_thresholds
+from service.engine.cams import closed_form_cams
 from service.engine.overlay import overlay_png
-from service.engine.report import FALLBACK_THRESHOLDS, METHODS, drift_report, drift_reports
+from service.engine.report import FALLBACK_THRESHOLDS, METHODS, _method_entry, drift_report, drift_reports
 from service.engine.runtime import ArtifactError, ModelPair
 from training.export import export_pair
 from training.registry import build_model
@@ -178,6 +180,60 @@ def test_batched_reports_equal_single_reports_and_maps(pair: ModelPair) -> None:
                 cam = report.maps[method][name]
                 assert cam.shape == (SIZE, SIZE) and cam.dtype == np.float32
                 assert cam.min() >= 0.0 and cam.max() <= 1.0
+
+
+def test_batched_reports_do_not_share_mutable_blocks(pair: ModelPair) -> None:
+    first, second = drift_reports(pair, _grays(2, seed=6))
+    first.thresholds["layercam"]["high"] = 0.0  # e.g. a caller annotating one report
+    assert second.thresholds["layercam"] == FALLBACK_THRESHOLDS
+
+
+def test_flags_tell_an_all_zero_map_from_a_flat_one() -> None:
+    flat = np.ones((2, 4, 3, 3))  # spatially constant features: a constant, non-zero raw map
+    flat[1] = 0.0  # no mass at all
+    weight = np.ones((2, 4))
+    res = closed_form_cams(flat, weight, [0, 0], method="gradcampp", input_size=12)
+    healthy = closed_form_cams(
+        np.arange(36.0).reshape(1, 4, 3, 3).repeat(2, 0), weight, [0, 0], method="gradcampp", input_size=12
+    )
+    t = FALLBACK_THRESHOLDS
+    assert _method_entry(res, healthy, 0, 20.0, t)["flags"] == ["transfer_map_constant"]
+    assert _method_entry(res, healthy, 1, 20.0, t)["flags"] == ["transfer_map_all_zero"]
+    assert _method_entry(healthy, res, 0, 20.0, t)["flags"] == ["finetuned_map_constant"]
+    assert _method_entry(healthy, healthy, 0, 20.0, t)["flags"] == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"topk_percent": 0.0}, r"topk_percent must be in \(0, 100\], got 0\.0"),
+        ({"metric_size": 0}, r"metric_size must be an int >= 3.*got 0"),
+    ],
+)
+def test_bad_report_options_fail_before_the_forward(
+    pair: ModelPair, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any], message: str
+) -> None:
+    calls: list[np.ndarray] = []
+    monkeypatch.setattr(pair, "forward", calls.append)
+    with pytest.raises(ValueError, match=message):
+        drift_report(pair, _grays(1)[0], **kwargs)
+    assert calls == []
+
+
+def test_files_outside_the_hash_list_or_pre_relu_features_are_refused(pair_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(pair_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    unhashed = {**manifest, "files": {k: v for k, v in manifest["files"].items() if k != "finetuned.onnx"}}
+    (copy / "manifest.json").write_text(json.dumps(unhashed))
+    with pytest.raises(
+        ArtifactError, match=r"finetuned\.onnx \(checkpoint 'finetuned'\) is not in the manifest's"
+    ):
+        ModelPair.load(copy)
+    pre_relu = {**manifest, "features": {**manifest["features"], "post_relu": False}}
+    (copy / "manifest.json").write_text(json.dumps(pre_relu))
+    with pytest.raises(ArtifactError, match=r"features are not post-ReLU"):
+        ModelPair.load(copy)
 
 
 def test_tampered_or_missing_file_is_refused(pair_dir: Path, tmp_path: Path) -> None:

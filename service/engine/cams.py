@@ -21,6 +21,7 @@ how much of the denominator eps makes up (``eps_fraction``). NumPy and OpenCV on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,8 +44,6 @@ METHODS = ("layercam", "gradcampp")
 DEFAULT_EPS = 1e-6
 # the library's min-max denominator offset (pytorch_grad_cam.utils.image.scale_cam_image)
 _MINMAX_OFFSET = np.float32(1e-7)
-# OpenCV handles at most this many channels in one resize call
-_CV_MAX_CHANNELS = 512
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,29 @@ def _check_features(features: np.ndarray) -> np.ndarray:
         raise ValueError(f"features must have shape (B, K, h, w), got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError("features contain NaN or infinite values")
+    # The closed form assumes a post-ReLU target (no ReLU mask between A and the pool; S_k >= 0 keeps the
+    # GradCAM++ denominators positive). Pre-ReLU features would give silently wrong maps, or inf/NaN.
+    low = float(arr.min()) if arr.size else 0.0
+    if low < 0.0:
+        raise ValueError(
+            f"features must be post-ReLU (non-negative), got minimum {low:.3g}; "
+            "take the target activation after a non-inplace ReLU (DESIGN.md trap 1)"
+        )
     return arr
+
+
+def _check_eps(eps: float) -> float:
+    value = float(eps)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return value
+
+
+def _check_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    target = (size, size) if isinstance(size, int | np.integer) else tuple(size)
+    if len(target) != 2 or not all(isinstance(v, int | np.integer) and v > 0 for v in target):
+        raise ValueError(f"input_size must be a positive int or (height, width), got {size!r}")
+    return int(target[0]), int(target[1])
 
 
 def _check_weight(weight: np.ndarray, channels: int) -> np.ndarray:
@@ -148,21 +169,24 @@ def min_max(maps: np.ndarray) -> np.ndarray:
 
 
 def _resize_batch(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of (B, h, w) float32 maps to (B, H, W) with OpenCV INTER_LINEAR, as the library."""
+    """Bilinear resize of (B, h, w) float32 maps to (B, H, W) with OpenCV INTER_LINEAR, as the library.
+
+    One single-channel ``cv2.resize`` per map, exactly the library's call: OpenCV's multi-channel kernels
+    round differently (1 ulp), which made a map depend on how many images shared its batch (and flip
+    top-k ties), and OpenCV 5 caps a call at 128 channels.
+    """
     height, width = size
     out = np.empty((maps.shape[0], height, width), dtype=np.float32)
-    for start in range(0, maps.shape[0], _CV_MAX_CHANNELS):
-        chunk = np.ascontiguousarray(maps[start : start + _CV_MAX_CHANNELS].transpose(1, 2, 0))
-        resized = cv2.resize(chunk, (width, height), interpolation=cv2.INTER_LINEAR)
-        if resized.ndim == 2:
-            resized = resized[:, :, None]
-        out[start : start + chunk.shape[2]] = resized.transpose(2, 0, 1)
+    for i, m in enumerate(maps):
+        out[i] = cv2.resize(
+            np.ascontiguousarray(m, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR
+        )
     return out
 
 
 def postprocess(raw: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Library post-processing of raw ReLU'd maps (B, h, w): returns (resized maps (B, S, S), native maps)."""
-    target = (size, size) if isinstance(size, int) else size
+    target = _check_size(size)
     native = min_max(raw)
     resized = min_max(np.maximum(_resize_batch(native, target), 0.0))
     return resized, native
@@ -181,6 +205,8 @@ def closed_form_cams(
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; valid options: {', '.join(METHODS)}")
     feats = _check_features(features)
+    eps = _check_eps(eps)
+    _check_size(input_size)
     batch, channels, h, w = feats.shape
     head = _check_weight(weight, channels)
     idx = _check_classes(classes, batch, head.shape[0])

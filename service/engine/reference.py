@@ -67,6 +67,9 @@ def reference_cams(
     if method not in _CAM_CLASSES:
         raise ValueError(f"unknown CAM method {method!r}; valid options: {', '.join(_CAM_CLASSES)}")
     x = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, torch.Tensor) else inputs)
+    dtype = next(model.parameters()).dtype
+    if x.dtype != dtype:  # e.g. float64 NumPy input for a float32 model
+        x = x.to(dtype)
     if x.ndim != 4:
         raise ValueError(f"inputs must have shape (B, 3, S, S), got {tuple(x.shape)}")
     num_classes = int(model.head.out_features) if hasattr(model, "head") else None

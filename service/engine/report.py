@@ -24,6 +24,7 @@ disjoint. Severity: ``high`` if score >= thresholds["high"], ``moderate`` if >= 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -226,6 +227,10 @@ def drift_reports(
         raise ValueError(f"unknown attribution {attribution!r}; valid options: closed_form, reference")
     requested = resolve_target_class(target_class, pair.class_names)
     _check_grays(grays)
+    if not 0.0 < float(topk_percent) <= 100.0:  # fail before the forward, not after it
+        raise ValueError(f"topk_percent must be in (0, 100], got {topk_percent!r}")
+    if metric_size is not None and (isinstance(metric_size, bool) or int(metric_size) < 3):
+        raise ValueError(f"metric_size must be an int >= 3 (SSIM needs 3x3) or None, got {metric_size!r}")
     size = pair.input_size
     grid = size if metric_size is None else min(int(metric_size), size)
     timings: dict[str, float] = {}
@@ -284,7 +289,7 @@ def drift_reports(
                     "source": "finetuned_prediction" if requested is None else "requested",
                 },
                 methods=per_method,
-                thresholds=thresholds,
+                thresholds=copy.deepcopy(thresholds),  # each report owns its dicts, as a single report does
                 timings_ms={},
                 maps={m: {n: display[(m, n)][i] for n in CHECKPOINTS} for m in methods}
                 if include_maps
@@ -322,7 +327,8 @@ def _method_entry(
     score = float(np.clip(1.0 - metrics["iou"], 0.0, 1.0))
     flags: list[str] = []
     for name, res in (("transfer", transfer), ("finetuned", finetuned)):
-        kind = "all_zero" if res.all_zero[i] else next(iter(map_flags(res.maps[i])), None)
+        # a map without signal normalizes to all zeros; the raw map tells "no mass" from "flat non-zero"
+        kind = next(iter(map_flags(res.raw[i] if res.all_zero[i] else res.maps[i])), None)
         if kind:
             flags.append(f"{name}_map_{kind}")
     diagnostics: dict[str, Any] = {

@@ -88,6 +88,16 @@ def verify_files(folder: Path, manifest: Mapping[str, Any]) -> None:
             )
 
 
+def _check_closed_form_contract(manifest: Mapping[str, Any]) -> None:
+    """The closed-form CAMs assume post-ReLU features; refuse a manifest that says otherwise."""
+    features = manifest.get("features")
+    if isinstance(features, Mapping) and features.get("post_relu") is False:
+        raise ArtifactError(
+            "manifest.json: features are not post-ReLU (features.post_relu is false); the closed-form CAMs "
+            "need the target activation taken after a ReLU (DESIGN.md trap 1)"
+        )
+
+
 class ModelPair:
     """The transfer and fine-tuned checkpoints of one architecture, ready for inference."""
 
@@ -128,6 +138,7 @@ class ModelPair:
         manifest = _read_manifest(root)
         if verify:
             verify_files(root, manifest)
+        _check_closed_form_contract(manifest)
         checkpoints = manifest["checkpoints"]
         heads: dict[str, np.ndarray] = {}
         runners: dict[str, Any] = {}
@@ -137,6 +148,15 @@ class ModelPair:
                 raise ArtifactError(
                     f"manifest.json: checkpoint {name!r} needs 'safetensors' and 'onnx' entries"
                 )
+            if verify:
+                # a file the pair loads but the hash list omits would be trusted unverified
+                hashed = manifest["files"]
+                for key in ("safetensors", "onnx"):
+                    if str(entry[key]) not in hashed:
+                        raise ArtifactError(
+                            f"{entry[key]} (checkpoint {name!r}) is not in the manifest's 'files' hash list, "
+                            "so it cannot be verified"
+                        )
             weights_path = root / str(entry["safetensors"])
             heads[name] = _head_weight(weights_path, manifest)
             if backend == "onnx":
