@@ -154,6 +154,16 @@ def test_translated_blob_gives_expected_shifts() -> None:
     assert m.centroid(p) == pytest.approx((20.0, 24.0), abs=1e-6)
 
 
+def test_peak_ignores_zero_valued_ties() -> None:
+    """Fewer non-zero pixels than the top 1%: the zero ties (lowest flat index first) are not the peak."""
+    sparse_map = np.zeros((30, 30))  # top 1% = 9 pixels, only 2 carry mass
+    sparse_map[20, 24], sparse_map[22, 24] = 1.0, 0.5
+    assert m.peak_location(sparse_map) == (21.5, 24.5)
+    assert m.peak_shift(sparse_map, sparse_map[::-1, ::-1].copy()) == pytest.approx(
+        math.hypot(13, 19) / math.hypot(30, 30)
+    )
+
+
 def test_zone_shift_hand_worked_and_lung_mask() -> None:
     upper_left = np.zeros((30, 20))
     upper_left[:10, :10] = 1.0

@@ -112,9 +112,16 @@ def test_fast_report_equals_pytorch_grad_cam_report(pair_dir: Path, pair: ModelP
     """End-to-end parity: ONNX + closed-form CAMs vs torch + pytorch-grad-cam give the same report."""
     torch_pair = ModelPair.load(pair_dir, backend="torch")
     gray = _grays(1, seed=3)[0]
-    fast = drift_report(pair, gray).to_dict()
-    slow = drift_report(torch_pair, gray, attribution="reference").to_dict()
+    fast_report = drift_report(pair, gray, include_maps=True)
+    slow_report = drift_report(torch_pair, gray, attribution="reference", include_maps=True)
+    assert fast_report.maps is not None and slow_report.maps is not None
+    for method in METHODS:
+        for name in ("transfer", "finetuned"):  # the displayed maps are the library's, to 1e-3
+            diff = np.abs(fast_report.maps[method][name] - slow_report.maps[method][name]).max()
+            assert diff <= 1e-3, (method, name, diff)
+    fast, slow = fast_report.to_dict(), slow_report.to_dict()
     assert fast["target_class"] == slow["target_class"]
+    assert fast["agreement"] == slow["agreement"]
     for method in METHODS:
         a, b = fast["methods"][method]["metrics"], slow["methods"][method]["metrics"]
         for key in a:

@@ -249,6 +249,8 @@ def _peak_from_sorted(s: _Sorted, percent: float) -> tuple[float, float]:
     if s.values[s.order[0]] == 0.0:
         return s.shape[0] / 2.0, s.shape[1] / 2.0
     top = s.order[: _topk_count(s.values.size, percent)]
+    # only pixels that carry mass: zero-valued ties (picked by flat index) would drag the peak to the top-left
+    top = top[s.values[top] > 0.0]
     rows, cols = np.divmod(top, s.shape[1])
     return float(rows.mean()) + 0.5, float(cols.mean()) + 0.5
 
@@ -256,7 +258,8 @@ def _peak_from_sorted(s: _Sorted, percent: float) -> tuple[float, float]:
 def peak_location(m: Any, *, percent: float = PEAK_PERCENT) -> tuple[float, float]:
     """Robust peak: unweighted mean pixel-centre position of the top ``percent`` % pixels (row, col).
 
-    A map with no mass gives the image centre.
+    Only pixels with a positive value count (a map with fewer non-zero pixels than the top ``percent`` %
+    uses those). A map with no mass gives the image centre.
     """
     a = _non_negative(_as_map(m, "map"), "map")
     return _peak_from_sorted(_Sorted.of(a), percent)
