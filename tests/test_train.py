@@ -6,6 +6,7 @@ full pipeline on a registry architecture is marked slow.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import itertools
@@ -30,6 +31,7 @@ from training.train import (
     HeadFit,
     _Indexed,
     _shard_loader,
+    configure_parser,
     evaluate,
     extract_features,
     fit_head,
@@ -224,6 +226,41 @@ def test_finetune_learns_and_resume_is_bit_identical(tmp_path: Path) -> None:
         assert torch.equal(v, resumed_model.state_dict()[k]), k
 
 
+def _bn_stats(model: CxrClassifier) -> tuple[torch.Tensor, torch.Tensor]:
+    return _buffer(model, "running_mean").clone(), _buffer(model, "running_var").clone()
+
+
+@pytest.mark.parametrize("precise", [True, False])
+def test_finetune_precise_batchnorm_matches_a_fresh_recomputation(tmp_path: Path, precise: bool) -> None:
+    """With precise BN the statistics the stage ends with (and evaluates with) are those of the final weights
+    on the unaugmented train split; without it, train mode's lagging running averages are not."""
+    config = small_config(tmp_path, epochs_finetune=2, precise_bn_images=10_000 if precise else 0)
+    train, val = tensor_data(seed=0), tensor_data(n=12, seed=1)
+    plain = tensor_data(seed=0)  # what bn_set is in train_pair: the same images, no augmentation
+    model = tiny_model()
+    run_stage(
+        model, train_set=train, val_set=val, config=config, class_names=["a", "b", "c"],
+        device=torch.device("cpu"), ctx=DistContext(), bn_set=plain,
+    )  # fmt: skip
+    fresh = copy.deepcopy(model)
+    recalibrate_batchnorm(
+        fresh.backbone,
+        DataLoader(plain, batch_size=config.batch_size),
+        device=torch.device("cpu"),
+        ctx=DistContext(),
+    )
+    (mean, var), (fresh_mean, fresh_var) = _bn_stats(model), _bn_stats(fresh)
+    loader = DataLoader(val, batch_size=8)
+    logits, _, _ = evaluate(model, loader, device=torch.device("cpu"))
+    fresh_logits, _, _ = evaluate(fresh, loader, device=torch.device("cpu"))
+    if precise:
+        torch.testing.assert_close(mean, fresh_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var, fresh_var, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(logits, fresh_logits, rtol=1e-4, atol=1e-4)
+    else:
+        assert not torch.allclose(mean, fresh_mean, rtol=1e-3, atol=1e-3)
+
+
 def test_warmup_cosine_schedule() -> None:
     f = warmup_cosine(100, 10, floor=0.0)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
@@ -257,12 +294,34 @@ def test_config_round_trip_and_resume_differences(tmp_path: Path) -> None:
     assert config_differences(config, changed) == {"lr_finetune": (config.lr_finetune, 1.0)}
 
 
+def test_config_stage2_defaults_follow_pretrained(tmp_path: Path) -> None:
+    """From a random init stage 2 trains from scratch (higher LR, no augmentation); explicit values win; the
+    resolved values are what config.json stores, so --resume compares like with like."""
+    base = {"arch": "resnet50v2", "data": "d", "out": "o"}
+    scratch = TrainConfig(**base, pretrained="none")  # type: ignore[arg-type]
+    assert (scratch.lr_finetune, scratch.augment) == (1e-3, False)
+    pretrained = TrainConfig(**base, pretrained="imagenet")  # type: ignore[arg-type]
+    assert (pretrained.lr_finetune, pretrained.augment) == (3e-4, True)
+    explicit = TrainConfig(**base, pretrained="none", lr_finetune=5e-4, augment=True)  # type: ignore[arg-type]
+    assert (explicit.lr_finetune, explicit.augment) == (5e-4, True)
+    assert TrainConfig.load(scratch.save(tmp_path / "config.json")) == scratch
+    assert scratch.precise_bn_images > 0
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args(["--arch", "resnet50v2", "--data", "d", "--out", "o"])
+    assert args.lr_finetune is None and args.augment is None  # resolved by TrainConfig
+    assert parser.parse_args(["--arch", "a", "--data", "d", "--out", "o", "--augment"]).augment is True
+    assert parser.parse_args(["--arch", "a", "--data", "d", "--out", "o", "--no-augment"]).augment is False
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
         ("batch_size", 0, "batch_size"),
         ("device", "tpu", "valid options: auto, cpu, cuda"),
         ("limit", 0, "limit"),
+        ("precise_bn_images", -1, "precise_bn_images"),
+        ("lr_finetune", 0.0, "lr_finetune"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path: Path, field: str, value: object, message: str) -> None:

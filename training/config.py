@@ -18,6 +18,8 @@ __all__ = ["RESUME_KEYS", "TrainConfig", "config_differences"]
 PRETRAINED_CHOICES = ("imagenet", "none")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ON_ERROR_CHOICES = ("skip", "fail")
+LR_FINETUNE_PRETRAINED = 3e-4  # stage-2 default from ImageNet (or other) weights
+LR_FINETUNE_SCRATCH = 1e-3  # stage-2 default from a random init (--pretrained none)
 
 
 @dataclass(frozen=True)
@@ -27,9 +29,15 @@ class TrainConfig:
     Stage 1 (transfer): frozen backbone, its pooled features cached once, a linear head trained on them for
     ``epochs_transfer`` epochs at ``lr_transfer`` (cheap, so many epochs are affordable). Stage 2 (fine-tune):
     everything trainable, ``epochs_finetune`` epochs at ``lr_finetune`` (AdamW, linear warmup over
-    ``warmup_epochs`` then cosine decay; the head at ``lr_finetune * head_lr_factor``), light augmentation. Each stage keeps the epoch with the best
-    validation macro-F1 (ties: lower validation loss, then the earlier epoch); without a validation split it
-    keeps the last epoch.
+    ``warmup_epochs`` then cosine decay; the head at ``lr_finetune * head_lr_factor``), light augmentation
+    (``augment``), BatchNorm statistics recomputed on ``precise_bn_images`` unaugmented train images after
+    every epoch (0: off). Each stage keeps the epoch with the best validation macro-F1 (ties: lower validation
+    loss, then the earlier epoch); without a validation split it keeps the last epoch.
+
+    ``lr_finetune`` and ``augment`` default by ``pretrained`` (``None`` = resolve at construction): from
+    pretrained weights 3e-4 with augmentation (fine-tuning proper); from a random init (``"none"``) stage 2
+    is training from scratch: 1e-3, no augmentation (a random backbone's features are so sensitive to it that
+    a few hundred images and a few epochs never recover; measured on the synthetic set, see the train module).
     """
 
     arch: str
@@ -40,7 +48,7 @@ class TrainConfig:
     epochs_transfer: int = 30
     epochs_finetune: int = 4
     lr_transfer: float = 3e-3
-    lr_finetune: float = 3e-4
+    lr_finetune: float | None = None
     batch_size: int = 16
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
@@ -55,21 +63,33 @@ class TrainConfig:
     resume: bool = False
     export: bool = True
     progress: bool = True
-    augment: bool = True
+    augment: bool | None = None
+    precise_bn_images: int = 256
     val_fraction: float = 0.15
     test_fraction: float = 0.15
 
     def __post_init__(self) -> None:
+        scratch = str(self.pretrained).strip().lower() == "none"
+        if self.lr_finetune is None:
+            object.__setattr__(
+                self, "lr_finetune", LR_FINETUNE_SCRATCH if scratch else LR_FINETUNE_PRETRAINED
+            )
+        if self.augment is None:
+            object.__setattr__(self, "augment", not scratch)
         checks: list[tuple[bool, str]] = [
             (self.epochs_transfer >= 0, f"epochs_transfer must be >= 0, got {self.epochs_transfer}"),
             (self.epochs_finetune >= 0, f"epochs_finetune must be >= 0, got {self.epochs_finetune}"),
             (self.lr_transfer > 0, f"lr_transfer must be > 0, got {self.lr_transfer}"),
-            (self.lr_finetune > 0, f"lr_finetune must be > 0, got {self.lr_finetune}"),
+            (
+                self.lr_finetune is not None and self.lr_finetune > 0,
+                f"lr_finetune must be > 0, got {self.lr_finetune}",
+            ),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.head_lr_factor > 0, f"head_lr_factor must be > 0, got {self.head_lr_factor}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.precise_bn_images >= 0, f"precise_bn_images must be >= 0, got {self.precise_bn_images}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1 per split, got {self.limit}"),
             (
@@ -141,6 +161,7 @@ RESUME_KEYS: tuple[str, ...] = (
     "on_error",
     "limit",
     "augment",
+    "precise_bn_images",
     "val_fraction",
     "test_fraction",
 )

@@ -6,7 +6,16 @@ cheap epochs. The head is trained on standardized features, ``z = (f - mu) / sig
 train split), and folded back into ``head`` afterwards (``W = W' / sigma``, ``b = b' - W' (mu / sigma)``),
 which is exact at inference and makes one learning rate work whatever the feature scale of the backbone
 (ImageNet or random init). Stage 2, fine-tuning: everything unfrozen from the stage-1 weights, AdamW with
-linear warmup then cosine decay at a lower learning rate, light augmentation, bf16 autocast on CUDA.
+linear warmup then cosine decay, bf16 autocast on CUDA; after every epoch the BatchNorm running statistics
+are recomputed on unaugmented train images with the epoch's final weights ("precise BN"), so validation,
+selection and the saved checkpoint use statistics that belong to the weights.
+
+From a random init (``--pretrained none``, the offline demo) stage 2 is training from scratch, and its
+defaults differ (see :class:`training.config.TrainConfig`): LR 1e-3 instead of 3e-4 and no augmentation.
+Measured on 600 synthetic radiographs (420 train, 160 px, ResNet50V2 at 128 px, 4 epochs, 2 CPU cores):
+the old recipe (3e-4, augmentation, train-mode running statistics) collapsed to chance (val accuracy
+0.20-0.25); LR 1e-3 without augmentation and with precise BN reached val accuracy 0.34 -> 0.50 -> 0.63 ->
+0.62 over the 4 epochs, test accuracy 0.54 against 0.34 for the transfer checkpoint.
 
 Model selection: each stage keeps the epoch with the best validation macro-F1 (ties: lower validation loss,
 then the earlier epoch); without a validation split it keeps the last epoch.
@@ -425,7 +434,7 @@ def recalibrate_batchnorm(
         m.momentum = momentum
     backbone.train(was_training)
     ctx.average_buffers(backbone)
-    log.info("recalibrated %d BatchNorm layers of the randomly initialized backbone", len(norms))
+    log.debug("recalibrated %d BatchNorm layers", len(norms))
     return len(norms)
 
 
@@ -762,11 +771,18 @@ def run_stage(
     ctx: DistContext,
     state: dict[str, Any] | None = None,
     on_epoch: Any = None,
+    bn_set: _Indexed | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Stage 2: fine-tune every layer; returns the selected weights (CPU state dict) and the stage record.
 
     ``state`` (from ``finetune_state.pt``) continues an interrupted stage; ``on_epoch(state)`` is called by
     every rank after each epoch with what a later resume needs.
+
+    Precise BatchNorm (``config.precise_bn_images`` > 0): after every epoch the backbone's BatchNorm running
+    statistics are recomputed as a plain average over that many images of ``bn_set`` (default
+    ``train_set``; pass the unaugmented train split), with the epoch's final weights. The running averages
+    that train mode keeps (momentum 0.1, batches of a few images, weights that moved under them) lag behind
+    the weights; evaluating, selecting and saving with them scores a network that does not exist.
     """
     from torch.utils.data.distributed import DistributedSampler
 
@@ -799,7 +815,14 @@ def run_stage(
         drop_last=per_rank % config.batch_size == 1 and per_rank > 1,  # no 1-sample BatchNorm batch
         pin_memory=device.type == "cuda",
     )
+    bn_loader = _shard_loader(
+        bn_set if bn_set is not None else train_set,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        ctx=ctx,
+    )
     steps_per_epoch = max(1, len(loader))
+    assert config.lr_finetune is not None  # resolved by TrainConfig
     optimizer = torch.optim.AdamW(
         _param_groups(
             model,
@@ -846,6 +869,16 @@ def run_stage(
             desc=f"fine-tune {epoch + 1}/{epochs}",
         )
         ctx.average_buffers(model)
+        if config.precise_bn_images > 0:
+            recalibrate_batchnorm(
+                model.backbone,
+                bn_loader,
+                device=device,
+                ctx=ctx,
+                max_batches=max(
+                    1, math.ceil(config.precise_bn_images / (config.batch_size * ctx.world_size))
+                ),
+            )
         gathered = ctx.all_gather({"rank": ctx.rank, "samples": stats.samples, "indices": stats.indices})
         if epoch == start:
             shards = gathered
@@ -1048,7 +1081,7 @@ def _train_pair(config: TrainConfig, ctx: DistContext) -> Path:
 
     best_state, record = run_stage(
         model, train_set=train_aug, val_set=datasets["val"], config=config, class_names=data.class_names,
-        device=device, ctx=ctx, state=finetune_state, on_epoch=save_finetune_state,
+        device=device, ctx=ctx, state=finetune_state, on_epoch=save_finetune_state, bn_set=train_plain,
     )  # fmt: skip
     model.load_state_dict(best_state)
     finetuned = {
@@ -1131,6 +1164,7 @@ def _run_transfer(
             max_batches=max(1, 256 // (config.batch_size * ctx.world_size)),
             progress=config.progress,
         )
+        log.info("recalibrated the BatchNorm statistics of the randomly initialized backbone")
     model.freeze_backbone(True)
     model.eval()
     features_path = train_dir / TRANSFER_FEATURES
@@ -1218,7 +1252,7 @@ def _load_json(path: Path) -> dict[str, Any]:
 
 def _training_summary(config: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     keys = ("epochs_transfer", "epochs_finetune", "lr_transfer", "lr_finetune", "batch_size", "weight_decay",
-            "pretrained", "seed", "augment", "label_smoothing", "limit")  # fmt: skip
+            "pretrained", "seed", "augment", "precise_bn_images", "label_smoothing", "limit")  # fmt: skip
     return {
         **{k: getattr(config, k) for k in keys},
         "selection": "best validation macro-F1 per stage (ties: lower val loss, then earlier epoch)",
@@ -1259,7 +1293,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs-finetune", type=int, default=d.epochs_finetune)
     p.add_argument("--lr-transfer", type=float, default=d.lr_transfer)
-    p.add_argument("--lr-finetune", type=float, default=d.lr_finetune)
+    p.add_argument(
+        "--lr-finetune",
+        type=float,
+        default=None,
+        help="stage-2 LR (default: 3e-4 from pretrained weights, 1e-3 with --pretrained none)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument(
@@ -1271,7 +1310,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     p.add_argument("--on-error", choices=("skip", "fail"), default=d.on_error, help="unreadable images")
     p.add_argument("--limit", type=int, default=None, help="at most N images per split (quick runs)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="no augmentation in stage 2")
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="light augmentation in stage 2 (default: on from pretrained weights, off with --pretrained none)",
+    )
+    p.add_argument(
+        "--precise-bn-images",
+        type=int,
+        default=d.precise_bn_images,
+        help="recompute BatchNorm statistics on N unaugmented train images after each fine-tune epoch (0: off)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip ONNX export and manifest")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -1298,6 +1348,7 @@ def run(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         limit=args.limit,
         augment=args.augment,
+        precise_bn_images=args.precise_bn_images,
         resume=args.resume,
         export=args.export,
         progress=args.progress,
