@@ -376,7 +376,15 @@ def emd(p_native: Any, q_native: Any) -> float:
     indptr = np.r_[0, np.cumsum(keep.reshape(-1, 2).sum(axis=1))]
     a_eq = sparse.csc_array((np.ones(int(keep.sum())), row_idx[keep], indptr), shape=(ns + nd - 1, ns * nd))
     b_eq = np.r_[supply, demand[:-1]]
-    res = optimize.linprog(cost.ravel(), A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs")
+    res = optimize.linprog(
+        cost.ravel(),
+        A_eq=a_eq,
+        b_eq=b_eq,
+        bounds=(0, None),
+        method="highs",
+        # the default 1e-7 tolerances leave the optimum ~1e-7 off (and EMD(p, q) != EMD(q, p) by as much)
+        options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10},
+    )
     if res.status != 0:
         raise RuntimeError(f"EMD linear program did not solve: {res.message}")
     return float(np.clip(res.fun / math.sqrt(2.0), 0.0, 1.0))
