@@ -219,6 +219,10 @@ class _OnnxRunner:
         if not path.is_file():
             raise ArtifactError(f"{path.name} is missing from {path.parent}")
         options = ort.SessionOptions()
+        # Idle intra-op threads must not spin: on a small CPU a spinning worker steals the core that the CAM
+        # and metric work (and the other checkpoint's session) needs. Measured on 2 cores, ResNet50V2 at
+        # 224 px: one forward 170 ms with spinning, 85-105 ms without (bench/drift_engine.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
