@@ -132,13 +132,13 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
         thresholds = _calibrate(folder, data)
         manifest = json.loads((folder / "manifest.json").read_text())
         accs = {
-            name: manifest["checkpoints"][name]["metrics"].get("accuracy")
+            name: float(manifest["checkpoints"][name]["metrics"].get("accuracy", float("nan")))
             for name in ("transfer", "finetuned")
         }
         print(
             f"[demo] {arch}: done in {time.perf_counter() - started:.0f} s; test accuracy "
-            f"transfer {accs['transfer']}, fine-tuned {accs['finetuned']}; drift thresholds from "
-            f"{thresholds['n']} validation images",
+            f"transfer {accs['transfer']:.3f}, fine-tuned {accs['finetuned']:.3f}; drift thresholds from "
+            f"{thresholds['n']} validation images ({thresholds['subset']})",
             flush=True,
         )
 
