@@ -93,6 +93,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     from training.synth import generate_dataset
     from training.train import train_pair
 
+    archs = _archs(args.archs)  # an unknown name fails here, before any work
     root: Path = args.dir
     data = root / "data"
     artifacts = root / "artifacts"
@@ -103,7 +104,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     else:
         print(f"[demo] reusing synthetic data in {data}", flush=True)
 
-    for arch in _archs(args.archs):
+    for arch in archs:
         folder = artifacts / arch
         usable, why = (False, "--retrain") if args.retrain else _pair_is_usable(folder)
         if usable:

@@ -75,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not debug:  # Alembic announces each of its plugins at INFO; its migration lines stay
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
         parser = _build_parser(selected)
         try:

@@ -29,7 +29,7 @@ SUPPORTED_SCHEMA = 1
 _REQUIRED_KEYS = ("schema_version", "architecture", "class_names", "input_size", "mean", "std", "checkpoints")
 
 
-class ArtifactError(Exception):
+class ArtifactError(ValueError):
     """The model-pair folder is missing, incomplete, altered or inconsistent; the message names what."""
 
 
