@@ -172,3 +172,35 @@ def test_other_architectures_export(arch: str, tmp_path: Path) -> None:
     for name in ("transfer", "finetuned"):
         parity = manifest["checkpoints"][name]["onnx_parity"]
         assert parity["logits_max_abs_diff"] <= max(1e-4, 4 * parity["torch_float32_logits_error"])
+
+
+def test_parity_on_sample_images(tmp_path: Path) -> None:
+    from training.preprocess import preprocess
+
+    transfer, finetuned = make_pair("densenet201")
+    spec = get_arch("densenet201")
+    rng = np.random.default_rng(0)
+    images = np.stack(
+        [preprocess(rng.random((80, 80)), input_size=64, mean=spec.mean, std=spec.std) for _ in range(2)]
+    )
+    folder = export_pair(
+        transfer,
+        finetuned,
+        out_dir=tmp_path / "p",
+        class_names=CLASS_NAMES,
+        input_size=64,
+        sample_inputs=images,
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["checkpoints"]["transfer"]["onnx_parity"]["inputs"] == "sample images"
+    with pytest.raises(
+        ExportError, match=r"sample_inputs must have shape \(B, 3, 64, 64\), got \(2, 3, 32, 32\)"
+    ):
+        export_pair(
+            transfer,
+            finetuned,
+            out_dir=tmp_path / "q",
+            class_names=CLASS_NAMES,
+            input_size=64,
+            sample_inputs=images[:, :, :32, :32],
+        )

@@ -291,6 +291,15 @@ def load_data(config: TrainConfig) -> TrainData:
     )
 
 
+def _parity_inputs(data: TrainData, *, spec: ArchSpec, input_size: int, count: int = 4) -> np.ndarray | None:
+    """A few preprocessed validation (else test, else train) images for the export's ONNX parity check."""
+    samples = next((data.splits[s] for s in ("val", "test", "train") if data.splits.get(s)), [])[:count]
+    if not samples:
+        return None
+    dataset = make_dataset(samples, spec=spec, input_size=input_size, augment=False)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]).numpy()
+
+
 def make_dataset(samples: Sequence[Any], *, spec: ArchSpec, input_size: int, augment: bool) -> _Indexed:
     from training.data import ImageDataset
 
@@ -1135,6 +1144,7 @@ def _train_pair(config: TrainConfig, ctx: DistContext) -> Path:
                 },
                 dataset={"fingerprint": data.fingerprint, "source": data.source, "counts": data.counts},
                 training=_training_summary(config, metrics),
+                sample_inputs=_parity_inputs(data, spec=spec, input_size=input_size),
             )
         _log_summary(spec.name, metrics)
     ctx.barrier()
