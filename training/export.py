@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import hashlib
 import json
 import logging
 import warnings
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.engine.runtime import sha256_file  # the service verifies with this very function
 from training.models import CxrClassifier, LogitsAndFeatures
 from training.registry import get_arch
 
@@ -49,14 +49,6 @@ OPSET = 17
 
 class ExportError(RuntimeError):
     """The export could not produce a valid artifact (e.g. ONNX Runtime disagrees with torch)."""
-
-
-def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _package_version() -> str:
