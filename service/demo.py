@@ -59,36 +59,23 @@ def _archs(choice: str) -> list[str]:
 
 
 def _pair_is_usable(folder: Path) -> tuple[bool, str]:
-    from service.engine.runtime import ArtifactError, ModelPair
+    from service.engine.runtime import read_manifest, verify_files
 
     if not (folder / "manifest.json").is_file():
         return False, "not trained yet"
     try:
-        pair = ModelPair.load(folder, verify=True)
-    except (ArtifactError, ValueError, OSError) as exc:
+        manifest = read_manifest(folder)
+        verify_files(folder, manifest)
+    except (ValueError, OSError) as exc:  # ArtifactError is a ValueError
         return False, str(exc)
-    if not pair.manifest.get("drift_thresholds"):
+    if not manifest.get("drift_thresholds"):
         return False, "drift thresholds not calibrated"
     return True, "ok"
 
 
-def _calibrate(folder: Path, data: Path) -> dict[str, Any]:
-    from service.engine.calibrate import calibrate, write_thresholds
-    from service.engine.runtime import ModelPair
-    from training.data import load_index
-    from training.imageio import read_image
-
-    pair = ModelPair.load(folder)
-    index = load_index(data, class_names=pair.class_names)
-    samples = index.split("val")
-    grays = [read_image(s.path) for s in samples]
-    thresholds = calibrate(pair, grays, [s.label for s in samples])
-    write_thresholds(folder, thresholds)
-    return thresholds
-
-
 def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """Make sure data, trained and calibrated pairs exist under ``args.dir``; return (data, artifacts, sample)."""
+    from service.engine.calibrate import calibrate_folder
     from training.config import TrainConfig
     from training.synth import generate_dataset
     from training.train import train_pair
@@ -130,7 +117,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
             **overrides,
         )
         train_pair(config)
-        thresholds = _calibrate(folder, data)
+        thresholds = calibrate_folder(folder, data, split="val")
         manifest = json.loads((folder / "manifest.json").read_text())
         accs = {
             name: float(manifest["checkpoints"][name]["metrics"].get("accuracy", float("nan")))

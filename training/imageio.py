@@ -368,23 +368,14 @@ def _ensure_transfer_syntax(ds: Any) -> None:
 
 
 def _dicom_first_frame(ds: Any, *, frames: int) -> np.ndarray:
-    try:
-        from pydicom.pixels import pixel_array  # pydicom >= 3: decodes only the requested frame
-    except ImportError:  # pragma: no cover - pydicom 2.x
-        arr = np.asarray(ds.pixel_array)
-        return arr[0] if frames > 1 else arr
+    from pydicom.pixels import pixel_array  # decodes only the requested frame
+
     return np.asarray(pixel_array(ds, index=0 if frames > 1 else None))
 
 
 def _dicom_grayscale(arr: np.ndarray, ds: Any, *, name: str | None) -> np.ndarray:
     """Modality LUT, then VOI LUT / window / min-max, to [0, 1] (before any MONOCHROME1 inversion)."""
-    try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:  # pragma: no cover - pydicom 2.x
-        from pydicom.pixel_data_handlers.util import (  # type: ignore[no-redef]
-            apply_modality_lut,
-            apply_voi_lut,
-        )
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.app.deps import allowed_roles, check_key, key_from_headers
+from service.app.deps import AUTHENTICATED_STATE_KEY, allowed_roles, check_key, key_from_headers
 from service.app.errors import ApiError, error_json
 
 __all__ = ["UPLOAD_ROUTES", "UploadAuthMiddleware"]
@@ -40,9 +40,11 @@ class UploadAuthMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         key = key_from_headers(headers.get("x-api-key"), headers.get("authorization"))
         try:
-            await run_in_threadpool(check_key, cxr, key, allowed)
+            principal = await run_in_threadpool(check_key, cxr, key, allowed)
         except ApiError as exc:
             response = error_json(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
             await response(scope, receive, send)
             return
+        # the route's dependency takes it from here instead of looking the key up a second time
+        scope.setdefault("state", {})[AUTHENTICATED_STATE_KEY] = principal
         await self.app(scope, receive, send)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "configure_parser", "run", "write_thresholds"]
+__all__ = ["calibrate", "calibrate_folder", "configure_parser", "run", "write_thresholds"]
 
 MODERATE_PERCENTILE = 90.0
 HIGH_PERCENTILE = 99.0
@@ -138,28 +138,52 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
 
-def run(args: argparse.Namespace) -> int:
+def calibrate_folder(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    split: str = "val",
+    limit: int | None = None,
+    topk_percent: float = 20.0,
+    batch_size: int = 8,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Calibrate the pair in ``model_dir`` on ``split`` of ``data`` and store the thresholds in its manifest."""
     from service.engine.runtime import ModelPair
     from training.data import assign_splits, load_index
     from training.imageio import read_image
 
-    pair = ModelPair.load(args.model_dir, threads=args.threads)
-    index = load_index(args.data, class_names=pair.class_names)
+    pair = ModelPair.load(model_dir, threads=threads)
+    index = load_index(Path(data), class_names=pair.class_names)
     if not index.has_splits:
-        log.info("%s has no split information: assigning the default stratified split", args.data)
+        log.info("%s has no split information: assigning the default stratified split", data)
         index = assign_splits(index)
-    samples = index.split(args.split)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        samples = samples[: args.limit]
+    samples = index.split(split)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        samples = samples[:limit]
     if not samples:
-        raise ValueError(f"split {args.split!r} of {args.data} has no images")
+        raise ValueError(f"split {split!r} of {data} has no images")
     grays = [read_image(s.path) for s in samples]
     thresholds = calibrate(
-        pair, grays, [s.label for s in samples], topk_percent=args.topk, batch_size=args.batch_size
+        pair, grays, [s.label for s in samples], topk_percent=topk_percent, batch_size=batch_size
     )
-    path = write_thresholds(args.model_dir, thresholds)
+    write_thresholds(model_dir, thresholds)
+    return thresholds
+
+
+def run(args: argparse.Namespace) -> int:
+    thresholds = calibrate_folder(
+        args.model_dir,
+        args.data,
+        split=args.split,
+        limit=args.limit,
+        topk_percent=args.topk,
+        batch_size=args.batch_size,
+        threads=args.threads,
+    )
+    path = Path(args.model_dir) / "manifest.json"
     print(f"wrote drift thresholds ({thresholds['subset']}, n={thresholds['n']}) to {path}")
     for method, entry in thresholds["methods"].items():
         print(f"  {method}: moderate >= {entry['moderate']:.3f}, high >= {entry['high']:.3f}")

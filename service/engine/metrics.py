@@ -27,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_K_GRID",
+    "SCALAR_METRICS",
     "centroid",
     "centroid_shift",
     "compare_maps",
@@ -475,6 +476,23 @@ def map_flags(m: Any) -> list[str]:
     if not a.any():
         return ["all_zero"]
     return ["constant"] if np.ptp(a) == 0.0 else []
+
+
+# The float entries of compare_maps() (it also returns "iou_k"), in the order of DESIGN.md section 4.
+SCALAR_METRICS: tuple[str, ...] = (
+    "iou",
+    "dice",
+    "soft_iou",
+    "pearson",
+    "spearman",
+    "ssim",
+    "centroid_shift",
+    "peak_shift",
+    "zone_shift",
+    "emd",
+    "entropy_change",
+    "gini_change",
+)
 
 
 def compare_maps(

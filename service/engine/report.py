@@ -216,7 +216,7 @@ def drift_reports(
     ``attribution="reference"`` computes the maps with pytorch-grad-cam instead (needs a pair loaded with
     ``backend="torch"``): the slow path, for checks and benchmarks. Timings are per image (batch / B).
     """
-    from training.preprocess import preprocess
+    from training.preprocess import preprocess_batch
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -236,7 +236,7 @@ def drift_reports(
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    batch = np.stack([preprocess(g, input_size=size, mean=pair.mean, std=pair.std) for g in grays])
+    batch = preprocess_batch(grays, input_size=size, mean=pair.mean, std=pair.std)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -21,7 +21,16 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "CHECKPOINTS", "ArtifactError", "Forward", "ModelPair", "sha256_file"]
+__all__ = [
+    "BACKENDS",
+    "CHECKPOINTS",
+    "ArtifactError",
+    "Forward",
+    "ModelPair",
+    "read_manifest",
+    "sha256_file",
+    "verify_files",
+]
 
 CHECKPOINTS = ("transfer", "finetuned")
 BACKENDS = ("onnx", "torch")
@@ -49,7 +58,8 @@ def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """``folder/manifest.json``, checked for the keys and schema version the service needs."""
     path = folder / "manifest.json"
     if not folder.is_dir():
         raise ArtifactError(f"model folder {str(folder)!r} does not exist or is not a folder")
@@ -135,7 +145,7 @@ class ModelPair:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid options: {', '.join(BACKENDS)}")
         root = Path(folder)
-        manifest = _read_manifest(root)
+        manifest = read_manifest(root)
         if verify:
             verify_files(root, manifest)
         _check_closed_form_contract(manifest)

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from service.engine.metrics import SCALAR_METRICS
+
 __all__ = [
     "DEFAULT_STUDY_METRICS",
     "LESION_COLUMNS",
@@ -48,21 +50,7 @@ __all__ = [
 ]
 
 # The drift report's scalar metrics (service.engine.metrics.compare_maps) and the drift score.
-DEFAULT_STUDY_METRICS: tuple[str, ...] = (
-    "iou",
-    "dice",
-    "soft_iou",
-    "pearson",
-    "spearman",
-    "ssim",
-    "centroid_shift",
-    "peak_shift",
-    "zone_shift",
-    "emd",
-    "entropy_change",
-    "gini_change",
-    "drift_score",
-)
+DEFAULT_STUDY_METRICS: tuple[str, ...] = (*SCALAR_METRICS, "drift_score")
 # Evidence on the lesion, per checkpoint, and the change fine-tuning made (synthetic data only).
 LESION_COLUMNS: tuple[str, ...] = (
     "lesion_area",

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from service.app.audit import GROUP_BY_OPTIONS
 from service.app.deps import AuditKeyDep, EngineDep
 from service.app.errors import ApiError, error_responses
 from service.app.schemas import (
@@ -22,7 +23,6 @@ from service.app.schemas import (
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
-GROUP_BY_OPTIONS = ("model", "method", "class", "day", "week")
 T = TypeVar("T")
 
 
