@@ -41,11 +41,12 @@ def _radiograph(size: int, seed: int = 0) -> np.ndarray:
 def bench_arch(name: str, *, repeats: int, warmup: int, threads: int, folder: Path) -> dict[str, float]:
     import torch
 
-    from service.engine.report import drift_report
-    from service.engine.runtime import ModelPair
+    from core.preprocess import preprocess
+    from core.registry import get_arch
+    from engine.report import drift_report
+    from engine.runtime import ModelPair
     from training.export import export_pair
-    from training.preprocess import preprocess
-    from training.registry import build_model, get_arch
+    from training.models import build_model
 
     spec = get_arch(name)
     size = spec.native_input_size
@@ -86,7 +87,7 @@ def bench_arch(name: str, *, repeats: int, warmup: int, threads: int, folder: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.registry import list_archs
+    from core.registry import list_archs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--archs", nargs="+", default=list_archs())

@@ -1,5 +1,4 @@
-"""cxr-drift service side.
-
-``service.engine`` is the pure science (CAMs, drift metrics, drift report): NumPy/SciPy only, no FastAPI,
-no SQLAlchemy, no torch at import. The web app lives in ``service.app`` and is imported only when used.
+"""The service layer: the FastAPI app (``service.app``), the audit database (``service.audit``) and the
+prediction use case (``service.predict``). It builds on ``engine``, ``training`` and ``core`` and is imported
+only by ``cli``.
 """

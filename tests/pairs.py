@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from training.models import CxrClassifier
-from training.registry import build_model
+from training.models import CxrClassifier, build_model
 
 CLASS_NAMES = [
     "normal",

@@ -187,9 +187,9 @@ def test_database_keys_authenticate_and_revoke(api: ApiClient) -> None:
 
 
 def test_predict_returns_what_the_engine_computes_and_audits_it(api: ApiClient, api_artifacts: Path) -> None:
-    from service.engine.report import drift_report
-    from service.engine.runtime import ModelPair
-    from training.imageio import read_image
+    from core.imageio import read_image
+    from engine.report import drift_report
+    from engine.runtime import ModelPair
 
     data = png_bytes(chest_like(96, seed=1))
     response = predict(api, data)

@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.cams import (
-    METHODS,
-    closed_form_cams,
-    closed_form_cams_all_classes,
-    gradcampp_raw,
-    min_max,
-)
-from service.engine.reference import reference_cams, resolve_layers
+from core.registry import get_arch, list_archs
+from engine.cams import METHODS, closed_form_cams, closed_form_cams_all_classes, gradcampp_raw, min_max
+from engine.reference import reference_cams, resolve_layers
 from tests.pairs import calibrate_batchnorm
-from training.models import CxrClassifier, LogitsAndFeatures
-from training.registry import build_model, get_arch, list_archs
+from training.models import CxrClassifier, LogitsAndFeatures, build_model
 
 NUM_CLASSES = 4
 PARITY_ATOL = 1e-3

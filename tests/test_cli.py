@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import COMMANDS, main
+from cli.main import COMMANDS, main
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -96,7 +96,7 @@ def test_migrate_command_migrates(
     else:
         import argparse
 
-        from service import commands_db
+        from cli import db as commands_db
 
         parser = argparse.ArgumentParser()
         commands_db.configure_parser(parser)

@@ -1,4 +1,4 @@
-"""training.preprocess and training.data: preprocessing against torch's resize, dataset indexing, splits,
+"""core.preprocess and training.data: preprocessing against torch's resize, dataset indexing, splits,
 fingerprints and the torch Dataset, all on small files generated in tmp_path."""
 
 from __future__ import annotations
@@ -18,17 +18,11 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from skimage.transform import resize as skimage_resize
 
+from core.dataset import DatasetError, DatasetIndex, Sample, assign_splits, load_index
+from core.imageio import read_image
+from core.preprocess import preprocess, preprocess_batch, resize_gray
 from tests.test_imageio import dicom_bytes
-from training.data import (
-    DatasetError,
-    DatasetIndex,
-    ImageDataset,
-    Sample,
-    assign_splits,
-    load_index,
-)
-from training.imageio import read_image
-from training.preprocess import preprocess, preprocess_batch, resize_gray
+from training.data import ImageDataset
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

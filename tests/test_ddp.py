@@ -23,7 +23,7 @@ def test_torchrun_two_cpu_ranks(tmp_path: Path) -> None:
     env.pop("WORLD_SIZE", None)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "training.train",
+        "-m", "cli.main", "train",
         "--arch", "resnet50v2", "--data", str(data), "--out", str(out), "--input-size", "64",
         "--pretrained", "none", "--epochs-transfer", "2", "--epochs-finetune", "1", "--batch-size", "3",
         "--device", "cpu", "--no-export", "--no-progress",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import main as cli_main
+from cli.main import main as cli_main
 
 
 def _demo(tmp: Path) -> list[str]:
@@ -33,9 +33,9 @@ def _demo(tmp: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_demo_prepares_then_reuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.runtime import ModelPair
     from service.app.db import make_engine
     from service.app.keys import authenticate
-    from service.engine.runtime import ModelPair
 
     assert cli_main(_demo(tmp_path)) == 0
     out = capsys.readouterr().out
@@ -67,8 +67,8 @@ def test_demo_prepares_then_reuses(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_a_tampered_or_uncalibrated_pair_is_not_reused(tmp_path: Path) -> None:
-    from service.demo import _pair_is_usable
-    from service.engine.calibrate import write_thresholds
+    from cli.demo import _pair_is_usable
+    from engine.calibrate import write_thresholds
     from tests.pairs import export_small_pair
 
     folder = export_small_pair("resnet50v2", tmp_path / "resnet50v2")

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from cli.main import main as cli_main
+from core.manifest import sha256_file
+from core.registry import get_arch
 from tests.pairs import CLASS_NAMES, SMALL_SIZE, export_small_pair, make_pair
-from training.cli import main as cli_main
-from training.export import ExportError, export_pair, load_checkpoint, sha256_file
+from training.export import ExportError, export_pair, load_checkpoint
 from training.models import LogitsAndFeatures
-from training.registry import get_arch
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_other_architectures_export(arch: str, tmp_path: Path) -> None:
 
 
 def test_parity_on_sample_images(tmp_path: Path) -> None:
-    from training.preprocess import preprocess
+    from core.preprocess import preprocess
 
     transfer, finetuned = make_pair("densenet201")
     spec = get_arch("densenet201")

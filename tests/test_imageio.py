@@ -1,4 +1,4 @@
-"""training.imageio: every format and error path against hand-computed values and independent decoders."""
+"""core.imageio: every format and error path against hand-computed values and independent decoders."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from training.imageio import (
+from core.imageio import (
     ImageDecodeError,
     ImageInfo,
     ImageTooLargeError,

@@ -9,6 +9,7 @@ import hashlib
 import pytest
 import sqlalchemy as sa
 
+from cli.main import main as cli_main
 from service.app import keys
 from service.app.tables import ApiKeyRow
 from tests.db_fixtures import (  # noqa: F401
@@ -19,7 +20,6 @@ from tests.db_fixtures import (  # noqa: F401
     pg_url,
     sqlite_url,
 )
-from training.cli import main as cli_main
 
 
 def test_create_then_authenticate(db_engine: sa.Engine) -> None:

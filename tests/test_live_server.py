@@ -39,7 +39,7 @@ def test_live_server_serves_health_and_an_audited_prediction(api_artifacts: Path
         "CXR_DRIFT_ORT_THREADS": "1",
     }
     log = (tmp_path / "server.log").open("w")
-    cmd = [sys.executable, "-m", "training.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

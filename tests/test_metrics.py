@@ -15,7 +15,7 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 from skimage.metrics import structural_similarity
 
-from service.engine import metrics as m
+from engine import metrics as m
 
 RNG = np.random.default_rng(0)
 

@@ -15,7 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from service import commands_db
+from cli import db as commands_db
 from service.app import db
 from service.app.tables import metadata
 from tests.db_fixtures import (  # noqa: F401

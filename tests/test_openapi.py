@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.commands_openapi import openapi_document, render
+from cli.openapi import openapi_document, render
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "openapi" / "openapi.json"
@@ -49,7 +49,7 @@ def test_every_error_is_documented_with_the_error_model() -> None:
 
 def test_cli_check_detects_drift_and_regenerates(tmp_path: Path) -> None:
     out = tmp_path / "openapi.json"
-    cmd = [sys.executable, "-m", "training.cli", "openapi", "--out", str(out)]
+    cmd = [sys.executable, "-m", "cli.main", "openapi", "--out", str(out)]
     assert subprocess.run([*cmd, "--check"], capture_output=True, text=True).returncode != 0
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     assert json.loads(out.read_text())["info"]["title"] == "cxr-drift"

@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 
-from training.models import CxrClassifier, LogitsAndFeatures
-from training.registry import ArchSpec, build_model, get_arch, list_archs, register_arch
+from core.registry import ArchSpec, get_arch, list_archs, register_arch
+from training.models import CxrClassifier, LogitsAndFeatures, build_model
 
 ARCHS = list_archs()
 # small inputs keep the suite fast on 2 cores; each stays above the architecture's minimum

@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from service.engine.calibrate import calibrate, write_thresholds
-from service.engine.cams import closed_form_cams
-from service.engine.overlay import overlay_png
-from service.engine.report import FALLBACK_THRESHOLDS, METHODS, _method_entry, drift_report, drift_reports
-from service.engine.runtime import ArtifactError, ModelPair
+from core.errors import ArtifactError
+from engine.calibrate import calibrate, write_thresholds
+from engine.cams import closed_form_cams
+from engine.overlay import overlay_png
+from engine.report import FALLBACK_THRESHOLDS, METHODS, _method_entry, drift_report, drift_reports
+from engine.runtime import ModelPair
 from training.export import export_pair
-from training.registry import build_model
+from training.models import build_model
 
 ARCH, SIZE = "resnet50v2", 96  # 3x3 feature grid
 CLASSES = ["normal", "consolidation", "nodules"]

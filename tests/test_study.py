@@ -12,18 +12,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from service.engine.study import (
+from cli.main import main
+from engine.ranking import kendall_tau, rank_models
+from engine.study import (
     bootstrap_ci,
     describe,
     evidence_on_lesion,
     holm_adjust,
-    kendall_tau,
     paired_wilcoxon,
-    rank_models,
     render_markdown,
     summarize,
 )
-from training.cli import main
 
 # ------------------------------------------------------------------------------------ descriptive stats
 
@@ -360,7 +359,7 @@ def test_study_statistics_import_no_plotting_web_stack_or_torch() -> None:
     import sys
 
     code = (
-        "import sys, service.engine.study, service.study_cli\n"
+        "import sys, engine.study, cli.study\n"
         "bad = ('matplotlib', 'fastapi', 'sqlalchemy', 'torch', 'starlette')\n"
         "print(','.join(sorted(m for m in bad if m in sys.modules)))\n"
     )

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage, stats
 
-from training.cli import main
+from cli.main import main
 from training.synth import (
     DEFAULT_CLASS_NAMES,
     FINDINGS,

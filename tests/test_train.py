@@ -22,16 +22,16 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from training import cli
+import cli.main as cli
+from cli.train import configure_parser
+from core.registry import get_arch
 from training.config import TrainConfig, config_differences
 from training.models import CxrClassifier
-from training.registry import get_arch
 from training.train import (
     DistContext,
     HeadFit,
     _Indexed,
     _shard_loader,
-    configure_parser,
     evaluate,
     extract_features,
     fit_head,

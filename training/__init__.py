@@ -1,5 +1,4 @@
-"""cxr-drift training side: data, synthetic radiographs, architecture registry, two-stage training, export.
+"""The model side: synthetic radiographs, the classifier wrapper, two-stage training and export.
 
-Importing this package is cheap: torch is imported only by the modules that need it, so the service can use
-the torch-free parts (image decoding, preprocessing) without it.
+It builds on ``core`` only; torch is imported by the modules that need it.
 """

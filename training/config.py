@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError
+
 __all__ = ["RESUME_KEYS", "TrainConfig", "config_differences"]
 
 PRETRAINED_CHOICES = ("imagenet", "none")
@@ -107,7 +109,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,7 +120,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [n for n in ("arch", "data", "out") if n not in data]
         if missing:
-            raise ValueError(f"training config lacks required fields {missing}; got keys {sorted(data)}")
+            raise ConfigError(f"training config lacks required fields {missing}; got keys {sorted(data)}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def save(self, path: Path, **extra: Any) -> Path:
@@ -135,9 +137,9 @@ class TrainConfig:
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
-            raise ValueError(f"{path} should hold a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"{path} should hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
 
 

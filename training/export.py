@@ -8,10 +8,8 @@ manifest records the measured differences and the SHA-256 of every file the serv
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime as dt
-import json
 import logging
 import warnings
 from collections.abc import Mapping
@@ -21,9 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.engine.runtime import sha256_file  # the service verifies with this very function
+from core.errors import ArtifactError
+from core.manifest import MANIFEST_SCHEMA_VERSION, sha256_file, write_manifest
+from core.registry import get_arch
+from core.vocabulary import CHECKPOINTS
 from training.models import CxrClassifier, LogitsAndFeatures
-from training.registry import get_arch
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,6 @@ __all__ = [
     "sha256_file",
 ]
 
-MANIFEST_SCHEMA_VERSION = 1
-CHECKPOINTS = ("transfer", "finetuned")
 PARITY_ATOL = 1e-4
 # ONNX Runtime cannot be asked to agree with torch more closely than torch's own float32 result agrees with
 # the float64 truth: for deep nets (Inception-v3) that error alone can exceed 1e-4. The allowed difference is
@@ -47,7 +45,7 @@ PARITY_FLOAT32_FACTOR = 4.0
 OPSET = 17
 
 
-class ExportError(RuntimeError):
+class ExportError(ArtifactError):
     """The export could not produce a valid artifact (e.g. ONNX Runtime disagrees with torch)."""
 
 
@@ -241,91 +239,29 @@ def export_pair(
     return out_dir
 
 
-def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (readers never see a half-written file)."""
-    path = Path(out_dir) / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def load_checkpoint(path: Path, *, arch: str, num_classes: int) -> CxrClassifier:
     """Build ``arch`` and load a safetensors checkpoint into it; a mismatch is a clear error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from training.registry import build_model
+    from training.models import build_model
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise ArtifactError(f"checkpoint not found: {path}")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors checkpoint: {exc}") from exc
+        raise ArtifactError(f"{path} is not a readable safetensors checkpoint: {exc}") from exc
     model = build_model(arch, num_classes)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise ArtifactError(
             f"{path} does not fit {arch} with {num_classes} classes: "
             f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped tensors"
             + (f" (e.g. {(missing or unexpected or wrong)[0]})" if (missing or unexpected or wrong) else "")
         )
     model.load_state_dict(state)
     return model.eval()
-
-
-# -- CLI: re-export a trained folder -------------------------------------------------------------------
-
-
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", type=Path, required=True, help="folder with transfer/finetuned.safetensors")
-    p.add_argument("--arch", help="architecture (default: from the folder's manifest or train/config.json)")
-    p.add_argument("--classes", help="comma-separated class names (default: from the folder's metadata)")
-    p.add_argument("--input-size", type=int, help="input size in px (default: from the folder's metadata)")
-
-
-def _folder_metadata(folder: Path) -> dict[str, Any]:
-    for candidate in (folder / "manifest.json", folder / "train" / "config.json"):
-        if candidate.is_file():
-            data: dict[str, Any] = json.loads(candidate.read_text())
-            return data
-    return {}
-
-
-def run(args: argparse.Namespace) -> int:
-    from training.cli import CliError
-
-    folder: Path = args.model_dir
-    if not folder.is_dir():
-        raise CliError(f"model folder not found: {folder}")
-    meta = _folder_metadata(folder)
-    arch = args.arch or meta.get("architecture") or meta.get("arch")
-    classes = args.classes.split(",") if args.classes else meta.get("class_names")
-    size = args.input_size or meta.get("input_size")
-    if not arch or not classes or not size:
-        raise CliError(
-            f"cannot tell the architecture, classes and input size of {folder}: "
-            "pass --arch, --classes and --input-size"
-        )
-    get_arch(arch)
-    models = [
-        load_checkpoint(folder / f"{n}.safetensors", arch=arch, num_classes=len(classes)) for n in CHECKPOINTS
-    ]
-    old = meta if "checkpoints" in meta else {}
-    metrics = {n: old.get("checkpoints", {}).get(n, {}).get("metrics", {}) for n in CHECKPOINTS}
-    export_pair(
-        models[0],
-        models[1],
-        out_dir=folder,
-        class_names=list(classes),
-        input_size=int(size),
-        metrics=metrics,
-        dataset=old.get("dataset"),
-        training=old.get("training"),
-    )
-    print(f"exported {arch} model pair to {folder}")
-    return 0

@@ -10,14 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.registry import ArchSpec
+from core.errors import ConfigError
+from core.registry import ArchSpec, get_arch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CxrClassifier", "LogitsAndFeatures", "PretrainedWeightsError", "build_classifier"]
+__all__ = ["CxrClassifier", "LogitsAndFeatures", "PretrainedWeightsError", "build_classifier", "build_model"]
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(ConfigError):
     """ImageNet weights could not be loaded; the message says how to pass a local file instead."""
 
 
@@ -167,3 +168,15 @@ def build_classifier(
         load_backbone_weights(backbone, _load_state_dict_file(path), source=str(path))
     rate = spec.default_drop_rate if drop_rate is None else drop_rate
     return CxrClassifier(spec, backbone, num_classes, rate)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: str | None = None,
+    drop_rate: float | None = None,
+    **kwargs: Any,
+) -> CxrClassifier:
+    """Build a classifier for a registered architecture by name (see :func:`build_classifier`)."""
+    return build_classifier(get_arch(name), num_classes, pretrained=pretrained, drop_rate=drop_rate, **kwargs)

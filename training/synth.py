@@ -55,6 +55,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from core.errors import InputError
+from core.vocabulary import SPLITS
+
 __all__ = [
     "DEFAULT_CLASS_NAMES",
     "FINDINGS",
@@ -81,7 +84,6 @@ FINDINGS: tuple[str, ...] = (
     "upper_zone_nodules",
 )
 DEFAULT_CLASS_NAMES: tuple[str, ...] = FINDINGS
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "path",
     "label",
@@ -127,9 +129,9 @@ class SynthConfig:
             if isinstance(value, list | tuple):
                 low, high = value
                 if not (math.isfinite(low) and math.isfinite(high)) or low > high:
-                    raise ValueError(f"SynthConfig.{name} must be a finite (low, high) range, got {value!r}")
+                    raise InputError(f"SynthConfig.{name} must be a finite (low, high) range, got {value!r}")
         if not 0.0 < self.cue_size <= 0.3:
-            raise ValueError(f"SynthConfig.cue_size must be in (0, 0.3], got {self.cue_size}")
+            raise InputError(f"SynthConfig.cue_size must be in (0, 0.3], got {self.cue_size}")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -565,14 +567,14 @@ _MASK_THRESHOLD = (1.0, 0.3, 0.2, 0.15, 0.0)
 def _finding_index(label: int | str) -> int:
     if isinstance(label, str):
         if label not in FINDINGS:
-            raise ValueError(f"unknown finding {label!r}; expected one of {', '.join(FINDINGS)} or 0-4")
+            raise InputError(f"unknown finding {label!r}; expected one of {', '.join(FINDINGS)} or 0-4")
         return FINDINGS.index(label)
     if (
         isinstance(label, bool)
         or not isinstance(label, int | np.integer)
         or not 0 <= int(label) < len(FINDINGS)
     ):
-        raise ValueError(
+        raise InputError(
             f"label must be a finding index 0-{len(FINDINGS) - 1} or a finding name, got {label!r}"
         )
     return int(label)
@@ -610,9 +612,9 @@ def generate_image(
     """
     finding = _finding_index(label)
     if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}] pixels, got {size!r}")
+        raise InputError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}] pixels, got {size!r}")
     if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be non-negative integers, got seed={seed}, index={index}")
+        raise InputError(f"seed and index must be non-negative integers, got seed={seed}, index={index}")
     config = config or SynthConfig()
     anatomy_rng = np.random.default_rng([seed, index, 0])
     anatomy, (tissue, air, bone) = _anatomy(size, anatomy_rng, config)
@@ -664,17 +666,17 @@ def parse_class_names(text: str | Sequence[str] | None) -> tuple[str, ...]:
         return DEFAULT_CLASS_NAMES
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [str(n).strip() for n in text]
     if len(names) != len(FINDINGS):
-        raise ValueError(
+        raise InputError(
             f"expected exactly {len(FINDINGS)} class names (for the findings {', '.join(FINDINGS)}), "
             f"got {len(names)}: {names!r}"
         )
     bad = [n for n in names if not _CLASS_NAME_RE.match(n) or n in _RESERVED_NAMES]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"class names must be folder-safe (letters, digits, '_', '-', '.'; not 'masks'), got {bad!r}"
         )
     if len(set(names)) != len(names):
-        raise ValueError(f"class names must be unique, got {names!r}")
+        raise InputError(f"class names must be unique, got {names!r}")
     return tuple(names)
 
 
@@ -683,15 +685,15 @@ def parse_split(text: str | Sequence[float]) -> tuple[float, float, float]:
     try:
         parts = [float(p) for p in (text.split(",") if isinstance(text, str) else text)]
     except (TypeError, ValueError):
-        raise ValueError(
+        raise InputError(
             f"split must be three numbers like 0.7,0.15,0.15 (train,val,test), got {text!r}"
         ) from None
     if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or parts[0] <= 0:
-        raise ValueError(
+        raise InputError(
             f"split must be three non-negative fractions train,val,test with train > 0, got {text!r}"
         )
     if abs(sum(parts) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must sum to 1, got {parts} (sum {sum(parts):.6g})")
+        raise InputError(f"split fractions must sum to 1, got {parts} (sum {sum(parts):.6g})")
     return parts[0], parts[1], parts[2]
 
 
@@ -734,7 +736,7 @@ def _plan(
         missing = [SPLITS[i] for i in range(3) if split[i] > 0 and counts[i] == 0]
         if missing:
             needed = math.ceil(len(class_names) / min(f for f in split if f > 0))
-            raise ValueError(
+            raise InputError(
                 f"n={n} is too small for the split {','.join(f'{f:g}' for f in split)}: class "
                 f"{class_names[finding]!r} would get no {'/'.join(missing)} image; use at least n={needed}"
             )
@@ -793,7 +795,7 @@ def _prepare_out_dir(out_dir: Path, *, class_names: Sequence[str], overwrite: bo
         raise NotADirectoryError(f"output path {out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            raise ValueError(
+            raise InputError(
                 f"output directory {out_dir} is not empty; pass overwrite=True (--overwrite) to replace it"
             )
         # Remove only what a previous run wrote, so that stale images cannot leak into the new dataset.
@@ -834,25 +836,25 @@ def generate_dataset(
     names = parse_class_names(class_names)
     fractions = parse_split(split)
     if isinstance(n, bool) or not isinstance(n, int) or n < len(names):
-        raise ValueError(f"n must be an integer >= {len(names)} (one image per class at least), got {n!r}")
+        raise InputError(f"n must be an integer >= {len(names)} (one image per class at least), got {n!r}")
     if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}] pixels, got {size!r}")
+        raise InputError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}] pixels, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        raise InputError(f"workers must be a positive integer, got {workers!r}")
     cue_finding: int | None = None
     if cue_class is not None:
         if cue_class not in names:
-            raise ValueError(f"cue class {cue_class!r} is not one of the class names: {', '.join(names)}")
+            raise InputError(f"cue class {cue_class!r} is not one of the class names: {', '.join(names)}")
         cue_finding = names.index(cue_class)
     elif cue_rate or cue_noise_rate:
-        raise ValueError("cue_rate/cue_noise_rate need a cue class (--cue-class NAME)")
+        raise InputError("cue_rate/cue_noise_rate need a cue class (--cue-class NAME)")
     if cue_noise_rate is None:
         cue_noise_rate = 0.1 * (1.0 - cue_rate) if cue_class is not None else 0.0
     for label, rate in (("cue_rate", cue_rate), ("cue_noise_rate", cue_noise_rate)):
         if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"{label} must be a probability in [0, 1], got {rate!r}")
+            raise InputError(f"{label} must be a probability in [0, 1], got {rate!r}")
     config = config or SynthConfig()
 
     items = _plan(

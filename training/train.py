@@ -40,7 +40,6 @@ and shows progress bars.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -65,28 +64,27 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from core.errors import InputError
+from core.registry import ArchSpec, get_arch
+from core.vocabulary import SPLITS
 from training.config import PRETRAINED_CHOICES, TrainConfig, config_differences
 from training.evaluation import classification_metrics
-from training.models import CxrClassifier, PretrainedWeightsError
-from training.registry import ArchSpec, build_model, get_arch, list_archs
+from training.models import CxrClassifier, PretrainedWeightsError, build_model
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DistContext",
     "TrainData",
-    "configure_parser",
     "evaluate",
     "extract_features",
     "fit_head",
     "load_data",
-    "run",
     "run_stage",
     "train_one_epoch",
     "train_pair",
 ]
 
-SPLITS = ("train", "val", "test")
 TRANSFER_STATE = "transfer_state.pt"
 TRANSFER_FEATURES = "transfer_features.pt"
 FINETUNE_STATE = "finetune_state.pt"
@@ -146,7 +144,7 @@ def resolve_device(choice: str, ctx: DistContext) -> torch.device:
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise InputError(
                 "--device cuda was asked for but CUDA is not available; valid options: auto, cpu"
             )
         return torch.device("cuda", ctx.local_rank)
@@ -245,7 +243,7 @@ def load_data(config: TrainConfig) -> TrainData:
 
     Samples without a split of their own are assigned one (``val_fraction``/``test_fraction``, seeded).
     """
-    from training import data as data_module
+    from core import dataset as data_module
 
     source = Path(config.data).expanduser()
     if not source.exists():
@@ -266,11 +264,11 @@ def load_data(config: TrainConfig) -> TrainData:
         for i, name in enumerate(SPLITS)
     }
     if not splits["train"]:
-        raise ValueError(f"the train split of {source} is empty; counts per split: {index.counts()}")
+        raise InputError(f"the train split of {source} is empty; counts per split: {index.counts()}")
     train_classes = {int(s.label) for s in splits["train"]}
     missing = [index.class_names[c] for c in range(len(index.class_names)) if c not in train_classes]
     if missing:
-        raise ValueError(f"classes with no training image in {source}: {missing}")
+        raise InputError(f"classes with no training image in {source}: {missing}")
     skipped = index.skipped
     if skipped:
         log.warning("skipped %d unreadable images (first: %s)", len(skipped), skipped[0])
@@ -376,9 +374,9 @@ def build_classifier_for(config: TrainConfig, num_classes: int) -> CxrClassifier
             check_imagenet_reachable(spec)
         return build_model(spec.name, num_classes, pretrained=choice, drop_rate=config.drop_rate)
     except PretrainedWeightsError as exc:
-        from training.cli import CliError
+        from core.errors import UsageError
 
-        raise CliError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
 
 
 # -- stage 1: cached features and a linear head -----------------------------------------------------------
@@ -955,7 +953,7 @@ def _load_state(path: Path) -> dict[str, Any] | None:
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged state file is a user-facing error
-        raise ValueError(f"cannot read resume state {path}: {exc}; delete it to restart that stage") from exc
+        raise InputError(f"cannot read resume state {path}: {exc}; delete it to restart that stage") from exc
     return state
 
 
@@ -987,19 +985,19 @@ def state_hash(model: nn.Module) -> str:
 
 
 def _check_resume(config: TrainConfig, train_dir: Path) -> None:
-    from training.cli import CliError
+    from core.errors import UsageError
 
     saved_path = train_dir / "config.json"
     states = [train_dir / n for n in (TRANSFER_STATE, FINETUNE_STATE)]
     if not saved_path.is_file() or not any(p.is_file() for p in states):
-        raise CliError(
+        raise UsageError(
             f"--resume: nothing to resume in {train_dir.parent} (expected train/config.json and "
             f"train/{TRANSFER_STATE} or train/{FINETUNE_STATE}); run without --resume to start"
         )
     diff = config_differences(TrainConfig.load(saved_path), config)
     if diff:
         listed = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise CliError(f"--resume with a different config than the interrupted run ({listed})")
+        raise UsageError(f"--resume with a different config than the interrupted run ({listed})")
 
 
 # -- the whole run ---------------------------------------------------------------------------------------
@@ -1022,7 +1020,7 @@ def _train_pair(config: TrainConfig, ctx: DistContext) -> Path:
     input_size = config.input_size or spec.native_input_size
     spec.check_input_size(input_size)
     if spec.feature_grid(input_size) < 1:
-        raise ValueError(
+        raise InputError(
             f"{spec.name} at {input_size} px has an empty feature grid; use a larger --input-size"
         )
     config = dataclasses.replace(config, arch=spec.name, input_size=input_size)
@@ -1283,104 +1281,3 @@ def _log_summary(arch: str, metrics: dict[str, Any]) -> None:
                 "%s %s test: accuracy %.3f, macro-F1 %.3f, AUC %s",
                 arch, stage, test["accuracy"], test["macro_f1"], test["auc_ovr"]["macro"],
             )  # fmt: skip
-
-
-# -- CLI -------------------------------------------------------------------------------------------------
-
-
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig(arch="", data="", out="")
-    p.add_argument("--arch", required=True, help=f"architecture: {', '.join(list_archs())}")
-    p.add_argument("--data", required=True, type=Path, help="ImageFolder directory or CSV manifest")
-    p.add_argument("--out", required=True, type=Path, help="output folder (model pair + train/)")
-    p.add_argument(
-        "--input-size", type=int, default=None, help="input size in px (default: the arch's native)"
-    )
-    p.add_argument(
-        "--pretrained",
-        default=d.pretrained,
-        help="imagenet (timm hub or its cache), none (random init), or PATH to a backbone state dict",
-    )
-    p.add_argument(
-        "--epochs-transfer", type=int, default=d.epochs_transfer, help="head epochs on cached features"
-    )
-    p.add_argument("--epochs-finetune", type=int, default=d.epochs_finetune)
-    p.add_argument("--lr-transfer", type=float, default=d.lr_transfer)
-    p.add_argument(
-        "--lr-finetune",
-        type=float,
-        default=None,
-        help="stage-2 LR (default: 3e-4 from pretrained weights, 1e-3 with --pretrained none)",
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument(
-        "--head-lr-factor", type=float, default=d.head_lr_factor, help="stage-2 head LR / --lr-finetune"
-    )
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
-    p.add_argument("--on-error", choices=("skip", "fail"), default=d.on_error, help="unreadable images")
-    p.add_argument("--limit", type=int, default=None, help="at most N images per split (quick runs)")
-    p.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="light augmentation in stage 2 (default: on from pretrained weights, off with --pretrained none)",
-    )
-    p.add_argument(
-        "--precise-bn-images",
-        type=int,
-        default=d.precise_bn_images,
-        help="recompute BatchNorm statistics on N unaugmented train images after each fine-tune epoch (0: off)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--no-export", dest="export", action="store_false", help="skip ONNX export and manifest")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    config = TrainConfig(
-        arch=get_arch(args.arch).name,
-        data=str(args.data),
-        out=str(args.out),
-        input_size=args.input_size,
-        pretrained=args.pretrained,
-        epochs_transfer=args.epochs_transfer,
-        epochs_finetune=args.epochs_finetune,
-        lr_transfer=args.lr_transfer,
-        lr_finetune=args.lr_finetune,
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        head_lr_factor=args.head_lr_factor,
-        seed=args.seed,
-        device=args.device,
-        workers=args.workers,
-        on_error=args.on_error,
-        limit=args.limit,
-        augment=args.augment,
-        precise_bn_images=args.precise_bn_images,
-        resume=args.resume,
-        export=args.export,
-        progress=args.progress,
-    )
-    out = train_pair(config)
-    if int(os.environ.get("RANK", "0")) == 0:
-        metrics = _load_json(out / "train" / "metrics.json")
-        for stage in ("transfer", "finetuned"):
-            test = (metrics.get(stage) or {}).get("test") or {}
-            if test:
-                print(
-                    f"{config.arch} {stage}: test accuracy {test['accuracy']:.3f}, "
-                    f"macro-F1 {test['macro_f1']:.3f}, AUC {test['auc_ovr']['macro']}"
-                )
-        print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    from training.cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))

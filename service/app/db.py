@@ -21,6 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 
+from core.errors import ConfigError
+
 __all__ = [
     "DatabaseUnavailable",
     "check_writable",
@@ -89,7 +91,7 @@ def make_engine(url: str) -> sa.Engine:
         return engine
     if backend == "postgresql":
         if parsed.get_driver_name() != "psycopg":
-            raise ValueError(
+            raise ConfigError(
                 f"PostgreSQL URLs must use the psycopg 3 driver ('postgresql+psycopg://...'), "
                 f"got driver {parsed.get_driver_name()!r} in {parsed.render_as_string(hide_password=True)}"
             )
@@ -97,7 +99,7 @@ def make_engine(url: str) -> sa.Engine:
         # OS's TCP timeout (minutes) instead of answering 503; a timeout in the URL wins.
         connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
         return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
-    raise ValueError(
+    raise ConfigError(
         f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
         "expected one of 'sqlite:///PATH' or 'postgresql+psycopg://USER@HOST/DB'"
     )

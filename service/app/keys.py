@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy import exc
 
+from core.errors import InputError
+from core.vocabulary import ROLES
 from service.app.db import translate_errors
 from service.app.tables import ApiKeyRow
 
@@ -37,7 +39,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "cxr_"
-ROLES: tuple[str, ...] = ("predict", "audit", "admin")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
 
 
@@ -64,13 +65,13 @@ def hash_key(plaintext: str) -> str:
 
 def _check_role(role: str) -> str:
     if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; valid options: {', '.join(ROLES)}")
+        raise InputError(f"unknown role {role!r}; valid options: {', '.join(ROLES)}")
     return role
 
 
 def _check_name(name: str) -> str:
     if not _NAME.match(name):
-        raise ValueError(
+        raise InputError(
             f"invalid key name {name!r}: expected 1-100 characters, letters, digits and _ . @ -, "
             "starting with a letter or digit"
         )
@@ -91,7 +92,7 @@ def create_key(engine: sa.Engine, *, name: str, role: str) -> str:
                     )
                 )
         except exc.IntegrityError as error:
-            raise ValueError(f"an API key named {name!r} already exists (names are unique)") from error
+            raise InputError(f"an API key named {name!r} already exists (names are unique)") from error
     log.info("API key %r created with role %r", name, role)
     return plaintext
 
@@ -124,7 +125,7 @@ def revoke_key(engine: sa.Engine, *, name: str) -> None:
         row = connection.execute(sa.select(ApiKeyRow).where(ApiKeyRow.name == name)).first()
         if row is None:
             known = connection.execute(sa.select(ApiKeyRow.name).order_by(ApiKeyRow.name)).scalars().all()
-            raise ValueError(f"no API key named {name!r}; existing keys: {', '.join(known) or '(none)'}")
+            raise InputError(f"no API key named {name!r}; existing keys: {', '.join(known) or '(none)'}")
         if row.revoked_at is not None:
             log.info("API key %r was already revoked at %s", name, row.revoked_at.isoformat())
             return

@@ -17,10 +17,10 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.vocabulary import BACKENDS, ROLES
+
 __all__ = ["ROLES", "Settings", "SettingsKey", "get_settings"]
 
-ROLES = ("predict", "audit", "admin")
-BACKENDS = ("onnx", "torch")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -19,7 +19,7 @@ from service.app.settings import Settings
 if TYPE_CHECKING:
     import sqlalchemy
 
-    from service.engine.runtime import ModelPair
+    from engine.runtime import ModelPair
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def load_pairs(
             FailedPair(name="*", folder=str(artifacts_dir), reason="artifacts directory does not exist")
         )
         return pairs, folders, failed
-    from service.engine.runtime import ModelPair
+    from engine.runtime import ModelPair
 
     kwargs: dict[str, Any] = {"verify": True, "backend": backend}
     thread_param = _thread_parameter(ModelPair.load)

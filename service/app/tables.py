@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service.engine.metrics import SCALAR_METRICS
+from engine.metrics import SCALAR_METRICS
 
 __all__ = [
     "AUDIT_TABLES",

@@ -21,6 +21,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from core.vocabulary import METHODS
 from service.app.deps import PredictKeyDep, StateDep
 from service.app.errors import ApiError, error_responses
 from service.app.schemas import ImageInfo, PredictResponse
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["predict"])
 
-METHODS = ("layercam", "gradcampp")
 MAP_MODES = ("none", "overlay", "raw")
 TOPK_RANGE = (5.0, 50.0)
 MapMode = Literal["none", "overlay", "raw"]
@@ -137,7 +137,7 @@ def _check_target(model: str, class_names: list[str], target: int | str) -> None
 
 
 def _decode(data: bytes, max_pixels: int) -> tuple[np.ndarray, Any]:
-    from training.imageio import (
+    from core.imageio import (
         ImageDecodeError,
         ImageTooLargeError,
         NoPixelDataError,
@@ -166,7 +166,7 @@ def _decode(data: bytes, max_pixels: int) -> tuple[np.ndarray, Any]:
 
 
 def _encode_maps(report: Any, gray: np.ndarray, mode: MapMode) -> dict[str, dict[str, Any]]:
-    from service.engine.overlay import overlay_png
+    from engine.overlay import overlay_png
 
     out: dict[str, dict[str, Any]] = {}
     for method, by_checkpoint in report.maps.items():
@@ -180,7 +180,7 @@ def _encode_maps(report: Any, gray: np.ndarray, mode: MapMode) -> dict[str, dict
 
 
 def _run_pair(pair: Any, gray: np.ndarray, options: _Options) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    from service.engine.report import drift_report
+    from engine.report import drift_report
 
     report = drift_report(
         pair,

@@ -1,6 +1,6 @@
 """``cxr-drift study``: the paper's analysis, offline, over model pairs and one data split.
 
-For every model pair and every image of the split, the drift report (:func:`service.engine.report.drift_reports`)
+For every model pair and every image of the split, the drift report (:func:`engine.report.drift_reports`)
 is computed for the **true class** (``--target label``, the default; ``prediction`` uses the fine-tuned
 model's prediction, as the service does). With ``--subset true_positive`` (the default, as the paper) the
 statistics use the images whose *fine-tuned* prediction equals the label - the definition
@@ -13,8 +13,8 @@ Outputs in ``--out``:
 - ``per_image.csv``: one row per model x method x image: predictions, agreement, every drift metric
   (``iou_at_K`` for the whole k grid), drift score and severity; on the synthetic set (a ``manifest.csv``
   with a ``lesion_mask`` column) also the evidence on the lesion per checkpoint
-  (:func:`service.engine.study.evidence_on_lesion`; empty for ``normal`` images, whose masks are empty);
-- ``summary.json`` / ``summary.md``: :func:`service.engine.study.summarize` (descriptive statistics with
+  (:func:`engine.study.evidence_on_lesion`; empty for ``normal`` images, whose masks are empty);
+- ``summary.json`` / ``summary.md``: :func:`engine.study.summarize` (descriptive statistics with
   bootstrap CIs per architecture x method x class, paired Wilcoxon tests between architectures, the
   stability ranking per method and its Kendall tau) plus the image counts;
 - plots: ``iou_<method>.png`` (IoU and drift score per architecture), ``ranking.png`` (mean IoU per method,
@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from training.cli import CliError
+from core.errors import InputError, UsageError
+from core.vocabulary import CHECKPOINTS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from service.engine.runtime import ModelPair
-    from training.data import Sample
+    from core.dataset import Sample
+    from engine.runtime import ModelPair
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ __all__ = ["configure_parser", "run"]
 
 SUBSETS = ("true_positive", "all")
 TARGETS = ("label", "prediction")
-CHECKPOINTS = ("transfer", "finetuned")
 METHOD_LABELS = {"layercam": "LayerCAM", "gradcampp": "GradCAM++"}
 
 
@@ -115,7 +115,7 @@ def _pair_folders(artifacts: Path | None, model_dirs: Sequence[Path]) -> list[Pa
         else:
             found = sorted(d for d in artifacts.iterdir() if (d / "manifest.json").is_file())
             if not found:
-                raise CliError(
+                raise UsageError(
                     f"no model-pair folders in {str(artifacts)!r}: expected sub-folders with a manifest.json "
                     "(as written by cxr-drift train/export)"
                 )
@@ -125,29 +125,30 @@ def _pair_folders(artifacts: Path | None, model_dirs: Sequence[Path]) -> list[Pa
             raise FileNotFoundError(f"model folder {str(folder)!r} has no manifest.json (or does not exist)")
         folders.append(folder)
     if not folders:
-        raise CliError("no model pairs given: pass --artifacts DIR or --model-dir DIR")
+        raise UsageError("no model pairs given: pass --artifacts DIR or --model-dir DIR")
     unique = list(dict.fromkeys(f.resolve() for f in folders))
     return unique
 
 
 def _load_pairs(folders: Sequence[Path], threads: int | None) -> dict[str, ModelPair]:
-    from service.engine.runtime import ArtifactError, ModelPair
+    from core.errors import ArtifactError
+    from engine.runtime import ModelPair
 
     pairs: list[ModelPair] = []
     for folder in folders:
         try:
             pairs.append(ModelPair.load(folder, threads=threads))
         except ArtifactError as exc:
-            raise CliError(f"cannot load the model pair in {str(folder)!r}: {exc}") from exc
+            raise UsageError(f"cannot load the model pair in {str(folder)!r}: {exc}") from exc
     names = [p.name for p in pairs]
     # two pairs of one architecture (e.g. two seeds) are told apart by their folder names
     labels = [p.name if names.count(p.name) == 1 else p.folder.name for p in pairs]
     if len(set(labels)) != len(labels):
-        raise CliError(f"model pairs need distinct architectures or folder names, got {labels}")
+        raise UsageError(f"model pairs need distinct architectures or folder names, got {labels}")
     first = pairs[0]
     for pair in pairs[1:]:
         if pair.class_names != first.class_names:
-            raise CliError(
+            raise UsageError(
                 f"model pairs disagree on the classes: {first.folder.name} has {first.class_names}, "
                 f"{pair.folder.name} has {pair.class_names}"
             )
@@ -157,7 +158,7 @@ def _load_pairs(folders: Sequence[Path], threads: int | None) -> dict[str, Model
 def _split_samples(
     data: str, class_names: Sequence[str], split: str, limit: int | None
 ) -> tuple[list[Sample], Path]:
-    from training.data import assign_splits, load_index
+    from core.dataset import assign_splits, load_index
 
     index = load_index(data, class_names=class_names)
     if not index.has_splits:
@@ -167,7 +168,7 @@ def _split_samples(
     if limit is not None:
         samples = samples[:limit]
     if not samples:
-        raise ValueError(f"split {split!r} of {data} has no images")
+        raise InputError(f"split {split!r} of {data} has no images")
     return samples, index.root
 
 
@@ -180,7 +181,7 @@ def _relative(path: Path, root: Path) -> str:
 
 def _read_mask(sample: Sample, root: Path) -> np.ndarray | None:
     """The lesion mask (bool, image resolution) of a synthetic sample; None when it is empty or absent."""
-    from training.imageio import read_image
+    from core.imageio import read_image
 
     name = sample.extra.get("lesion_mask", "")
     if not name:
@@ -236,8 +237,8 @@ def build_example(
 ) -> Example:
     """The example panel's image: the one included for the most models, then with the largest lesion (so
     the finding is visible), then the first; its maps are recomputed for every model (one image each)."""
-    from service.engine.report import drift_reports
-    from training.imageio import read_image
+    from core.imageio import read_image
+    from engine.report import drift_reports
 
     included: dict[str, int] = {}
     for row in rows:
@@ -332,8 +333,8 @@ def collect(
     data has lesion masks."""
     from tqdm.auto import tqdm
 
-    from service.engine.report import drift_reports
-    from training.imageio import read_image
+    from core.imageio import read_image
+    from engine.report import drift_reports
 
     class_names = next(iter(pairs.values())).class_names
     has_masks = any("lesion_mask" in s.extra for s in samples)
@@ -398,7 +399,7 @@ def collect(
 
 def _lesion_columns(report: Any, method: str, mask: np.ndarray | None, topk: float) -> dict[str, Any]:
     """Evidence on the lesion per checkpoint (empty for an image without a lesion)."""
-    from service.engine.study import LESION_COLUMNS, evidence_on_lesion
+    from engine.study import LESION_COLUMNS, evidence_on_lesion
 
     out: dict[str, Any] = dict.fromkeys(LESION_COLUMNS)
     if mask is None or report.maps is None or not mask.any():
@@ -468,16 +469,16 @@ def image_counts(rows: Sequence[Mapping[str, Any]], subset: str) -> dict[str, di
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.engine.study import render_markdown, summarize
+    from engine.study import render_markdown, summarize
 
     if args.limit is not None and args.limit < 1:
-        raise CliError(f"--limit must be >= 1, got {args.limit}")
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.bootstrap < 1:
-        raise CliError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+        raise UsageError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     if not 0 < args.topk <= 100:
-        raise CliError(f"--topk must be a percentage in (0, 100], got {args.topk}")
+        raise UsageError(f"--topk must be a percentage in (0, 100], got {args.topk}")
     if args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     pairs = _load_pairs(_pair_folders(args.artifacts, args.model_dir), args.threads)
     class_names = next(iter(pairs.values())).class_names
     samples, root = _split_samples(args.data, class_names, args.split, args.limit)
@@ -497,11 +498,11 @@ def run(args: argparse.Namespace) -> int:
     write_csv(rows, out / "per_image.csv")
     included = [r for r in rows if r["included"]]
     if not included:
-        raise CliError(
+        raise UsageError(
             f"no true-positive images (fine-tuned prediction == label) among the {len(samples)} images of "
             f"split {args.split!r}; the per-image table is in {out / 'per_image.csv'}; rerun with --subset all"
         )
-    from service.engine.study import DEFAULT_STUDY_METRICS, LESION_COLUMNS
+    from engine.study import DEFAULT_STUDY_METRICS, LESION_COLUMNS
 
     metrics = [*DEFAULT_STUDY_METRICS, *(LESION_COLUMNS if has_masks else ())]
     summary = summarize(included, metrics=metrics, n_boot=args.bootstrap, seed=args.seed)

@@ -1,9 +1,9 @@
 """The drift report of one radiograph: both checkpoints' predictions, their attribution maps for the same
 class, every drift metric per method, a drift score and its severity.
 
-Pipeline per batch: ``training.preprocess.preprocess`` -> one forward per checkpoint (logits + features) ->
-closed-form LayerCAM / GradCAM++ for the target class (:mod:`service.engine.cams`) -> metrics
-(:func:`service.engine.metrics.compare_maps`). The target class is the fine-tuned model's prediction unless
+Pipeline per batch: ``core.preprocess.preprocess`` -> one forward per checkpoint (logits + features) ->
+closed-form LayerCAM / GradCAM++ for the target class (:mod:`engine.cams`) -> metrics
+(:func:`engine.metrics.compare_maps`). The target class is the fine-tuned model's prediction unless
 one is requested; the score that is attributed is the class *logit*, never a softmax probability
 (DESIGN.md trap 3). Probabilities are reported for display only.
 
@@ -33,11 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.engine.cams import DEFAULT_EPS, METHODS, CamResult, closed_form_cams, postprocess
-from service.engine.metrics import DEFAULT_K_GRID, compare_maps, map_flags
+from core.errors import InputError
+from core.vocabulary import CHECKPOINTS
+from engine.cams import DEFAULT_EPS, METHODS, CamResult, closed_form_cams, postprocess
+from engine.metrics import DEFAULT_K_GRID, compare_maps, map_flags
 
 if TYPE_CHECKING:
-    from service.engine.runtime import ModelPair
+    from engine.runtime import ModelPair
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,6 @@ DEFAULT_METRIC_SIZE = 64
 FALLBACK_THRESHOLDS: dict[str, float] = {"moderate": 0.4, "high": 0.6}
 # GradCAM++ maps whose denominators are mostly eps are cubic in the head weights (DESIGN.md trap 2)
 EPS_DOMINATED_FRACTION = 0.5
-CHECKPOINTS = ("transfer", "finetuned")
 
 
 def _score_name(topk_percent: float) -> str:
@@ -101,15 +102,15 @@ def resolve_target_class(target: int | str | None, class_names: Sequence[str]) -
         return None
     valid = ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
     if isinstance(target, bool) or not isinstance(target, int | str | np.integer):
-        raise ValueError(
+        raise InputError(
             f"target_class must be a class index or name, got {target!r}; valid classes: {valid}"
         )
     if isinstance(target, str):
         if target in class_names:
             return list(class_names).index(target)
-        raise ValueError(f"unknown target class {target!r}; valid classes: {valid}")
+        raise InputError(f"unknown target class {target!r}; valid classes: {valid}")
     if not 0 <= int(target) < len(class_names):
-        raise ValueError(f"target class index {int(target)} is out of range; valid classes: {valid}")
+        raise InputError(f"target class index {int(target)} is out of range; valid classes: {valid}")
     return int(target)
 
 
@@ -164,13 +165,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _check_grays(grays: Sequence[np.ndarray]) -> None:
     if len(grays) == 0:
-        raise ValueError("expected at least one image, got none")
+        raise InputError("expected at least one image, got none")
     for i, gray in enumerate(grays):
         arr = np.asarray(gray)
         if arr.ndim != 2:
-            raise ValueError(f"image {i}: expected a grayscale (H, W) array, got shape {arr.shape}")
+            raise InputError(f"image {i}: expected a grayscale (H, W) array, got shape {arr.shape}")
         if not np.isfinite(arr).all():
-            raise ValueError(f"image {i}: contains NaN or infinite values")
+            raise InputError(f"image {i}: contains NaN or infinite values")
 
 
 def drift_report(
@@ -216,21 +217,21 @@ def drift_reports(
     ``attribution="reference"`` computes the maps with pytorch-grad-cam instead (needs a pair loaded with
     ``backend="torch"``): the slow path, for checks and benchmarks. Timings are per image (batch / B).
     """
-    from training.preprocess import preprocess_batch
+    from core.preprocess import preprocess_batch
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(
+        raise InputError(
             f"unknown CAM method(s) {unknown or list(methods)}; valid options: {', '.join(METHODS)}"
         )
     if attribution not in ("closed_form", "reference"):
-        raise ValueError(f"unknown attribution {attribution!r}; valid options: closed_form, reference")
+        raise InputError(f"unknown attribution {attribution!r}; valid options: closed_form, reference")
     requested = resolve_target_class(target_class, pair.class_names)
     _check_grays(grays)
     if not 0.0 < float(topk_percent) <= 100.0:  # fail before the forward, not after it
-        raise ValueError(f"topk_percent must be in (0, 100], got {topk_percent!r}")
+        raise InputError(f"topk_percent must be in (0, 100], got {topk_percent!r}")
     if metric_size is not None and (isinstance(metric_size, bool) or int(metric_size) < 3):
-        raise ValueError(f"metric_size must be an int >= 3 (SSIM needs 3x3) or None, got {metric_size!r}")
+        raise InputError(f"metric_size must be an int >= 3 (SSIM needs 3x3) or None, got {metric_size!r}")
     size = pair.input_size
     grid = size if metric_size is None else min(int(metric_size), size)
     timings: dict[str, float] = {}
@@ -357,7 +358,7 @@ def _reference_cams(
     pair: ModelPair, batch: np.ndarray, methods: Sequence[str], requested: int | None, grid: int
 ) -> tuple[dict[tuple[str, str], CamResult], dict[str, np.ndarray], np.ndarray]:
     """pytorch-grad-cam maps: 2 checkpoints x len(methods) calls, each a forward + backward."""
-    from service.engine.reference import reference_cams
+    from engine.reference import reference_cams
 
     cams: dict[tuple[str, str], CamResult] = {}
     logits: dict[str, np.ndarray] = {}

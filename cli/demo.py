@@ -51,7 +51,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _archs(choice: str) -> list[str]:
-    from training.registry import get_arch, list_archs
+    from core.registry import get_arch, list_archs
 
     if choice == "all":
         return list_archs()
@@ -59,7 +59,7 @@ def _archs(choice: str) -> list[str]:
 
 
 def _pair_is_usable(folder: Path) -> tuple[bool, str]:
-    from service.engine.runtime import read_manifest, verify_files
+    from core.manifest import read_manifest, verify_files
 
     if not (folder / "manifest.json").is_file():
         return False, "not trained yet"
@@ -75,7 +75,7 @@ def _pair_is_usable(folder: Path) -> tuple[bool, str]:
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """Make sure data, trained and calibrated pairs exist under ``args.dir``; return (data, artifacts, sample)."""
-    from service.engine.calibrate import calibrate_folder
+    from engine.calibrate import calibrate_folder
     from training.config import TrainConfig
     from training.synth import generate_dataset
     from training.train import train_pair
@@ -132,7 +132,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
     sample = root / "sample.png"
     if not sample.is_file():
-        from training.data import load_index
+        from core.dataset import load_index
 
         index = load_index(data)
         test = index.split("test")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from training.cli import CliError
+from core.errors import UsageError
 from training.synth import DEFAULT_CLASS_NAMES, generate_dataset, parse_class_names, parse_split
 
 __all__ = ["configure_parser", "run"]
@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
         class_names = parse_class_names(args.class_names)
         split = parse_split(args.split)
     except ValueError as exc:
-        raise CliError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     if args.cue_class is None and (args.cue_rate or args.cue_noise_rate):
-        raise CliError("--cue-rate/--cue-noise-rate need --cue-class NAME")
+        raise UsageError("--cue-rate/--cue-noise-rate need --cue-class NAME")
     manifest = generate_dataset(
         args.out,
         n=args.n,

@@ -9,8 +9,6 @@ available). Either way ``pair.forward(batch)`` returns logits and target-layer f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,27 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import ArtifactError, ConfigError
+from core.manifest import read_manifest, verify_files
+from core.vocabulary import BACKENDS, CHECKPOINTS
+
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "BACKENDS",
-    "CHECKPOINTS",
-    "ArtifactError",
-    "Forward",
-    "ModelPair",
-    "read_manifest",
-    "sha256_file",
-    "verify_files",
-]
-
-CHECKPOINTS = ("transfer", "finetuned")
-BACKENDS = ("onnx", "torch")
-SUPPORTED_SCHEMA = 1
-_REQUIRED_KEYS = ("schema_version", "architecture", "class_names", "input_size", "mean", "std", "checkpoints")
-
-
-class ArtifactError(ValueError):
-    """The model-pair folder is missing, incomplete, altered or inconsistent; the message names what."""
+__all__ = ["Forward", "ModelPair"]
 
 
 @dataclass(frozen=True)
@@ -48,54 +32,6 @@ class Forward:
 
     logits: np.ndarray
     features: np.ndarray
-
-
-def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """``folder/manifest.json``, checked for the keys and schema version the service needs."""
-    path = folder / "manifest.json"
-    if not folder.is_dir():
-        raise ArtifactError(f"model folder {str(folder)!r} does not exist or is not a folder")
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing; expected a model-pair folder written by training.export")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
-    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise ArtifactError(f"{path} lacks required keys: {', '.join(missing)}")
-    if manifest["schema_version"] != SUPPORTED_SCHEMA:
-        raise ArtifactError(
-            f"{path}: schema_version {manifest['schema_version']!r} is not supported (expected {SUPPORTED_SCHEMA})"
-        )
-    return manifest
-
-
-def verify_files(folder: Path, manifest: Mapping[str, Any]) -> None:
-    """Check every file in ``manifest["files"]`` against its SHA-256; raise :class:`ArtifactError` naming it."""
-    files = manifest.get("files")
-    if not isinstance(files, Mapping) or not files:
-        raise ArtifactError(f"{folder / 'manifest.json'} has no 'files' hash list to verify")
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"{name} is listed in the manifest but missing from {folder}")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ArtifactError(
-                f"{name} does not match its manifest hash (expected sha256 {expected}, got {actual}); "
-                "the file was altered or the manifest belongs to another export"
-            )
 
 
 def _check_closed_form_contract(manifest: Mapping[str, Any]) -> None:
@@ -143,7 +79,7 @@ class ModelPair:
     ) -> ModelPair:
         """Open the model pair in ``folder``; see the module docstring."""
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; valid options: {', '.join(BACKENDS)}")
+            raise ConfigError(f"unknown backend {backend!r}; valid options: {', '.join(BACKENDS)}")
         root = Path(folder)
         manifest = read_manifest(root)
         if verify:
@@ -257,7 +193,7 @@ class _TorchRunner:
         import torch
         from safetensors.torch import load_file
 
-        from training.registry import build_model
+        from training.models import build_model
 
         if threads is not None:
             torch.set_num_threads(int(threads))

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError
+
 __all__ = ["configure_parser", "run"]
 
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
-        raise ValueError(f"invalid settings: {problems}") from None
+        raise ConfigError(f"invalid settings: {problems}") from None
     print(
         f"cxr-drift: serving on http://{settings.host}:{settings.port} (artifacts: {settings.artifacts_dir})"
     )

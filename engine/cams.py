@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from core.vocabulary import METHODS
+
 __all__ = [
     "METHODS",
     "CamResult",
@@ -40,7 +42,6 @@ __all__ = [
     "postprocess",
 ]
 
-METHODS = ("layercam", "gradcampp")
 DEFAULT_EPS = 1e-6
 # the library's min-max denominator offset (pytorch_grad_cam.utils.image.scale_cam_image)
 _MINMAX_OFFSET = np.float32(1e-7)

@@ -36,7 +36,7 @@ def preprocess(
     """Network input for one grayscale image: float32 (3, S, S) with S = ``input_size``.
 
     ``out[c] = (resize(gray) - mean[c]) / std[c]`` for c in 0..2, where ``gray`` is (H, W) in [0, 1]
-    (as :func:`training.imageio.read_image` returns) and ``resize`` is PIL's bilinear resize to S x S.
+    (as :func:`core.imageio.read_image` returns) and ``resize`` is PIL's bilinear resize to S x S.
     """
     mean_arr, std_arr = _check_norm(mean, std)
     resized = resize_gray(gray, size=input_size)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.cli import CliError
+from core.errors import UsageError
 
 __all__ = ["configure_parser", "openapi_document", "render", "run"]
 
@@ -43,9 +43,11 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     if args.check:
         if not out.is_file():
-            raise CliError(f"{out} does not exist; run: cxr-drift openapi --out {out}")
+            raise UsageError(f"{out} does not exist; run: cxr-drift openapi --out {out}")
         if out.read_text(encoding="utf-8") != text:
-            raise CliError(f"{out} is out of date with the app's schema; run: cxr-drift openapi --out {out}")
+            raise UsageError(
+                f"{out} is out of date with the app's schema; run: cxr-drift openapi --out {out}"
+            )
         print(f"{out} is up to date")
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import argparse
 import os
 import secrets
 
+from core.errors import ConfigError, UsageError
 from service.app.db import DatabaseUnavailable, make_engine
 from service.app.keys import ROLES, create_key, list_keys, revoke_key
 
@@ -32,7 +33,7 @@ def add_database_url(parser: argparse.ArgumentParser) -> None:
 def database_url(args: argparse.Namespace) -> str:
     url = args.database_url or os.environ.get(DATABASE_URL_ENV)
     if not url:
-        raise ValueError(
+        raise ConfigError(
             f"no database URL: pass --database-url or set {DATABASE_URL_ENV} "
             "(e.g. sqlite:///audit.db or postgresql+psycopg://USER@HOST/DB)"
         )
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             revoke_key(engine, name=args.name)
             print(f"revoked API key {args.name!r}")
         else:  # argparse makes the action required; this guards direct callers
-            raise ValueError(f"unknown keys action {args.keys_action!r}; valid options: create, list, revoke")
+            raise UsageError(f"unknown keys action {args.keys_action!r}; valid options: create, list, revoke")
     except DatabaseUnavailable as error:
         raise OSError(str(error)) from error
     finally:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 
+from cli.keys import add_database_url, database_url
+from core.errors import UsageError
 from service.app import db
-from service.commands_keys import add_database_url, database_url
 
 __all__ = ["configure_parser", "run"]
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                 engine.dispose()
             print(f"current: {current or '(empty: not migrated)'}  newest: {db.head_revision()}")
         else:
-            raise ValueError(
+            raise UsageError(
                 f"unknown db action {args.db_action!r}; valid options: upgrade, downgrade, current"
             )
     except db.DatabaseUnavailable as error:

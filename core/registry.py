@@ -2,26 +2,24 @@
 
 A spec carries its preprocessing (native input size, normalization) and the name of the CAM target layer, so
 that inference and attribution cannot drift from training (the idea of timm's ``PretrainedCfg`` and
-torchvision's ``Weights``). This module does not import torch; ``build_model`` does, lazily.
+torchvision's ``Weights``). This module does not import torch: ``training.models.build_model`` builds the networks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from training.models import CxrClassifier
+from core.errors import InputError
 
-__all__ = ["ArchSpec", "build_model", "get_arch", "list_archs", "register_arch"]
+__all__ = ["ArchSpec", "get_arch", "list_archs", "register_arch"]
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     """What the project knows about one architecture.
 
-    ``target_layer`` names a module of :class:`training.models.CxrClassifier` whose output is the activation
+    ``target_layer`` names a module of ``training.models.CxrClassifier`` whose output is the activation
     the CAMs are computed on. It is ``feature_act``: a non-inplace ReLU applied after the backbone's last
     block. The backbones below already end in a ReLU, so this leaves values unchanged, but it makes the
     target tensor post-ReLU *by construction* on every device (DESIGN.md trap 1) and puts nothing but
@@ -48,7 +46,7 @@ class ArchSpec:
 
     def check_input_size(self, input_size: int) -> None:
         if input_size < self.min_input_size:
-            raise ValueError(
+            raise InputError(
                 f"{self.name} needs an input of at least {self.min_input_size} px, got {input_size} px "
                 f"(native size {self.native_input_size})"
             )
@@ -80,21 +78,7 @@ def get_arch(name: str) -> ArchSpec:
     try:
         return _REGISTRY[key]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; valid options: {', '.join(list_archs())}") from None
-
-
-def build_model(
-    name: str,
-    num_classes: int,
-    *,
-    pretrained: str | None = None,
-    drop_rate: float | None = None,
-    **kwargs: Any,
-) -> CxrClassifier:
-    """Build a classifier for a registered architecture (see :func:`training.models.build_classifier`)."""
-    from training.models import build_classifier
-
-    return build_classifier(get_arch(name), num_classes, pretrained=pretrained, drop_rate=drop_rate, **kwargs)
+        raise InputError(f"unknown architecture {name!r}; valid options: {', '.join(list_archs())}") from None
 
 
 def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:

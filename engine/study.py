@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from service.engine.metrics import SCALAR_METRICS
+from engine.metrics import SCALAR_METRICS
+from engine.ranking import finite_means, kendall_tau, rank_models
 
 __all__ = [
     "DEFAULT_STUDY_METRICS",
@@ -42,14 +43,12 @@ __all__ = [
     "describe",
     "evidence_on_lesion",
     "holm_adjust",
-    "kendall_tau",
     "paired_wilcoxon",
-    "rank_models",
     "render_markdown",
     "summarize",
 ]
 
-# The drift report's scalar metrics (service.engine.metrics.compare_maps) and the drift score.
+# The drift report's scalar metrics (engine.metrics.compare_maps) and the drift score.
 DEFAULT_STUDY_METRICS: tuple[str, ...] = (*SCALAR_METRICS, "drift_score")
 # Evidence on the lesion, per checkpoint, and the change fine-tuning made (synthetic data only).
 LESION_COLUMNS: tuple[str, ...] = (
@@ -87,7 +86,7 @@ def evidence_on_lesion(attribution: Any, lesion_mask: Any, *, topk_percent: floa
       pointing game");
     - ``lesion_area`` = ``mean M``: what both are for a map that knows nothing (chance level).
 
-    An all-zero map is the uniform map (as in :mod:`service.engine.metrics`): both values are
+    An all-zero map is the uniform map (as in :mod:`engine.metrics`): both values are
     ``lesion_area`` and ``all_zero`` is ``True``. An empty mask raises ``ValueError`` (undefined: skip the
     image, e.g. ``normal`` ones).
     """
@@ -260,55 +259,6 @@ def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
     return adjusted
 
 
-def _finite_means(means: Mapping[str, float | None]) -> dict[str, float]:
-    return {k: float(v) for k, v in means.items() if v is not None and math.isfinite(float(v))}
-
-
-def rank_models(means: Mapping[str, float | None], *, higher_is_better: bool = True) -> list[str]:
-    """Model names from most to least stable by their mean (``None``/NaN left out); ties by name."""
-    valid = _finite_means(means)
-    sign = -1.0 if higher_is_better else 1.0
-    return sorted(valid, key=lambda k: (sign * valid[k], k))
-
-
-def kendall_tau(a: Mapping[str, float | None], b: Mapping[str, float | None]) -> dict[str, Any]:
-    """Kendall's tau-b between two methods' per-architecture means over the architectures both have.
-
-    ``tau`` and ``p_value`` are ``scipy.stats.kendalltau``'s (``None`` with a note for fewer than 2
-    architectures or a method under which all means tie); ``reversed_pairs`` lists the pairs ordered one
-    way under ``a`` and the other under ``b``.
-    """
-    clean_a, clean_b = _finite_means(a), _finite_means(b)
-    models = sorted(set(clean_a) & set(clean_b))
-    va = np.array([clean_a[k] for k in models])
-    vb = np.array([clean_b[k] for k in models])
-    reversed_pairs = [
-        [models[i], models[j]]
-        for i, j in itertools.combinations(range(len(models)), 2)
-        if (va[i] - va[j]) * (vb[i] - vb[j]) < 0
-    ]
-    out: dict[str, Any] = {
-        "n": len(models),
-        "models": models,
-        "tau": None,
-        "p_value": None,
-        "reversed_pairs": reversed_pairs,
-        "note": "",
-    }
-    if len(models) < 2:
-        out["note"] = "needs at least 2 architectures ranked under both methods"
-        return out
-    if np.ptp(va) == 0 or np.ptp(vb) == 0:
-        out["note"] = "all architectures tie under one method: tau is undefined"
-        return out
-    result = stats.kendalltau(va, vb)
-    out["tau"] = float(result.statistic)
-    out["p_value"] = float(result.pvalue) if math.isfinite(float(result.pvalue)) else None
-    if len(models) < 4:
-        out["note"] = f"{len(models)} architectures: the p-value cannot be small; read tau as descriptive"
-    return out
-
-
 # ------------------------------------------------------------------------------------ summary
 
 
@@ -432,7 +382,7 @@ def summarize(
     for method_a, method_b in itertools.combinations(methods, 2):
         a = {model: means.get((model, method_a)) for model in models}
         b = {model: means.get((model, method_b)) for model in models}
-        fa, fb = _finite_means(a), _finite_means(b)
+        fa, fb = finite_means(a), finite_means(b)
         change = {
             model: (fb[model] - fa[model]) / fa[model] if fa.get(model) and model in fb else None
             for model in models

@@ -1,6 +1,6 @@
 """Learn per-method drift thresholds from a reference split and store them in the model pair's manifest.
 
-The drift score of each method (``1 - top-k% IoU``, see :mod:`service.engine.report`) is computed for every
+The drift score of each method (``1 - top-k% IoU``, see :mod:`engine.report`) is computed for every
 reference image; its percentiles give the thresholds: ``moderate = p90``, ``high = p99``. As in the paper,
 only **true-positive** images are used when labels are given and at least ``min_true_positives`` of them
 exist (the fine-tuned prediction equals the label, so the target class is the true class); otherwise all
@@ -21,7 +21,6 @@ images are used, and ``subset`` says which.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import logging
@@ -32,15 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.engine.cams import METHODS
-from service.engine.report import drift_reports
+from core.errors import InputError
+from engine.cams import METHODS
+from engine.report import drift_reports
 
 if TYPE_CHECKING:
-    from service.engine.runtime import ModelPair
+    from engine.runtime import ModelPair
 
 log = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "calibrate_folder", "configure_parser", "run", "write_thresholds"]
+__all__ = ["calibrate", "calibrate_folder", "write_thresholds"]
 
 MODERATE_PERCENTILE = 90.0
 HIGH_PERCENTILE = 99.0
@@ -63,11 +63,11 @@ def calibrate(
 ) -> dict[str, Any]:
     """Drift-score and metric percentiles per method over ``grays``, and thresholds (see module docstring)."""
     if len(grays) == 0:
-        raise ValueError("calibration needs at least one reference image, got none")
+        raise InputError("calibration needs at least one reference image, got none")
     if labels is not None and len(labels) != len(grays):
-        raise ValueError(f"expected one label per image ({len(grays)}), got {len(labels)} labels")
+        raise InputError(f"expected one label per image ({len(grays)}), got {len(labels)} labels")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     reports = []
     for start in range(0, len(grays), batch_size):
         chunk = list(grays[start : start + batch_size])
@@ -124,20 +124,6 @@ def write_thresholds(folder: str | Path, thresholds: dict[str, Any]) -> Path:
     return path
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model-dir", required=True, type=Path, help="model-pair folder (manifest.json, ONNX files)"
-    )
-    p.add_argument("--data", required=True, help="ImageFolder tree or CSV manifest of the reference images")
-    p.add_argument(
-        "--split", default="val", choices=("train", "val", "test"), help="reference split (default val)"
-    )
-    p.add_argument("--limit", type=int, default=None, help="use at most N images of the split")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--topk", type=float, default=20.0, help="top-k percent of the drift score (default 20)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-
-
 def calibrate_folder(
     model_dir: str | Path,
     data: str | Path,
@@ -149,9 +135,9 @@ def calibrate_folder(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Calibrate the pair in ``model_dir`` on ``split`` of ``data`` and store the thresholds in its manifest."""
-    from service.engine.runtime import ModelPair
-    from training.data import assign_splits, load_index
-    from training.imageio import read_image
+    from core.dataset import assign_splits, load_index
+    from core.imageio import read_image
+    from engine.runtime import ModelPair
 
     pair = ModelPair.load(model_dir, threads=threads)
     index = load_index(Path(data), class_names=pair.class_names)
@@ -161,30 +147,13 @@ def calibrate_folder(
     samples = index.split(split)
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
+            raise InputError(f"--limit must be >= 1, got {limit}")
         samples = samples[:limit]
     if not samples:
-        raise ValueError(f"split {split!r} of {data} has no images")
+        raise InputError(f"split {split!r} of {data} has no images")
     grays = [read_image(s.path) for s in samples]
     thresholds = calibrate(
         pair, grays, [s.label for s in samples], topk_percent=topk_percent, batch_size=batch_size
     )
     write_thresholds(model_dir, thresholds)
     return thresholds
-
-
-def run(args: argparse.Namespace) -> int:
-    thresholds = calibrate_folder(
-        args.model_dir,
-        args.data,
-        split=args.split,
-        limit=args.limit,
-        topk_percent=args.topk,
-        batch_size=args.batch_size,
-        threads=args.threads,
-    )
-    path = Path(args.model_dir) / "manifest.json"
-    print(f"wrote drift thresholds ({thresholds['subset']}, n={thresholds['n']}) to {path}")
-    for method, entry in thresholds["methods"].items():
-        print(f"  {method}: moderate >= {entry['moderate']:.3f}, high >= {entry['high']:.3f}")
-    return 0

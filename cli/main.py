@@ -1,9 +1,9 @@
 """The ``cxr-drift`` command: one entry point, one module per subcommand, imported only when used.
 
-Every command module exposes ``configure_parser(parser)`` and ``run(args) -> int``. Expected failures (bad
-paths, bad data, unknown architecture, incompatible checkpoint...) are raised as :class:`CliError` or as
-``ValueError``/``FileNotFoundError``/``OSError`` and printed as one line on stderr with a non-zero exit code;
-``--debug`` (or ``CXR_DRIFT_DEBUG=1``) shows the traceback.
+Every command module (``cli/<command>.py``) exposes ``configure_parser(parser)`` and ``run(args) -> int``.
+A :class:`core.errors.DomainError` (bad input, bad artifact, bad usage) or an ``OSError`` about a path the
+user gave is printed as one line on stderr with exit code 2 (usage) or 1; any other exception is a bug and
+keeps its traceback. ``--debug`` (or ``CXR_DRIFT_DEBUG=1``) shows the traceback of a domain error too.
 """
 
 from __future__ import annotations
@@ -16,31 +16,26 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-__all__ = ["CliError", "main"]
+from core.errors import DomainError, UsageError
 
-
-class CliError(Exception):
-    """An error whose message is meant for the user as it is."""
+__all__ = ["COMMANDS", "main"]
 
 
 # command -> (module, one-line help). Modules are imported lazily so `cxr-drift --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": (
-        "training.synth_cli",
-        "generate a synthetic chest X-ray dataset (ImageFolder + masks + manifest.csv)",
-    ),
-    "train": ("training.train", "two-stage training (transfer, then fine-tuning) and export of a model pair"),
-    "export": ("training.export", "export a trained model pair to the artifact folder (ONNX + manifest)"),
-    "calibrate": ("service.engine.calibrate", "learn drift thresholds from a reference split and store them"),
+    "synth": ("cli.synth", "generate a synthetic chest X-ray dataset (ImageFolder + masks + manifest.csv)"),
+    "train": ("cli.train", "two-stage training (transfer, then fine-tuning) and export of a model pair"),
+    "export": ("cli.export", "export a trained model pair to the artifact folder (ONNX + manifest)"),
+    "calibrate": ("cli.calibrate", "learn drift thresholds from a reference split and store them"),
     "study": (
-        "service.study_cli",
+        "cli.study",
         "offline drift study over model pairs and a data split: tables, statistics, plots",
     ),
-    "serve": ("service.commands", "run the API server"),
-    "demo": ("service.demo", "synthetic data + demo model pairs for all architectures, then serve"),
-    "keys": ("service.commands_keys", "create, list and revoke API keys"),
-    "db": ("service.commands_db", "migrate the audit database (upgrade, downgrade, current)"),
-    "openapi": ("service.commands_openapi", "write the service's OpenAPI document"),
+    "serve": ("cli.serve", "run the API server"),
+    "demo": ("cli.demo", "synthetic data + demo model pairs for all architectures, then serve"),
+    "keys": ("cli.keys", "create, list and revoke API keys"),
+    "db": ("cli.db", "migrate the audit database (upgrade, downgrade, current)"),
+    "openapi": ("cli.openapi", "write the service's OpenAPI document"),
 }
 
 
@@ -88,11 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cxr-drift: interrupted", file=sys.stderr)
         return 130
-    except (CliError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as exc:
+    except (DomainError, OSError) as exc:
+        # OSError: a path the user named is missing, unreadable or unwritable (the message names it)
         if debug:
             raise
         print(f"cxr-drift: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, CliError) else 1
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 if __name__ == "__main__":

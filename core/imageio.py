@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from core.errors import InputError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -65,7 +67,7 @@ _DICOM_VRS = frozenset(
 _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputError):
     """An image could not be decoded. ``source_name`` is the file (or ``None`` for bytes), ``reason`` why."""
 
     def __init__(self, reason: str, *, source_name: str | None = None) -> None:
@@ -158,7 +160,7 @@ def read_image_with_info(
 ) -> tuple[np.ndarray, ImageInfo]:
     """As :func:`read_image`, and also what was decoded (:class:`ImageInfo`)."""
     if max_pixels is not None and max_pixels <= 0:
-        raise ValueError(f"max_pixels must be a positive number of pixels or None, got {max_pixels}")
+        raise InputError(f"max_pixels must be a positive number of pixels or None, got {max_pixels}")
     data, name = _load_bytes(source)
     fmt = sniff_format(data)
     if fmt is None:
@@ -435,7 +437,7 @@ def window(values: np.ndarray, *, center: float, width: float, function: str = "
     x = np.asarray(values, dtype=np.float64)
     if function == "LINEAR":
         if width < 1:
-            raise ValueError(f"LINEAR window width must be >= 1, got {width}")
+            raise InputError(f"LINEAR window width must be >= 1, got {width}")
         if width == 1:
             return (x > center - 0.5).astype(np.float64)
         out = (x - (center - 0.5)) / (width - 1) + 0.5
@@ -444,10 +446,10 @@ def window(values: np.ndarray, *, center: float, width: float, function: str = "
         return np.clip(out, 0.0, 1.0)
     if function == "LINEAR_EXACT":
         if width <= 0:
-            raise ValueError(f"LINEAR_EXACT window width must be > 0, got {width}")
+            raise InputError(f"LINEAR_EXACT window width must be > 0, got {width}")
         return np.clip((x - center) / width + 0.5, 0.0, 1.0)
     if function == "SIGMOID":
         if width <= 0:
-            raise ValueError(f"SIGMOID window width must be > 0, got {width}")
+            raise InputError(f"SIGMOID window width must be > 0, got {width}")
         return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-    raise ValueError(f"unknown VOI LUT function {function!r}; valid options: LINEAR, LINEAR_EXACT, SIGMOID")
+    raise InputError(f"unknown VOI LUT function {function!r}; valid options: LINEAR, LINEAR_EXACT, SIGMOID")

@@ -1,0 +1,33 @@
+"""One error hierarchy for the whole project.
+
+A :class:`DomainError` means "the input or the artifact is wrong": its message is written for the user as it
+is, the CLI prints it as one line, and the service answers it with a 4xx. Every other exception is a bug: a
+traceback on the CLI, a 500 with the request id (and the traceback in the log) from the service.
+
+``InputError`` and ``ArtifactError`` are also ``ValueError``s, so code that validates arguments the Python
+way keeps working; the reverse is not true: a plain ``ValueError`` is never taken for a domain error.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ArtifactError", "ConfigError", "DomainError", "InputError", "UsageError"]
+
+
+class DomainError(Exception):
+    """Base of every error whose message is meant for the user (bad input, bad artifact, bad usage)."""
+
+
+class InputError(DomainError, ValueError):
+    """The input (an image, a dataset, an option, a map handed to a metric) cannot be used as it is."""
+
+
+class ArtifactError(DomainError, ValueError):
+    """A model-pair folder is missing, incomplete, altered or inconsistent; the message names what."""
+
+
+class ConfigError(DomainError, ValueError):
+    """A configuration or setting is invalid or contradicts a saved one."""
+
+
+class UsageError(DomainError):
+    """A command was asked for something it cannot do as asked (paths, flags, combinations)."""
