@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -49,6 +49,9 @@ __all__ = [
     "FALLBACK_THRESHOLDS",
     "METHODS",
     "DriftReport",
+    "MethodResult",
+    "Prediction",
+    "TargetClass",
     "drift_report",
     "drift_reports",
     "resolve_target_class",
@@ -69,16 +72,43 @@ def _score_name(topk_percent: float) -> str:
     return f"1 - top-{topk_percent:g}% IoU"
 
 
+# One checkpoint's prediction: the arg-max class and the softmax probabilities (display only). Functional
+# form because "class" is a keyword.
+Prediction = TypedDict("Prediction", {"index": int, "class": str, "probabilities": dict[str, float]})
+
+
+class TargetClass(TypedDict):
+    """The class both checkpoints' maps explain, and where it came from."""
+
+    index: int
+    name: str
+    source: str  # "finetuned_prediction" or "requested"
+
+
+class MethodResult(TypedDict):
+    """One attribution method's comparison of the two checkpoints' maps."""
+
+    metrics: dict[str, Any]  # engine.metrics.compare_maps
+    drift_score: float
+    severity: str  # "low", "moderate" or "high"
+    flagged: bool
+    flags: list[str]
+    diagnostics: dict[str, Any]
+
+
 @dataclass
 class DriftReport:
-    """One image's report; :meth:`to_dict` is the JSON the service returns and the audit stores."""
+    """One image's report for one model pair: what the service returns and the audit layer stores.
+
+    :meth:`to_dict` is its JSON form (without the maps).
+    """
 
     model: str
     class_names: list[str]
-    predictions: dict[str, dict[str, Any]]
+    predictions: dict[str, Prediction]  # by checkpoint
     agreement: bool
-    target_class: dict[str, Any]
-    methods: dict[str, dict[str, Any]]
+    target_class: TargetClass
+    methods: dict[str, MethodResult]  # by method
     thresholds: dict[str, Any]
     timings_ms: dict[str, float]
     maps: dict[str, dict[str, np.ndarray]] | None = field(default=None, repr=False)
@@ -304,7 +334,7 @@ def drift_reports(
     return reports
 
 
-def _prediction(logits: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+def _prediction(logits: np.ndarray, class_names: Sequence[str]) -> Prediction:
     probs = _softmax(logits[None, :])[0]
     index = int(logits.argmax())
     return {
@@ -316,7 +346,7 @@ def _prediction(logits: np.ndarray, class_names: Sequence[str]) -> dict[str, Any
 
 def _method_entry(
     transfer: CamResult, finetuned: CamResult, i: int, topk_percent: float, thresholds: Mapping[str, float]
-) -> dict[str, Any]:
+) -> MethodResult:
     metrics = compare_maps(
         transfer.maps[i],
         finetuned.maps[i],
