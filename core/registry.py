@@ -22,7 +22,7 @@ class ArchSpec:
     ``target_layer`` names a module of ``training.models.CxrClassifier`` whose output is the activation
     the CAMs are computed on. It is ``feature_act``: a non-inplace ReLU applied after the backbone's last
     block. The backbones below already end in a ReLU, so this leaves values unchanged, but it makes the
-    target tensor post-ReLU *by construction* on every device (DESIGN.md trap 1) and puts nothing but
+    target tensor post-ReLU *by construction* on every device (docs/DESIGN.md trap 1) and puts nothing but
     "global average pool -> dropout -> linear" between the target and the logits, which the closed-form CAMs
     rely on.
     """

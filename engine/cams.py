@@ -6,7 +6,7 @@ The classifier's head is "global average pool -> dropout -> linear" on a post-Re
     g_k = W[c, k] / (h * w)
 
 (no ReLU mask is needed: nothing but the pool sits between ``A`` and the linear layer). With it, both maps
-follow exactly as pytorch-grad-cam computes them (DESIGN.md section 3):
+follow exactly as pytorch-grad-cam computes them (docs/DESIGN.md section 3):
 
 - LayerCAM:  cam = ReLU( sum_k ReLU(g_k) * A_k )
 - GradCAM++: a_k = g_k^2 / (2 g_k^2 + S_k g_k^3 + eps)  (0 where g_k == 0),  S_k = sum_ij A_kij,
@@ -15,7 +15,7 @@ follow exactly as pytorch-grad-cam computes them (DESIGN.md section 3):
 then the library's post-processing: min-max ``(x - min) / (max(x - min) + 1e-7)`` on the native grid,
 bilinear resize to the input size (OpenCV ``INTER_LINEAR``, the library's own call), and a second min-max.
 
-``eps`` is not negligible (DESIGN.md trap 2): g^2 is often of the order of eps, so GradCAM++ results report
+``eps`` is not negligible (docs/DESIGN.md trap 2): g^2 is often of the order of eps, so GradCAM++ results report
 how much of the denominator eps makes up (``eps_fraction``). NumPy and OpenCV only; no torch.
 """
 
@@ -80,7 +80,7 @@ def _check_features(features: np.ndarray) -> np.ndarray:
     if low < 0.0:
         raise ValueError(
             f"features must be post-ReLU (non-negative), got minimum {low:.3g}; "
-            "take the target activation after a non-inplace ReLU (DESIGN.md trap 1)"
+            "take the target activation after a non-inplace ReLU (docs/DESIGN.md trap 1)"
         )
     return arr
 
@@ -101,7 +101,7 @@ def _check_size(size: int | tuple[int, int]) -> tuple[int, int]:
 
 def _check_weight(weight: np.ndarray, channels: int) -> np.ndarray:
     w = np.asarray(weight)
-    if w.ndim == 4 and w.shape[2:] == (1, 1):  # a 1x1-conv classifier (DESIGN.md trap 5)
+    if w.ndim == 4 and w.shape[2:] == (1, 1):  # a 1x1-conv classifier (docs/DESIGN.md trap 5)
         w = w.reshape(w.shape[0], w.shape[1])
     if w.ndim != 2 or w.shape[1] != channels:
         raise ValueError(f"head weight must have shape (C, {channels}) to match the features, got {w.shape}")

@@ -1,8 +1,8 @@
-"""Reference-free drift metrics between two attribution maps of the same image (DESIGN.md section 4).
+"""Reference-free drift metrics between two attribution maps of the same image (docs/DESIGN.md section 3).
 
 ``p`` is the transfer-learning map, ``q`` the fine-tuned one; both are non-negative 2-D maps on the same grid
 (the library's normalized maps, values in [0, 1]). Every function checks shapes first, computes in float64 and
-returns plain floats. Conventions for degenerate maps (DESIGN.md trap 6), so that nothing is ever NaN:
+returns plain floats. Conventions for degenerate maps (docs/DESIGN.md trap 6), so that nothing is ever NaN:
 
 - top-k selection breaks ties deterministically: stable sort by value (descending), then flat index
   (ascending);
@@ -478,7 +478,7 @@ def map_flags(m: Any) -> list[str]:
     return ["constant"] if np.ptp(a) == 0.0 else []
 
 
-# The float entries of compare_maps() (it also returns "iou_k"), in the order of DESIGN.md section 4.
+# The float entries of compare_maps() (it also returns "iou_k"), in the order of docs/DESIGN.md section 3.
 SCALAR_METRICS: tuple[str, ...] = (
     "iou",
     "dice",

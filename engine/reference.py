@@ -2,7 +2,7 @@
 
 This is the slow, autograd-based path the closed-form maps in :mod:`engine.cams` are checked against
 (one forward plus one full backward per call). Torch and pytorch-grad-cam are imported lazily, inside the
-functions, so importing this module stays cheap. The model is put in eval mode (dropout off, DESIGN.md
+functions, so importing this module stays cheap. The model is put in eval mode (dropout off, docs/DESIGN.md
 trap 4), the target is ``ClassifierOutputTarget(class)`` on the logits (never softmax, trap 3), and the CAM
 object is used as a context manager so its hooks are released.
 """

@@ -5,7 +5,7 @@ Pipeline per batch: ``core.preprocess.preprocess`` -> one forward per checkpoint
 closed-form LayerCAM / GradCAM++ for the target class (:mod:`engine.cams`) -> metrics
 (:func:`engine.metrics.compare_maps`). The target class is the fine-tuned model's prediction unless
 one is requested; the score that is attributed is the class *logit*, never a softmax probability
-(DESIGN.md trap 3). Probabilities are reported for display only.
+(docs/DESIGN.md trap 3). Probabilities are reported for display only.
 
 Metrics are computed on a common *analysis grid* (``metric_size``, default 64 x 64): the maps are the
 library's normalized maps, bilinearly resized from the native CAM grid (7x7 to 9x9 at native input sizes),
@@ -64,7 +64,7 @@ DEFAULT_METRIC_SIZE = 64
 # sets overlap with IoU 0.2 / 1.8 = 0.11); the paper's mean LayerCAM IoU of 0.6-0.8 between checkpoints
 # scores 0.2-0.4. "moderate" starts where less than 60% of the top region is shared, "high" below 40%.
 FALLBACK_THRESHOLDS: dict[str, float] = {"moderate": 0.4, "high": 0.6}
-# GradCAM++ maps whose denominators are mostly eps are cubic in the head weights (DESIGN.md trap 2)
+# GradCAM++ maps whose denominators are mostly eps are cubic in the head weights (docs/DESIGN.md trap 2)
 EPS_DOMINATED_FRACTION = 0.5
 
 

@@ -40,7 +40,7 @@ def _check_closed_form_contract(manifest: Mapping[str, Any]) -> None:
     if isinstance(features, Mapping) and features.get("post_relu") is False:
         raise ArtifactError(
             "manifest.json: features are not post-ReLU (features.post_relu is false); the closed-form CAMs "
-            "need the target activation taken after a ReLU (DESIGN.md trap 1)"
+            "need the target activation taken after a ReLU (docs/DESIGN.md trap 1)"
         )
 
 

@@ -103,7 +103,7 @@ def _check_parity(
         if method == "gradcampp":
             assert fast.eps_fraction is not None
             assert np.all((fast.eps_fraction >= 0) & (fast.eps_fraction <= 1))
-            # eps makes up more of the denominator as head weights shrink (DESIGN.md trap 2)
+            # eps makes up more of the denominator as head weights shrink (docs/DESIGN.md trap 2)
             trained = closed_form_cams(feats, trained_weight, classes, method=method, input_size=size)
             assert trained.eps_fraction is not None
             if head_scale < 1.0:
@@ -164,7 +164,7 @@ def test_negative_class_weights_give_flagged_zero_map() -> None:
 def test_all_classes_equals_per_class_and_accepts_conv_weight() -> None:
     rng = np.random.default_rng(6)
     feats = np.maximum(rng.normal(size=(2, 10, 4, 4)), 0).astype(np.float32)
-    weight = rng.normal(size=(3, 10, 1, 1))  # a 1x1-conv classifier (DESIGN.md trap 5)
+    weight = rng.normal(size=(3, 10, 1, 1))  # a 1x1-conv classifier (docs/DESIGN.md trap 5)
     for method in METHODS:
         every = closed_form_cams_all_classes(feats, weight, method=method, input_size=20)
         assert every.maps.shape == (2, 3, 20, 20)
