@@ -10,11 +10,22 @@ way keeps working; the reverse is not true: a plain ``ValueError`` is never take
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["ArtifactError", "ConfigError", "DomainError", "InputError", "UsageError"]
 
 
 class DomainError(Exception):
-    """Base of every error whose message is meant for the user (bad input, bad artifact, bad usage)."""
+    """Base of every error whose message is meant for the user (bad input, bad artifact, bad usage).
+
+    ``code`` is an optional stable machine-readable name (the service puts it in its error body) and
+    ``details`` optional JSON-able data for the client (valid options, limits...).
+    """
+
+    def __init__(self, message: str, *, code: str | None = None, details: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
 
 
 class InputError(DomainError, ValueError):

@@ -70,23 +70,35 @@ _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 class ImageDecodeError(InputError):
     """An image could not be decoded. ``source_name`` is the file (or ``None`` for bytes), ``reason`` why."""
 
-    def __init__(self, reason: str, *, source_name: str | None = None) -> None:
+    default_code = "undecodable_image"
+
+    def __init__(self, reason: str, *, source_name: str | None = None, details: Any = None) -> None:
         self.reason = reason
         self.source_name = source_name
         where = f"image file {source_name!r}" if source_name else "image bytes"
-        super().__init__(f"cannot decode {where}: {reason}")
+        super().__init__(f"cannot decode {where}: {reason}", code=self.default_code, details=details)
 
 
 class UnsupportedFormatError(ImageDecodeError):
     """The bytes are not PNG, JPEG or DICOM (or a variant of them that cannot be decoded here)."""
 
+    default_code = "unsupported_media_type"
+
+    def __init__(self, reason: str, *, source_name: str | None = None, details: Any = None) -> None:
+        valid = {"valid": list(SUPPORTED_FORMATS)}
+        super().__init__(reason, source_name=source_name, details=details if details is not None else valid)
+
 
 class ImageTooLargeError(ImageDecodeError):
     """The declared image size exceeds the pixel cap (decompression-bomb guard)."""
 
+    default_code = "image_too_large"
+
 
 class NoPixelDataError(ImageDecodeError):
     """A DICOM file without pixel data (e.g. a structured report or a header-only file)."""
+
+    default_code = "no_pixel_data"
 
 
 @dataclass(frozen=True)
@@ -204,6 +216,7 @@ def _check_size(width: int, height: int, *, max_pixels: int | None, name: str | 
             f"declared size {width}x{height} = {width * height} pixels exceeds the limit of "
             f"{max_pixels} pixels",
             source_name=name,
+            details={"max_pixels": max_pixels},
         )
 
 
@@ -221,7 +234,9 @@ def _decode_pil(
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=[pil_format])
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"PIL refused the declared size: {exc}", source_name=name) from exc
+        raise ImageTooLargeError(
+            f"PIL refused the declared size: {exc}", source_name=name, details={"max_pixels": max_pixels}
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"invalid {fmt.upper()} header: {exc}", source_name=name) from exc
 
