@@ -87,8 +87,11 @@ def test_onnx_matches_torch_for_any_batch(pair_dir: Path) -> None:
 def test_safetensors_round_trip(pair_dir: Path) -> None:
     _, finetuned = make_pair("densenet201")
     loaded = load_checkpoint(pair_dir / "finetuned.safetensors", arch="densenet201", num_classes=5)
-    for (k, a), (_, b) in zip(finetuned.state_dict().items(), loaded.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, msg=k)
+    expected, actual = finetuned.state_dict(), loaded.state_dict()
+    assert list(actual) == list(expected)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(actual[key], tensor, rtol=0, atol=0, msg=key)
+    assert not torch.equal(actual["head.weight"], make_pair("densenet201")[0].state_dict()["head.weight"])
 
 
 def test_incompatible_checkpoint_is_a_clear_error(pair_dir: Path) -> None:
