@@ -13,7 +13,7 @@ import argparse
 
 from cli.keys import add_database_url, database_url
 from core.errors import UsageError
-from service.app import db
+from service.audit import db
 
 __all__ = ["configure_parser", "run"]
 

@@ -144,10 +144,10 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app.db import make_engine, upgrade
     from service.app.keys import create_key
     from service.app.main import create_app
     from service.app.settings import Settings
+    from service.audit.db import make_engine, upgrade
 
     _, artifacts, sample = prepare(args)
     logging.getLogger("alembic").setLevel(logging.WARNING)

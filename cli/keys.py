@@ -14,8 +14,8 @@ import os
 import secrets
 
 from core.errors import ConfigError, UsageError
-from service.app.db import DatabaseUnavailable, make_engine
 from service.app.keys import ROLES, create_key, list_keys, revoke_key
+from service.audit.db import DatabaseUnavailable, make_engine
 
 __all__ = ["configure_parser", "database_url", "run"]
 

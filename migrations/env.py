@@ -1,6 +1,6 @@
 """Alembic environment: the URL and the table metadata come from the application.
 
-URL, first found: ``config.attributes["database_url"]`` (set by ``service.app.db.upgrade``), the
+URL, first found: ``config.attributes["database_url"]`` (set by ``service.audit.db.upgrade``), the
 ``CXR_DRIFT_DATABASE_URL`` environment variable, ``sqlalchemy.url`` in alembic.ini.
 """
 
@@ -12,8 +12,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import text
 
-from service.app.db import SQLITE_IMMEDIATE, make_engine
-from service.app.tables import metadata
+from service.audit.db import SQLITE_IMMEDIATE, make_engine
+from service.audit.tables import metadata
 
 config = context.config
 

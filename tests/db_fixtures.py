@@ -10,7 +10,7 @@ with ``pytest_plugins = ["tests.db_fixtures"]`` in conftest.py.
   ``options=-csearch_path=...`` connection parameter carried in the URL. If the server is unreachable
   the PostgreSQL cases are skipped with the reason, unless ``CI=true``, where they fail.
 
-``make_report``/``make_entry`` build realistic ``DriftReport.to_dict()``-shaped data for the audit log.
+``make_report``/``make_entry`` build realistic :class:`engine.report.DriftReport` objects and audit entries.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from service.app.audit import AuditEntry
-from service.app.db import make_engine, upgrade
-from service.app.tables import METRIC_COLUMNS
+from core.vocabulary import METHODS
+from engine.report import DriftReport, MethodResult, Prediction
+from service.audit.chain import AuditEntry
+from service.audit.db import make_engine, upgrade
+from service.audit.tables import METRIC_COLUMNS
 
 PG_URL_ENV = "CXR_DRIFT_TEST_PG_URL"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MODELS = ("densenet201", "resnet50v2", "inceptionv3")
-METHODS = ("layercam", "gradcampp")
 CLASSES = ("normal", "lobar_consolidation", "lower_zone_opacities", "diffuse_opacity", "upper_zone_nodules")
 
 
@@ -129,12 +130,12 @@ def make_report(
     transfer_class: str | None = None,
     finetuned_class: str | None = None,
     class_names: Sequence[str] = CLASSES,
-) -> dict[str, Any]:
-    """A report shaped like ``DriftReport.to_dict()`` (no maps) with random but valid values."""
+) -> DriftReport:
+    """A report (without maps) with random but valid values."""
     transfer = transfer_class or str(rng.choice(class_names))
     finetuned = finetuned_class or str(rng.choice(class_names))
 
-    def prediction(name: str) -> dict[str, Any]:
+    def prediction(name: str) -> Prediction:
         probabilities = rng.dirichlet(np.ones(len(class_names)))
         return {
             "index": class_names.index(name),
@@ -142,7 +143,7 @@ def make_report(
             "probabilities": {c: float(p) for c, p in zip(class_names, probabilities, strict=True)},
         }
 
-    method_results = {}
+    method_results: dict[str, MethodResult] = {}
     for method in methods:
         metrics: dict[str, Any] = {name: float(rng.uniform(0.0, 1.0)) for name in METRIC_COLUMNS}
         metrics["entropy_change"] = float(rng.uniform(-0.5, 0.5))
@@ -158,20 +159,20 @@ def make_report(
             "flags": ["high_drift"] if severity == "high" else [],
             "diagnostics": {"eps_fraction": float(rng.uniform(0.0, 0.1))},
         }
-    return {
-        "model": model,
-        "class_names": list(class_names),
-        "predictions": {"transfer": prediction(transfer), "finetuned": prediction(finetuned)},
-        "agreement": transfer == finetuned,
-        "target_class": {
+    return DriftReport(
+        model=model,
+        class_names=list(class_names),
+        predictions={"transfer": prediction(transfer), "finetuned": prediction(finetuned)},
+        agreement=transfer == finetuned,
+        target_class={
             "index": class_names.index(finetuned),
             "name": finetuned,
             "source": "finetuned_prediction",
         },
-        "methods": method_results,
-        "thresholds": {"calibrated": False, "source": "fallback"},
-        "timings_ms": {"forward": float(rng.uniform(5, 50))},
-    }
+        methods=method_results,
+        thresholds={"calibrated": False, "source": "fallback"},
+        timings_ms={"forward": float(rng.uniform(5, 50))},
+    )
 
 
 def make_entry(

@@ -435,8 +435,8 @@ def test_tampered_row_is_named_by_verify(api_artifacts: Path, database_url: str)
 @pytest.mark.slow
 def test_no_acknowledged_prediction_without_its_audit_row(api_artifacts: Path, database_url: str) -> None:
     """The database dies while requests are in flight: every 2xx has its committed row, the rest are 503."""
-    from service.app import audit
-    from service.app.db import make_engine
+    from service.audit import chain, queries
+    from service.audit.db import make_engine
 
     with started(make_settings(api_artifacts, database_url)) as app:
         state = app.app.state.cxr
@@ -474,6 +474,6 @@ def test_no_acknowledged_prediction_without_its_audit_row(api_artifacts: Path, d
             assert "results" not in response.text
         for response in ok:
             body = response.json()
-            record = audit.get_record(healthy, body["audit_record_id"])
+            record = queries.get_record(healthy, body["audit_record_id"])
             assert record is not None and record["request_id"] == body["request_id"]
-        assert audit.verify(healthy).checked == len(ok)
+        assert chain.verify(healthy).checked == len(ok)

@@ -10,19 +10,21 @@ import itertools
 import threading
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 from scipy.stats import kendalltau
 
-from service.app import audit
-from service.app.audit import AuditEntry, AuditFilters
-from service.app.db import DatabaseUnavailable, check_writable, make_engine
-from service.app.tables import METRIC_COLUMNS
+from core.vocabulary import METHODS
+from service.audit import chain, queries
+from service.audit.chain import AuditEntry
+from service.audit.db import DatabaseUnavailable, check_writable, make_engine, upgrade
+from service.audit.queries import AuditFilters
+from service.audit.summary import summarize
+from service.audit.tables import METRIC_COLUMNS
 from tests.db_fixtures import (  # noqa: F401
-    METHODS,
     MODELS,
     db_engine,
     db_url,
@@ -47,22 +49,22 @@ def disable_append_only(engine: sa.Engine) -> None:
                 connection.exec_driver_sql(f"ALTER TABLE {table} DISABLE TRIGGER USER")
 
 
-def append_many(engine: sa.Engine, entries: list[AuditEntry]) -> list[audit.AppendResult]:
-    return [audit.append(engine, entry) for entry in entries]
+def append_many(engine: sa.Engine, entries: list[AuditEntry]) -> list[chain.AppendResult]:
+    return [chain.append(engine, entry) for entry in entries]
 
 
 def drift_rows_of(entries: list[AuditEntry]) -> list[dict[str, Any]]:
-    """The oracle's own reading of the reports (independent of audit.drift_rows_from_reports)."""
+    """The oracle's own reading of the reports (independent of chain.drift_rows_from_reports)."""
     rows = []
     for entry in entries:
         for report in entry.reports:
-            for method, result in report["methods"].items():
+            for method, result in report.methods.items():
                 row = {
                     "created_at": entry.created_at,
-                    "model": report["model"],
+                    "model": report.model,
                     "method": method,
-                    "class": report["target_class"]["name"],
-                    "agreement": report["agreement"],
+                    "class": report.target_class["name"],
+                    "agreement": report.agreement,
                     "severity": result["severity"],
                     "flagged": result["flagged"],
                     "drift_score": result["drift_score"],
@@ -98,34 +100,35 @@ def assert_stats_close(actual: dict[str, Any], expected: dict[str, Any]) -> None
 def test_append_links_rows_and_verify_accepts_them(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(1)
     results = append_many(db_engine, [make_entry(rng) for _ in range(5)])
-    assert results[0].prev_hash == audit.GENESIS_HASH
+    assert results[0].prev_hash == chain.GENESIS_HASH
     for previous, current in itertools.pairwise(results):
         assert current.prev_hash == previous.row_hash
         assert current.id > previous.id
-    outcome = audit.verify(db_engine)
-    assert outcome == audit.VerifyResult(ok=True, checked=5, first_bad_id=None, reason=None)
+    outcome = chain.verify(db_engine)
+    assert outcome == chain.VerifyResult(ok=True, checked=5, first_bad_id=None, reason=None)
     assert outcome.to_dict()["ok"] is True
-    assert audit.verify(db_engine, batch_size=2).checked == 5  # streaming in small batches
+    assert chain.verify(db_engine, batch_size=2).checked == 5  # streaming in small batches
 
 
 def test_verify_on_empty_database_is_ok(db_engine: sa.Engine) -> None:
-    assert audit.verify(db_engine) == audit.VerifyResult(ok=True, checked=0)
+    assert chain.verify(db_engine) == chain.VerifyResult(ok=True, checked=0)
 
 
 def test_stored_hash_recomputes_from_the_stored_columns(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(2)
     entry = make_entry(rng)
-    entry.reports[0]["methods"]["layercam"]["metrics"]["ssim"] = float("nan")  # undefined metric
-    entry.reports[0]["methods"]["layercam"]["metrics"]["pearson"] = -0.0
-    entry.reports[0]["maps"] = {"layercam": {"transfer": [[0.0, 1.0]]}}  # pixels must not be stored
-    result = audit.append(db_engine, entry)
-    record = audit.get_record(db_engine, result.id)
+    entry.reports[0].methods["layercam"]["metrics"]["ssim"] = float("nan")  # undefined metric
+    entry.reports[0].methods["layercam"]["metrics"]["pearson"] = -0.0
+    maps = {"transfer": np.zeros((4, 4)), "finetuned": np.ones((4, 4))}
+    entry.reports[0].maps = {"layercam": maps}  # pixels must not be stored
+    result = chain.append(db_engine, entry)
+    record = queries.get_record(db_engine, result.id)
     assert record is not None
     assert record["row_hash"] == result.row_hash
     assert "maps" not in record["reports"][0]
     layercam = next(d for d in record["drift"] if d["model"] == MODELS[0] and d["method"] == "layercam")
     assert layercam["ssim"] is None
-    assert audit.verify(db_engine).ok
+    assert chain.verify(db_engine).ok
 
 
 @pytest.mark.parametrize(
@@ -148,7 +151,7 @@ def test_verify_names_the_tampered_row(db_engine: sa.Engine, table: str, column:
             f"UPDATE {table} SET {column} = {new_value} WHERE {key} = {victim}"
         ).rowcount
     assert changed >= 1
-    outcome = audit.verify(db_engine)
+    outcome = chain.verify(db_engine)
     assert not outcome.ok
     assert outcome.first_bad_id == victim
     assert outcome.checked == 2
@@ -162,7 +165,7 @@ def test_verify_names_the_row_after_a_deleted_one(db_engine: sa.Engine) -> None:
     with db_engine.begin() as connection:
         connection.exec_driver_sql(f"DELETE FROM audit_drift WHERE record_id = {results[1].id}")
         connection.exec_driver_sql(f"DELETE FROM audit_records WHERE id = {results[1].id}")
-    outcome = audit.verify(db_engine)
+    outcome = chain.verify(db_engine)
     assert not outcome.ok
     assert outcome.first_bad_id == results[2].id
     assert outcome.reason is not None and outcome.reason.startswith("broken link")
@@ -176,27 +179,27 @@ def test_verify_detects_a_deleted_drift_row(db_engine: sa.Engine) -> None:
         connection.exec_driver_sql(
             f"DELETE FROM audit_drift WHERE record_id = {results[0].id} AND method = 'gradcampp'"
         )
-    outcome = audit.verify(db_engine)
+    outcome = chain.verify(db_engine)
     assert (outcome.ok, outcome.first_bad_id) == (False, results[0].id)
 
 
 def test_verify_reports_the_head_and_detects_truncation_against_an_anchor(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(51)
     results = append_many(db_engine, [make_entry(rng) for _ in range(4)])
-    outcome = audit.verify(db_engine)
+    outcome = chain.verify(db_engine)
     assert (outcome.head_id, outcome.head_hash) == (results[-1].id, results[-1].row_hash)
     assert outcome.anchor_found is None
     # an anchor anywhere in the chain (the head recorded some time ago) is found
-    assert audit.verify(db_engine, anchor=results[1].row_hash).anchor_found is True
-    assert audit.verify(db_engine, anchor=results[-1].row_hash.upper()).ok
+    assert chain.verify(db_engine, anchor=results[1].row_hash).anchor_found is True
+    assert chain.verify(db_engine, anchor=results[-1].row_hash.upper()).ok
     # deleting the newest rows leaves a valid, shorter chain: only the external anchor shows it
     disable_append_only(db_engine)
     with db_engine.begin() as connection:
         for victim in results[2:]:
             connection.exec_driver_sql(f"DELETE FROM audit_drift WHERE record_id = {victim.id}")
             connection.exec_driver_sql(f"DELETE FROM audit_records WHERE id = {victim.id}")
-    assert audit.verify(db_engine).ok
-    truncated = audit.verify(db_engine, anchor=results[-1].row_hash)
+    assert chain.verify(db_engine).ok
+    truncated = chain.verify(db_engine, anchor=results[-1].row_hash)
     assert not truncated.ok and truncated.anchor_found is False and truncated.first_bad_id is None
     assert truncated.reason is not None and "truncation" in truncated.reason
     assert (truncated.head_id, truncated.checked) == (results[1].id, 2)
@@ -213,7 +216,7 @@ def test_verify_reports_an_unreadable_row_instead_of_failing(db_engine: sa.Engin
     for edit in edits:
         with db_engine.begin() as connection:
             connection.exec_driver_sql(f"UPDATE audit_records SET {edit} WHERE id = {results[1].id}")
-        outcome = audit.verify(db_engine)
+        outcome = chain.verify(db_engine)
         assert (outcome.ok, outcome.first_bad_id, outcome.checked) == (False, results[1].id, 1), edit
         assert outcome.head_id == results[0].id and outcome.head_hash == results[0].row_hash
 
@@ -225,7 +228,7 @@ def test_triggers_reject_update_and_delete(db_engine: sa.Engine) -> None:
         for statement in (f"UPDATE {table} SET id = id", f"DELETE FROM {table}"):
             with pytest.raises(sa.exc.DBAPIError, match="append-only"), db_engine.begin() as connection:
                 connection.exec_driver_sql(statement)
-    assert audit.verify(db_engine) == audit.VerifyResult(ok=True, checked=2)
+    assert chain.verify(db_engine) == chain.VerifyResult(ok=True, checked=2)
 
 
 def test_postgresql_rejects_truncate(db_engine: sa.Engine) -> None:
@@ -239,23 +242,23 @@ def test_postgresql_rejects_truncate(db_engine: sa.Engine) -> None:
 def test_duplicate_request_id_is_refused_and_chain_unchanged(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(8)
     entry = make_entry(rng)
-    audit.append(db_engine, entry)
+    chain.append(db_engine, entry)
     with pytest.raises(ValueError, match=entry.request_id):
-        audit.append(db_engine, entry)
-    assert audit.verify(db_engine) == audit.VerifyResult(ok=True, checked=1)
+        chain.append(db_engine, entry)
+    assert chain.verify(db_engine) == chain.VerifyResult(ok=True, checked=1)
 
 
 def test_naive_created_at_is_refused(db_engine: sa.Engine) -> None:
     entry = make_entry(np.random.default_rng(9), created_at=datetime(2026, 1, 1, 12, 0))
     with pytest.raises(ValueError, match="timezone-aware"):
-        audit.append(db_engine, entry)
+        chain.append(db_engine, entry)
 
 
 def test_concurrent_appends_keep_one_linear_chain(db_url: str) -> None:
     threads_count, per_thread = 4, 5
     engines = [make_engine(db_url) for _ in range(threads_count)]
     errors: list[BaseException] = []
-    results: list[audit.AppendResult] = []
+    results: list[chain.AppendResult] = []
     lock = threading.Lock()
     barrier = threading.Barrier(threads_count)
 
@@ -265,7 +268,7 @@ def test_concurrent_appends_keep_one_linear_chain(db_url: str) -> None:
         try:
             barrier.wait()
             for entry in entries:
-                result = audit.append(engines[index], entry)
+                result = chain.append(engines[index], entry)
                 with lock:
                     results.append(result)
         except BaseException as error:
@@ -286,7 +289,7 @@ def test_concurrent_appends_keep_one_linear_chain(db_url: str) -> None:
     )
     engine = make_engine(db_url)
     try:
-        assert audit.verify(engine) == audit.VerifyResult(ok=True, checked=threads_count * per_thread)
+        assert chain.verify(engine) == chain.VerifyResult(ok=True, checked=threads_count * per_thread)
     finally:
         engine.dispose()
 
@@ -308,7 +311,7 @@ def populated(db_engine: sa.Engine) -> tuple[sa.Engine, list[AuditEntry]]:
 def test_summary_matches_a_python_recomputation(populated: tuple[sa.Engine, list[AuditEntry]]) -> None:
     engine, entries = populated
     rows = drift_rows_of(entries)
-    summary = audit.summarize(engine, filters=AuditFilters(), group_by=["model", "method"])
+    summary = summarize(engine, filters=AuditFilters(), group_by=["model", "method"])
     assert summary["total"] == len(rows)
     assert len(summary["groups"]) == len(MODELS) * len(METHODS)
     for group in summary["groups"]:
@@ -325,7 +328,7 @@ def test_summary_matches_a_python_recomputation(populated: tuple[sa.Engine, list
 def test_summary_without_grouping_is_one_group(populated: tuple[sa.Engine, list[AuditEntry]]) -> None:
     engine, entries = populated
     rows = drift_rows_of(entries)
-    summary = audit.summarize(engine, filters=AuditFilters(), group_by=[])
+    summary = summarize(engine, filters=AuditFilters(), group_by=[])
     (group,) = summary["groups"]
     assert group["key"] == {}
     assert group["count"] == len(rows)
@@ -340,12 +343,10 @@ def test_percentiles_match_numpy_for_groups_of_every_size(db_engine: sa.Engine) 
         for _ in range(n):
             entry = make_entry(rng, models=[model], methods=METHODS[:1])
             # ties and repeated values are where rank-based percentiles go wrong
-            entry.reports[0]["methods"][METHODS[0]]["metrics"]["iou"] = float(
-                rng.choice([0.1, 0.5, 0.5, 0.9])
-            )
+            entry.reports[0].methods[METHODS[0]]["metrics"]["iou"] = float(rng.choice([0.1, 0.5, 0.5, 0.9]))
             entries.append(entry)
     append_many(db_engine, entries)
-    summary = audit.summarize(db_engine, filters=AuditFilters(), group_by=["model"])
+    summary = summarize(db_engine, filters=AuditFilters(), group_by=["model"])
     assert {g["key"]["model"]: g["count"] for g in summary["groups"]} == sizes
     rows = drift_rows_of(entries)
     for group in summary["groups"]:
@@ -358,10 +359,10 @@ def test_null_metrics_are_left_out_of_statistics(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(11)
     entries = [make_entry(rng, models=MODELS[:1], methods=METHODS[:1]) for _ in range(5)]
     for entry in entries[:2]:
-        entry.reports[0]["methods"][METHODS[0]]["metrics"]["ssim"] = None
+        entry.reports[0].methods[METHODS[0]]["metrics"]["ssim"] = None
     append_many(db_engine, entries)
-    (group,) = audit.summarize(db_engine, filters=AuditFilters(), group_by=[])["groups"]
-    kept = [e.reports[0]["methods"][METHODS[0]]["metrics"]["ssim"] for e in entries[2:]]
+    (group,) = summarize(db_engine, filters=AuditFilters(), group_by=[])["groups"]
+    kept = [e.reports[0].methods[METHODS[0]]["metrics"]["ssim"] for e in entries[2:]]
     assert_stats_close(group["metrics"]["ssim"], expected_stats(kept))
     assert group["metrics"]["iou"]["n"] == 5
 
@@ -402,7 +403,7 @@ def check_filters(engine: sa.Engine, entries: list[AuditEntry], filters: AuditFi
 
     rows = [r for r in drift_rows_of(entries) if keep(r)]
     assert rows, f"the fixture data should exercise every filter: {filters}"
-    summary = audit.summarize(engine, filters=filters, group_by=["class"])
+    summary = summarize(engine, filters=filters, group_by=["class"])
     assert summary["total"] == len(rows)
     by_class: dict[str, list[float]] = defaultdict(list)
     for row in rows:
@@ -413,15 +414,15 @@ def check_filters(engine: sa.Engine, entries: list[AuditEntry], filters: AuditFi
     for group in summary["groups"]:
         assert_stats_close(group["metrics"]["drift_score"], expected_stats(by_class[group["key"]["class"]]))
 
-    exported = list(csv.DictReader(io.StringIO("".join(audit.export_csv(engine, filters=filters)))))
+    exported = list(csv.DictReader(io.StringIO("".join(queries.export_csv(engine, filters=filters)))))
     assert len(exported) == len(rows)
     listed_ids: set[int] = set()
-    page = audit.list_records(engine, filters=filters, limit=3)
+    page = queries.list_records(engine, filters=filters, limit=3)
     while True:
         listed_ids.update(item["id"] for item in page.items)
         if page.next_before_id is None:
             break
-        page = audit.list_records(engine, filters=filters, limit=3, before_id=page.next_before_id)
+        page = queries.list_records(engine, filters=filters, limit=3, before_id=page.next_before_id)
     assert listed_ids == {int(row["record_id"]) for row in exported}
 
 
@@ -438,7 +439,7 @@ def test_grouping_by_day_and_week_uses_utc_dates(db_engine: sa.Engine, unit: str
     ]
     entries = [make_entry(rng, created_at=stamp, models=MODELS[:1], methods=METHODS[:1]) for stamp in stamps]
     append_many(db_engine, entries)
-    summary = audit.summarize(db_engine, filters=AuditFilters(), group_by=[unit])
+    summary = summarize(db_engine, filters=AuditFilters(), group_by=[unit])
     expected: dict[str, int] = defaultdict(int)
     for stamp in stamps:
         day = stamp.astimezone(UTC).date()
@@ -449,7 +450,7 @@ def test_grouping_by_day_and_week_uses_utc_dates(db_engine: sa.Engine, unit: str
 
 def test_group_by_rejects_unknown_values(db_engine: sa.Engine) -> None:
     with pytest.raises(ValueError, match="valid options: model, method, class, day, week"):
-        audit.summarize(db_engine, filters=AuditFilters(), group_by=["hour"])
+        summarize(db_engine, filters=AuditFilters(), group_by=["hour"])
 
 
 def test_ranking_and_its_reversal_between_methods(db_engine: sa.Engine) -> None:
@@ -463,11 +464,11 @@ def test_ranking_and_its_reversal_between_methods(db_engine: sa.Engine) -> None:
     for _ in range(6):
         entry = make_entry(rng)
         for report in entry.reports:
-            for method, result in report["methods"].items():
-                result["metrics"]["iou"] = base_iou[method][report["model"]] + float(rng.uniform(-0.02, 0.02))
+            for method, result in report.methods.items():
+                result["metrics"]["iou"] = base_iou[method][report.model] + float(rng.uniform(-0.02, 0.02))
         entries.append(entry)
     append_many(db_engine, entries)
-    ranking = audit.summarize(db_engine, filters=AuditFilters(), group_by=[])["ranking"]
+    ranking = summarize(db_engine, filters=AuditFilters(), group_by=[])["ranking"]
     rows = drift_rows_of(entries)
     means = {
         (m, model): np.mean([r["iou"] for r in rows if r["method"] == m and r["model"] == model])
@@ -486,6 +487,31 @@ def test_ranking_and_its_reversal_between_methods(db_engine: sa.Engine) -> None:
     assert comparison["kendall_tau"] == pytest.approx(expected_tau.statistic)
     assert comparison["kendall_tau"] < 0
     assert comparison["reversal"] and comparison["rank_changed"]
+    assert comparison["reversed_pairs"] == [["densenet201", "inceptionv3"], ["inceptionv3", "resnet50v2"]]
+    assert comparison["order"] == {m: [e["model"] for e in ranking["per_method"][m]] for m in METHODS}
+    assert isinstance(comparison["note"], str)
+
+
+def test_ranking_breaks_ties_by_name_and_leaves_models_without_iou_unranked(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(21)
+    iou = {"resnet50v2": 0.5, "densenet201": 0.5, "inceptionv3": None}
+    entries = []
+    for _ in range(2):
+        entry = make_entry(rng, methods=METHODS)
+        for report in entry.reports:
+            for result in report.methods.values():
+                result["metrics"]["iou"] = iou[report.model]
+        entries.append(entry)
+    append_many(db_engine, entries)
+    ranking = summarize(db_engine, filters=AuditFilters(), group_by=[])["ranking"]
+    for method in METHODS:
+        ranked = [(e["model"], e["rank"]) for e in ranking["per_method"][method]]
+        assert ranked == [("densenet201", 1), ("resnet50v2", 2), ("inceptionv3", None)]
+    (comparison,) = ranking["comparisons"]
+    assert comparison["models"] == ["densenet201", "resnet50v2"]
+    assert comparison["kendall_tau"] is None and comparison["note"]
+    assert not comparison["reversal"] and not comparison["rank_changed"]
+    assert comparison["reversed_pairs"] == []
 
 
 # ------------------------------------------------------------------------------------ records, export
@@ -495,7 +521,7 @@ def test_list_records_pages_newest_first(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(14)
     results = append_many(db_engine, [make_entry(rng) for _ in range(7)])
     seen: list[int] = []
-    page = audit.list_records(db_engine, filters=AuditFilters(), limit=3)
+    page = queries.list_records(db_engine, filters=AuditFilters(), limit=3)
     while True:
         seen.extend(item["id"] for item in page.items)
         for item in page.items:
@@ -503,33 +529,33 @@ def test_list_records_pages_newest_first(db_engine: sa.Engine) -> None:
             assert "reports" not in item
         if page.next_before_id is None:
             break
-        page = audit.list_records(db_engine, filters=AuditFilters(), limit=3, before_id=page.next_before_id)
+        page = queries.list_records(db_engine, filters=AuditFilters(), limit=3, before_id=page.next_before_id)
     assert seen == [r.id for r in reversed(results)]
     with pytest.raises(ValueError, match="limit"):
-        audit.list_records(db_engine, filters=AuditFilters(), limit=0)
+        queries.list_records(db_engine, filters=AuditFilters(), limit=0)
 
 
 def test_get_record_returns_what_was_written(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(15)
     entry = make_entry(rng, created_at=datetime(2026, 11, 26, 12, 30, 15, 123456, tzinfo=UTC))
-    result = audit.append(db_engine, entry)
-    record = audit.get_record(db_engine, result.id)
+    result = chain.append(db_engine, entry)
+    record = queries.get_record(db_engine, result.id)
     assert record is not None
     assert record["request_id"] == entry.request_id
     assert record["created_at"] == "2026-11-26T12:30:15.123456Z"
     assert record["image_sha256"] == entry.image_sha256
-    assert record["reports"] == entry.reports
+    assert record["reports"] == [report.to_dict() for report in entry.reports]
     assert record["timings_ms"] == entry.timings_ms
     assert record["options"] == entry.options
-    assert audit.get_record(db_engine, result.id + 1000) is None
+    assert queries.get_record(db_engine, result.id + 1000) is None
 
 
 def test_export_csv_has_one_line_per_record_model_method(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(16)
     entries = [make_entry(rng) for _ in range(3)]
     append_many(db_engine, entries)
-    lines = list(audit.export_csv(db_engine, filters=AuditFilters()))
-    assert lines[0].rstrip("\n").split(",") == list(audit.CSV_COLUMNS)
+    lines = list(queries.export_csv(db_engine, filters=AuditFilters()))
+    assert lines[0].rstrip("\n").split(",") == list(queries.CSV_COLUMNS)
     rows = list(csv.DictReader(io.StringIO("".join(lines))))
     expected = drift_rows_of(entries)
     assert len(rows) == len(expected)
@@ -538,8 +564,8 @@ def test_export_csv_has_one_line_per_record_model_method(db_engine: sa.Engine) -
     by_key = {(r["request_id"], r["model"], r["method"]): r for r in rows}
     for entry in entries:
         for report in entry.reports:
-            for method, result in report["methods"].items():
-                row = by_key[(entry.request_id, report["model"], method)]
+            for method, result in report.methods.items():
+                row = by_key[(entry.request_id, report.model, method)]
                 assert float(row["iou"]) == result["metrics"]["iou"]
                 assert row["severity"] == result["severity"]
 
@@ -559,12 +585,12 @@ def test_unreachable_database_raises_database_unavailable(url: str) -> None:
     engine = make_engine(url)
     entry = make_entry(np.random.default_rng(17))
     calls = [
-        lambda: audit.append(engine, entry),
-        lambda: audit.verify(engine),
-        lambda: audit.summarize(engine, filters=AuditFilters(), group_by=["model"]),
-        lambda: audit.list_records(engine, filters=AuditFilters()),
-        lambda: audit.get_record(engine, 1),
-        lambda: audit.export_csv(engine, filters=AuditFilters()),
+        lambda: chain.append(engine, entry),
+        lambda: chain.verify(engine),
+        lambda: summarize(engine, filters=AuditFilters(), group_by=["model"]),
+        lambda: queries.list_records(engine, filters=AuditFilters()),
+        lambda: queries.get_record(engine, 1),
+        lambda: queries.export_csv(engine, filters=AuditFilters()),
         lambda: check_writable(engine),
     ]
     for call in calls:
@@ -574,8 +600,6 @@ def test_unreachable_database_raises_database_unavailable(url: str) -> None:
 
 
 def test_check_writable(empty_db_url: str) -> None:
-    from service.app.db import upgrade
-
     engine = make_engine(empty_db_url)
     try:
         with pytest.raises(DatabaseUnavailable, match="upgrade"):
@@ -611,8 +635,17 @@ def test_make_engine_refuses_unknown_urls() -> None:
         make_engine("mysql://u@h/db")
 
 
-def test_report_shape_errors_name_the_missing_key(db_engine: sa.Engine) -> None:
+def test_a_report_missing_a_key_writes_nothing(db_engine: sa.Engine) -> None:
+    """Reports are typed (a missing key is a type error); at run time the append fails before writing."""
     entry = make_entry(np.random.default_rng(18))
-    del entry.reports[1]["methods"]["layercam"]["severity"]
-    with pytest.raises(ValueError, match="severity"):
-        audit.append(db_engine, entry)
+    del cast(dict[str, Any], entry.reports[1].methods["layercam"])["severity"]
+    with pytest.raises(KeyError, match="severity"):
+        chain.append(db_engine, entry)
+    assert chain.verify(db_engine) == chain.VerifyResult(ok=True, checked=0)
+
+
+def test_a_model_reported_twice_is_refused(db_engine: sa.Engine) -> None:
+    entry = make_entry(np.random.default_rng(20), models=MODELS[:1])
+    entry.reports = [*entry.reports, *entry.reports]
+    with pytest.raises(ValueError, match="must appear once"):
+        chain.append(db_engine, entry)

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from service.app import db
+from service.audit import db
 
 REPO = Path(__file__).resolve().parents[1]
 

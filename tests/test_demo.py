@@ -34,8 +34,8 @@ def _demo(tmp: Path) -> list[str]:
 @pytest.mark.slow
 def test_demo_prepares_then_reuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from engine.runtime import ModelPair
-    from service.app.db import make_engine
     from service.app.keys import authenticate
+    from service.audit.db import make_engine
 
     assert cli_main(_demo(tmp_path)) == 0
     out = capsys.readouterr().out

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from cli.main import main as cli_main
 from service.app import keys
-from service.app.tables import ApiKeyRow
+from service.audit.tables import ApiKeyRow
 from tests.db_fixtures import (  # noqa: F401
     db_engine,
     db_url,

@@ -16,8 +16,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from cli import db as commands_db
-from service.app import db
-from service.app.tables import metadata
+from service.audit import db
+from service.audit.tables import metadata
 from tests.db_fixtures import (  # noqa: F401
     empty_db_url,
     pg_database_url,

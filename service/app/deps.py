@@ -18,9 +18,11 @@ import sqlalchemy
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from service.app import keys
 from service.app.errors import ApiError
 from service.app.settings import Settings
 from service.app.state import AppState
+from service.audit.db import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,7 @@ _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
 
 def authenticate(state: AppState, key: str) -> Principal | None:
     """The principal for ``key``: settings keys first (constant-time), then the database's keys."""
-    from service.app.keys import hash_key
-
-    digest = hash_key(key)
+    digest = keys.hash_key(key)
     found: Principal | None = None
     for entry in state.settings.settings_keys():
         # compare against every entry (no early exit), so timing does not tell which prefix matched
@@ -83,9 +83,6 @@ def authenticate(state: AppState, key: str) -> Principal | None:
             found = Principal(name=entry.name, role=entry.role)
     if found is not None:
         return found
-    from service.app import keys
-    from service.app.db import DatabaseUnavailable
-
     try:
         api_key = keys.authenticate(state.engine, key)
     except DatabaseUnavailable as exc:

@@ -21,8 +21,8 @@ from sqlalchemy import exc
 
 from core.errors import InputError
 from core.vocabulary import ROLES
-from service.app.db import translate_errors
-from service.app.tables import ApiKeyRow
+from service.audit.db import translate_errors
+from service.audit.tables import ApiKeyRow
 
 __all__ = [
     "KEY_PREFIX",

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.audit.queries import AuditFilters
+
 __all__ = [
     "AuditRecord",
     "AuditRecordPage",
@@ -126,15 +128,9 @@ class AuditRecordPage(BaseModel):
     next_before_id: int | None = Field(description="pass as before_id to get the next (older) page")
 
 
-class AuditFiltersOut(BaseModel):
-    start: datetime | None = None
-    end: datetime | None = None
-    model: str | None = None
-    method: str | None = None
-    target_class: str | None = None
-    agreement: bool | None = None
-    severity: str | None = None
-    flagged: bool | None = None
+class AuditFiltersOut(AuditFilters):
+    # The audit layer's filters, as applied (times in UTC); a subclass only to keep the schema's name.
+    pass
 
 
 class AuditSummaryResponse(BaseModel):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.app.metrics import Metrics
 from service.app.settings import Settings
+from service.audit import db
 
 if TYPE_CHECKING:
     import sqlalchemy
@@ -108,8 +109,6 @@ def _thread_parameter(func: Any) -> str | None:
 
 def load_state(settings: Settings, *, metrics: Metrics) -> AppState:
     """Migrate (if configured), connect, load and verify the model pairs."""
-    from service.app import db
-
     if settings.migrate_on_start:
         db.upgrade(settings.database_url)
     engine = db.make_engine(settings.database_url)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from service.app.audit import GROUP_BY_OPTIONS
+from core.vocabulary import METHODS
 from service.app.deps import AuditKeyDep, EngineDep
 from service.app.errors import ApiError, error_responses
 from service.app.schemas import (
@@ -20,10 +20,20 @@ from service.app.schemas import (
     AuditSummaryResponse,
     AuditVerifyResponse,
 )
+from service.audit import chain, queries
+from service.audit.db import DatabaseUnavailable
+from service.audit.queries import AuditFilters
+from service.audit.summary import GROUP_BY_OPTIONS, summarize
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    MethodName = str
+else:
+    # the query's enum: core.vocabulary.METHODS (a Literal of its values, which mypy cannot spell from a tuple)
+    MethodName = Literal[METHODS]
 
 
 def audit_filters(
@@ -34,14 +44,12 @@ def audit_filters(
         datetime | None, Query(description="records created before (ISO 8601; no offset = UTC)")
     ] = None,
     model: Annotated[str | None, Query(description="model pair name")] = None,
-    method: Annotated[Literal["layercam", "gradcampp"] | None, Query()] = None,
+    method: Annotated[MethodName | None, Query()] = None,
     target_class: Annotated[str | None, Query(alias="class", description="target class name")] = None,
     agreement: Annotated[bool | None, Query(description="both checkpoints predicted the same class")] = None,
     severity: Annotated[Literal["low", "moderate", "high"] | None, Query()] = None,
     flagged: Annotated[bool | None, Query()] = None,
-) -> Any:
-    from service.app.audit import AuditFilters
-
+) -> AuditFilters:
     start, end = _as_utc("start", start), _as_utc("end", end)
     for name, text in (("model", model), ("class", target_class)):
         if text is not None and "\x00" in text:
@@ -63,7 +71,7 @@ def audit_filters(
     )
 
 
-FiltersDep = Annotated[Any, Depends(audit_filters)]
+FiltersDep = Annotated[AuditFilters, Depends(audit_filters)]
 # Record ids are 64-bit integers in both databases: larger values would overflow the driver (a 500).
 MAX_ID = 2**63 - 1
 
@@ -82,14 +90,12 @@ def _as_utc(name: str, value: datetime | None) -> datetime | None:
         ) from exc
 
 
-def _filters_out(filters: Any) -> AuditFiltersOut:
-    return AuditFiltersOut(**{name: getattr(filters, name, None) for name in AuditFiltersOut.model_fields})
+def _filters_out(filters: AuditFilters) -> AuditFiltersOut:
+    return AuditFiltersOut.model_validate(filters.model_dump())
 
 
 async def _call_db(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking audit-layer call off the event loop; a database failure becomes 503."""
-    from service.app.db import DatabaseUnavailable
-
     try:
         return await run_in_threadpool(func, *args, **kwargs)
     except DatabaseUnavailable as exc:
@@ -125,11 +131,9 @@ async def summary(
         Query(description=f"repeat or comma-separate; among {', '.join(GROUP_BY_OPTIONS)}"),
     ] = [],  # noqa: B006 - FastAPI copies defaults per request
 ) -> AuditSummaryResponse:
-    from service.app import audit
-
     groups = _parse_group_by(group_by)
     try:
-        result = await _call_db(audit.summarize, engine, filters=filters, group_by=groups)
+        result = await _call_db(summarize, engine, filters=filters, group_by=groups)
     except ValueError as exc:
         raise ApiError(422, "validation_error", str(exc)) from exc
     return AuditSummaryResponse(filters=_filters_out(filters), group_by=groups, summary=result)
@@ -150,9 +154,7 @@ async def list_records(
         int | None, Query(ge=1, le=MAX_ID, description="only records with a smaller id")
     ] = None,
 ) -> AuditRecordPage:
-    from service.app import audit
-
-    page = await _call_db(audit.list_records, engine, filters=filters, limit=limit, before_id=before_id)
+    page = await _call_db(queries.list_records, engine, filters=filters, limit=limit, before_id=before_id)
     items = [AuditRecord.model_validate(item) for item in page.items]
     return AuditRecordPage(items=items, next_before_id=page.next_before_id)
 
@@ -166,10 +168,8 @@ async def list_records(
 async def export_records_csv(
     engine: EngineDep, principal: AuditKeyDep, filters: FiltersDep
 ) -> StreamingResponse:
-    from service.app import audit
-
     def first_and_rest() -> tuple[str, Iterator[str]]:
-        lines = iter(audit.export_csv(engine, filters=filters))
+        lines = iter(queries.export_csv(engine, filters=filters))
         return next(lines, ""), lines
 
     # read the header now, so a database that is down is a 503, not a broken 200 stream
@@ -195,9 +195,7 @@ async def export_records_csv(
 async def get_record(
     record_id: Annotated[int, Path(ge=1, le=MAX_ID)], engine: EngineDep, principal: AuditKeyDep
 ) -> AuditRecord:
-    from service.app import audit
-
-    record = await _call_db(audit.get_record, engine, record_id)
+    record = await _call_db(queries.get_record, engine, record_id)
     if record is None:
         raise ApiError(404, "not_found", f"no audit record with id {record_id}", details={"id": record_id})
     return AuditRecord.model_validate(record)
@@ -221,7 +219,5 @@ async def verify(
         ),
     ] = None,
 ) -> AuditVerifyResponse:
-    from service.app import audit
-
-    result = await _call_db(audit.verify, engine, anchor=anchor)
+    result = await _call_db(chain.verify, engine, anchor=anchor)
     return AuditVerifyResponse.model_validate(result.to_dict())

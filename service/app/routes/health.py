@@ -17,6 +17,7 @@ from service.app.deps import AnyKeyDep, StateDep
 from service.app.errors import ApiError, error_responses
 from service.app.metrics import CONTENT_TYPE_LATEST
 from service.app.schemas import HealthResponse, NotReadyModel, ReadyResponse
+from service.audit.db import check_writable
 
 router = APIRouter(tags=["health"])
 
@@ -35,8 +36,6 @@ def healthz(request: Request) -> HealthResponse:
     responses=error_responses(503),
 )
 async def readyz(state: StateDep) -> ReadyResponse:
-    from service.app.db import check_writable
-
     reasons: list[str] = []
     if not state.pairs:
         reasons.append("no model pair is loaded")

@@ -1,0 +1,405 @@
+"""The hash chain of the audit log: canonical JSON, the row hash, appending one request, verifying the chain.
+
+Each request writes one ``audit_records`` row and one ``audit_drift`` row per model x method, in one
+transaction. Appends are serialised (PostgreSQL ``pg_advisory_xact_lock``, SQLite ``BEGIN IMMEDIATE``), so
+the chain never forks. The row hash is
+
+    row_hash = SHA-256( canonical_json({"record": content, "drift": drift_rows, "prev_hash": prev_hash}) )
+
+where ``content`` is every stored column of the record except ``id``, ``row_hash`` and ``prev_hash``,
+``drift_rows`` are the record's drift rows (every column except ``id``/``record_id``) sorted by
+(model, method), and ``canonical_json`` is JSON with sorted keys, no whitespace, ASCII only, floats in
+Python's shortest round-trip ``repr``, no NaN/inf (stored as null), and timestamps as UTC ISO-8601
+``YYYY-MM-DDTHH:MM:SS.ffffffZ``. The first row links to ``GENESIS_HASH`` (64 zeros). UPDATE and DELETE
+are also rejected by triggers in the database (created by the migration).
+
+What a chain can and cannot show: changing any stored value of a row, or deleting/inserting a row in the
+middle, is detected by :func:`verify`; deleting the newest rows, or rewriting every hash after a change, is
+not (compare the head hash with one kept elsewhere for that).
+
+What is stored of a request is its :class:`engine.report.DriftReport` objects as ``DriftReport.to_dict()``
+(which leaves the maps out: no pixels are ever stored) and its timings. :func:`append` and :func:`verify`
+raise :class:`~service.audit.db.DatabaseUnavailable` when the database cannot be reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc, func
+
+from engine.report import DriftReport
+from service.audit.db import SQLITE_IMMEDIATE, translate_errors
+from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
+
+__all__ = [
+    "DRIFT_CONTENT",
+    "GENESIS_HASH",
+    "RECORD_CONTENT",
+    "AppendResult",
+    "AuditEntry",
+    "VerifyResult",
+    "append",
+    "canonical_json",
+    "compute_row_hash",
+    "drift_rows_from_reports",
+    "utc_iso",
+    "verify",
+]
+
+log = logging.getLogger(__name__)
+
+GENESIS_HASH = "0" * 64
+# Key of the PostgreSQL advisory lock that serialises appends (any constant shared by all replicas).
+CHAIN_LOCK_KEY = 0x0C58_D41F_7A11
+# The hashed columns of a record and of a drift row.
+RECORD_CONTENT: tuple[str, ...] = (
+    "request_id",
+    "created_at",
+    "api_key_name",
+    "image_sha256",
+    "image_format",
+    "image_width",
+    "image_height",
+    "image_nbytes",
+    "options",
+    "payload",
+)
+DRIFT_CONTENT: tuple[str, ...] = (
+    "model",
+    "method",
+    "target_class",
+    "transfer_class",
+    "finetuned_class",
+    "agreement",
+    "drift_score",
+    "severity",
+    "flagged",
+    *METRIC_COLUMNS,
+)
+
+
+@dataclass
+class AuditEntry:
+    """What the web layer records for one request: its image's digest, options, reports and timings."""
+
+    request_id: str
+    created_at: datetime
+    api_key_name: str | None
+    image_sha256: str
+    image_format: str
+    image_width: int
+    image_height: int
+    image_nbytes: int
+    options: dict[str, Any]
+    reports: Sequence[DriftReport]
+    timings_ms: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    id: int
+    row_hash: str
+    prev_hash: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify`. Equality compares the verdict (``ok checked first_bad_id reason``)."""
+
+    ok: bool
+    checked: int
+    first_bad_id: int | None = None
+    reason: str | None = None
+    # the newest row that verified, and its hash: keep it elsewhere and pass it back as ``anchor``
+    head_id: int | None = field(default=None, compare=False)
+    head_hash: str | None = field(default=None, compare=False)
+    # whether the ``anchor`` hash given to verify() is a row of the verified chain (None: none given)
+    anchor_found: bool | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- hashing
+
+
+def utc_iso(value: datetime) -> str:
+    """``value`` as UTC ISO-8601 with microseconds and a ``Z``: the form timestamps are hashed and shown in."""
+    if value.tzinfo is None:
+        raise ValueError(f"expected a timezone-aware datetime, got naive {value.isoformat()}")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return utc_iso(value)
+    if isinstance(value, Mapping):
+        return {str(k): _canonical_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical_value(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no whitespace, ASCII, floats as shortest round-trip repr, UTC ISO timestamps."""
+    return json.dumps(
+        _canonical_value(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def compute_row_hash(
+    record: Mapping[str, Any], drift_rows: Sequence[Mapping[str, Any]], prev_hash: str
+) -> str:
+    """SHA-256 (hex) of a record's content, its drift rows (sorted by model, method) and ``prev_hash``."""
+    content = {name: record[name] for name in RECORD_CONTENT}
+    rows = sorted(
+        ({name: row[name] for name in DRIFT_CONTENT} for row in drift_rows),
+        key=lambda row: (row["model"], row["method"]),
+    )
+    document = canonical_json({"record": content, "drift": rows, "prev_hash": prev_hash})
+    return hashlib.sha256(document.encode("ascii")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------ entry preparation
+
+
+def _json_safe(value: Any, where: str) -> Any:
+    """Plain JSON types as the database gives them back: non-finite floats become null."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hasattr(value, "item") and callable(value.item):  # NumPy scalar
+        return _json_safe(value.item(), where)
+    if hasattr(value, "tolist") and callable(value.tolist):  # small NumPy array
+        return _json_safe(value.tolist(), where)
+    raise TypeError(
+        f"{where}: expected a JSON value (dict, list, str, number, bool, None), got {type(value)}"
+    )
+
+
+def _metric(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    # -0.0 + 0.0 == 0.0: SQLite would give -0.0 back as 0.0 and change the hash.
+    return number + 0.0 if math.isfinite(number) else None
+
+
+def drift_rows_from_reports(reports: Sequence[DriftReport]) -> list[dict[str, Any]]:
+    """One ``audit_drift`` row (without ids) per report x method."""
+    rows: list[dict[str, Any]] = []
+    for report in reports:
+        for method, result in report.methods.items():
+            row: dict[str, Any] = {
+                "model": report.model,
+                "method": method,
+                "target_class": report.target_class["name"],
+                "transfer_class": report.predictions["transfer"]["class"],
+                "finetuned_class": report.predictions["finetuned"]["class"],
+                "agreement": bool(report.agreement),
+                "drift_score": _metric(result["drift_score"]),
+                "severity": result["severity"],
+                "flagged": bool(result["flagged"]),
+            }
+            row.update({name: _metric(result["metrics"].get(name)) for name in METRIC_COLUMNS})
+            rows.append(row)
+    keys = [(row["model"], row["method"]) for row in rows]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"drift reports: each (model, method) must appear once, got {keys}")
+    return rows
+
+
+def _record_values(entry: AuditEntry) -> dict[str, Any]:
+    if entry.created_at.tzinfo is None:
+        raise ValueError(
+            f"AuditEntry.created_at: expected a timezone-aware UTC datetime, got {entry.created_at}"
+        )
+    # to_dict() leaves the maps out: no image-derived pixels are stored.
+    payload = {"reports": [report.to_dict() for report in entry.reports], "timings_ms": entry.timings_ms}
+    return {
+        "request_id": str(entry.request_id),
+        # The database keeps microseconds: truncate nothing else, and store UTC.
+        "created_at": entry.created_at.astimezone(UTC),
+        "api_key_name": entry.api_key_name,
+        "image_sha256": str(entry.image_sha256),
+        "image_format": str(entry.image_format),
+        "image_width": int(entry.image_width),
+        "image_height": int(entry.image_height),
+        "image_nbytes": int(entry.image_nbytes),
+        "options": _json_safe(entry.options, "options"),
+        "payload": _json_safe(payload, "payload"),
+    }
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
+    """Write ``entry`` and its drift rows in one committed transaction, chained to the newest record."""
+    record = _record_values(entry)
+    drift_rows = drift_rows_from_reports(entry.reports)
+    dialect = engine.dialect.name
+    with translate_errors("append an audit record"), engine.connect() as connection:
+        if dialect == "sqlite":
+            connection.execution_options(**{SQLITE_IMMEDIATE: True})
+        try:
+            with connection.begin():
+                if dialect == "postgresql":
+                    connection.execute(sa.select(func.pg_advisory_xact_lock(CHAIN_LOCK_KEY)))
+                last = connection.execute(
+                    sa.select(AuditRecord.row_hash).order_by(AuditRecord.id.desc()).limit(1)
+                ).scalar_one_or_none()
+                prev_hash = last or GENESIS_HASH
+                row_hash = compute_row_hash(record, drift_rows, prev_hash)
+                record_id = connection.execute(
+                    sa.insert(AuditRecord)
+                    .values(**record, prev_hash=prev_hash, row_hash=row_hash)
+                    .returning(AuditRecord.id)
+                ).scalar_one()
+                if drift_rows:
+                    connection.execute(
+                        sa.insert(AuditDrift), [{**row, "record_id": record_id} for row in drift_rows]
+                    )
+        except exc.IntegrityError as error:
+            raise ValueError(
+                f"audit record for request_id {entry.request_id!r} not written: {error.orig}"
+            ) from error
+    log.debug("audit record %s appended: id=%d hash=%s", entry.request_id, record_id, row_hash)
+    return AppendResult(id=record_id, row_hash=row_hash, prev_hash=prev_hash)
+
+
+# ------------------------------------------------------------------------------------------- verifying
+
+
+def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = None) -> VerifyResult:
+    """Walk the chain in id order (streamed) and recompute every hash; stop at the first bad row.
+
+    A row is bad when its ``prev_hash`` is not the previous row's ``row_hash`` ("broken link": a row was
+    deleted or inserted before it), when its stored content no longer hashes to ``row_hash`` ("content
+    hash mismatch": a value was changed), or when a stored value cannot be read back at all ("unreadable
+    row": e.g. a JSON column or timestamp edited into something invalid).
+
+    The result names the chain head (``head_id``, ``head_hash``: the newest verified row). Deleting the
+    newest rows leaves a valid shorter chain, so keep the head hash somewhere else (a log, a ticket, a
+    notary) and pass it back as ``anchor``: if no row of the verified chain has that hash, the chain was
+    truncated or rewritten after it was recorded, and the result is not ok.
+    """
+    # JSON and timestamp columns are read raw and parsed here, so a tampered value is a bad row, not an
+    # exception half-way through the stream (SQLite stores them as text that can be edited into anything).
+    raw = {
+        "options": sa.type_coerce(AuditRecord.options, sa.Text).label("options"),
+        "payload": sa.type_coerce(AuditRecord.payload, sa.Text).label("payload"),
+        "created_at": sa.type_coerce(AuditRecord.created_at, sa.String).label("created_at"),
+    }
+    record_columns = [column.name for column in AuditRecord.__table__.columns]
+    selected = [raw.get(name, getattr(AuditRecord, name)) for name in record_columns]
+    drift_columns = [getattr(AuditDrift, name).label(f"d_{name}") for name in DRIFT_CONTENT]
+    statement = (
+        sa.select(*selected, AuditDrift.id.label("d_id"), *drift_columns)
+        .outerjoin(AuditDrift, AuditDrift.record_id == AuditRecord.id)
+        .order_by(AuditRecord.id, AuditDrift.model, AuditDrift.method)
+    )
+    checked = 0
+    expected_prev = GENESIS_HASH
+    head_id: int | None = None
+    anchor = anchor.strip().lower() if anchor is not None else None
+    anchor_found = False
+
+    def bad(record_id: int, reason: str) -> VerifyResult:
+        return VerifyResult(
+            ok=False,
+            checked=checked,
+            first_bad_id=record_id,
+            reason=reason,
+            head_id=head_id,
+            head_hash=None if head_id is None else expected_prev,
+            anchor_found=anchor_found if anchor is not None else None,
+        )
+
+    with translate_errors("verify the audit chain"), engine.connect() as connection:
+        result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(statement)
+        for record_id, rows in itertools.groupby(result.mappings(), key=lambda row: row["id"]):
+            rows_list = list(rows)
+            record = {name: rows_list[0][name] for name in record_columns}
+            drift = [
+                {name: row[f"d_{name}"] for name in DRIFT_CONTENT}
+                for row in rows_list
+                if row["d_id"] is not None
+            ]
+            if record["prev_hash"] != expected_prev:
+                return bad(
+                    record_id,
+                    f"broken link: prev_hash {str(record['prev_hash'])[:12]}... does not match the previous "
+                    f"row's row_hash {expected_prev[:12]}... (a row before it was deleted or inserted)",
+                )
+            try:
+                record = _parse_stored_record(record)
+                actual = compute_row_hash(record, drift, record["prev_hash"])
+            except (ValueError, TypeError, OverflowError) as error:
+                return bad(record_id, f"unreadable row: {type(error).__name__}: {error}"[:500])
+            if actual != record["row_hash"]:
+                return bad(
+                    record_id,
+                    f"content hash mismatch: stored row_hash {str(record['row_hash'])[:12]}..., "
+                    f"content hashes to {actual[:12]}... (the record or its drift rows were changed)",
+                )
+            expected_prev = record["row_hash"]
+            head_id = record_id
+            anchor_found = anchor_found or expected_prev == anchor
+            checked += 1
+    if anchor is not None and not anchor_found:
+        return VerifyResult(
+            ok=False,
+            checked=checked,
+            first_bad_id=None,
+            reason=(
+                f"anchor {anchor[:12]}... is not the hash of any row in the chain: rows recorded after it "
+                "were deleted (truncation) or the chain was rewritten"
+            ),
+            head_id=head_id,
+            head_hash=None if head_id is None else expected_prev,
+            anchor_found=False,
+        )
+    return VerifyResult(
+        ok=True,
+        checked=checked,
+        head_id=head_id,
+        head_hash=None if head_id is None else expected_prev,
+        anchor_found=True if anchor is not None else None,
+    )
+
+
+def _parse_stored_record(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON columns and ``created_at`` as :func:`append` hashed them, from their raw stored form.
+
+    PostgreSQL's driver hands JSON and timestamps over already parsed; SQLite gives their text.
+    """
+    parsed = dict(record)
+    for name in ("options", "payload"):
+        value = parsed[name]
+        if isinstance(value, str | bytes):
+            parsed[name] = json.loads(value)
+    created = parsed["created_at"]
+    if isinstance(created, str):
+        created = datetime.fromisoformat(created)
+    if not isinstance(created, datetime):
+        raise TypeError(f"created_at: expected a timestamp, got {type(created).__name__}")
+    parsed["created_at"] = created.replace(tzinfo=UTC) if created.tzinfo is None else created
+    return parsed

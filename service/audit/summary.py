@@ -1,0 +1,286 @@
+"""Summaries of the audit log, computed in SQL: per-group rates and metric statistics, and the ranking.
+
+Both dialects give the same numbers: PostgreSQL with ``stddev_samp`` and ``percentile_cont``, SQLite (which
+has neither) with window functions. The architecture stability ranking and its comparison between methods
+are :mod:`engine.ranking`'s, applied to the per (method, model) means. Raises
+:class:`~service.audit.db.DatabaseUnavailable` when the database cannot be reached.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import func
+from sqlalchemy.dialects import postgresql
+
+from engine.ranking import kendall_tau, rank_models
+from service.audit.db import translate_errors
+from service.audit.queries import AuditFilters, drift_conditions, time_conditions
+from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
+
+__all__ = ["GROUP_BY_OPTIONS", "PERCENTILES", "SUMMARY_STATISTICS", "summarize"]
+
+GROUP_BY_OPTIONS: tuple[str, ...] = ("model", "method", "class", "day", "week")
+PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
+SUMMARY_STATISTICS: tuple[str, ...] = (*METRIC_COLUMNS, "drift_score")
+
+
+def _group_expression(name: str, dialect: str) -> Any:
+    if name == "model":
+        return AuditDrift.model
+    if name == "method":
+        return AuditDrift.method
+    if name == "class":
+        return AuditDrift.target_class
+    created = AuditRecord.created_at
+    if dialect == "postgresql":
+        utc = func.timezone("UTC", created)
+        return func.to_char(func.date_trunc(name, utc), "YYYY-MM-DD")
+    # SQLite stores UTC text 'YYYY-MM-DD HH:MM:SS.ffffff': the date is its first 10 characters (SQLite's
+    # date functions would round 23:59:59.9995 up to the next day). ISO weeks start on Monday: 'weekday 0'
+    # moves to the next Sunday (or stays on one), '-6 days' goes back to that week's Monday.
+    day = func.substr(created, 1, 10)
+    if name == "day":
+        return day
+    return func.date(day, "weekday 0", "-6 days")
+
+
+def _check_group_by(group_by: Sequence[str]) -> list[str]:
+    if isinstance(group_by, str):
+        group_by = [group_by]
+    names = list(group_by)
+    for name in names:
+        if name not in GROUP_BY_OPTIONS:
+            raise ValueError(
+                f"group_by: unknown value {name!r}; valid options: {', '.join(GROUP_BY_OPTIONS)}"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"group_by: each value at most once, got {names}")
+    if "day" in names and "week" in names:
+        raise ValueError("group_by: choose one of 'day' and 'week', not both")
+    return names
+
+
+def _rate(column: Any) -> sa.ColumnElement[Any]:
+    return func.avg(sa.case((column, 1.0), else_=0.0))
+
+
+def _summary_statement_postgresql(
+    group_columns: list[sa.ColumnElement[Any]], conditions: list[sa.ColumnElement[bool]]
+) -> sa.Select[Any]:
+    selected: list[sa.ColumnElement[Any]] = [*group_columns]
+    selected += [func.count().label("n"), _rate(AuditDrift.agreement), _rate(AuditDrift.flagged)]
+    fractions = postgresql.array([sa.literal(p, sa.Double) for p in PERCENTILES])
+    for name in SUMMARY_STATISTICS:
+        column = getattr(AuditDrift, name)
+        selected += [
+            func.count(column),
+            func.avg(column),
+            func.stddev_samp(column),
+            func.percentile_cont(fractions).within_group(column),
+        ]
+    return (
+        sa.select(*selected)
+        .select_from(AuditDrift)
+        .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
+        .where(*conditions)
+        .group_by(*group_columns)
+        .order_by(*group_columns)
+    )
+
+
+def _summary_statement_sqlite(
+    group_columns: list[sa.ColumnElement[Any]], conditions: list[sa.ColumnElement[bool]]
+) -> sa.Select[Any]:
+    """SQLite has no percentile aggregate: rank each metric in its group with window functions and
+    interpolate linearly between the two closest ranks, exactly as ``percentile_cont`` (and NumPy's default
+    'linear' method) do: with the n non-null values sorted as x_0..x_{n-1}, h = p (n - 1),
+    P(p) = x_floor(h) + (h - floor(h)) (x_floor(h)+1 - x_floor(h)). The sample SD is two-pass:
+    sum((x - mean)^2) / (n - 1), with the group mean from a window."""
+    partition = group_columns or None
+    inner_columns: list[sa.ColumnElement[Any]] = [
+        column.label(f"g{i}") for i, column in enumerate(group_columns)
+    ]
+    inner_columns += [AuditDrift.agreement.label("agreement"), AuditDrift.flagged.label("flagged")]
+    for name in SUMMARY_STATISTICS:
+        column = getattr(AuditDrift, name)
+        inner_columns += [
+            column.label(f"v_{name}"),
+            (func.row_number().over(partition_by=partition, order_by=column.asc().nulls_last()) - 1).label(
+                f"r_{name}"
+            ),
+            func.count(column).over(partition_by=partition).label(f"n_{name}"),
+            func.avg(column).over(partition_by=partition).label(f"m_{name}"),
+        ]
+    inner = (
+        sa.select(*inner_columns)
+        .select_from(AuditDrift)
+        .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
+        .where(*conditions)
+        .subquery("ranked")
+    )
+    groups = [inner.c[f"g{i}"] for i in range(len(group_columns))]
+    selected: list[sa.ColumnElement[Any]] = [*groups]
+    selected += [func.count().label("n"), _rate(inner.c.agreement), _rate(inner.c.flagged)]
+    for name in SUMMARY_STATISTICS:
+        value, rank, count, mean = (inner.c[f"{prefix}_{name}"] for prefix in ("v", "r", "n", "m"))
+        group_count = func.max(count)
+        squares = func.sum((value - mean) * (value - mean))
+        variance = sa.case((group_count > 1, squares / sa.cast(group_count - 1, sa.Double)))
+        percentiles = []
+        for p in PERCENTILES:
+            position = p * (count - 1)
+            low = sa.cast(position, sa.Integer)
+            fraction = position - low
+            percentiles.append(
+                func.sum(
+                    sa.case(
+                        (rank == low, value * (1.0 - fraction)),
+                        (rank == low + 1, value * fraction),
+                        else_=0.0,
+                    )
+                )
+            )
+        selected += [func.count(value), func.avg(value), variance, *percentiles]
+    return sa.select(*selected).group_by(*groups).order_by(*groups)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _metric_statistics(rest: Sequence[Any], dialect: str) -> dict[str, Any]:
+    """The per-metric statistics of one group's row (after its key, count and rates)."""
+    metrics: dict[str, Any] = {}
+    offset = 0
+    for name in SUMMARY_STATISTICS:
+        if dialect == "postgresql":
+            n, mean, sd, quantiles = rest[offset : offset + 4]
+            offset += 4
+            quantiles = list(quantiles) if quantiles is not None else [None] * len(PERCENTILES)
+        else:
+            n, mean, variance = rest[offset : offset + 3]
+            quantiles = list(rest[offset + 3 : offset + 3 + len(PERCENTILES)])
+            offset += 3 + len(PERCENTILES)
+            sd = None if variance is None else math.sqrt(max(float(variance), 0.0))
+        n = int(n)
+        if n == 0:
+            quantiles = [None] * len(PERCENTILES)
+        stats: dict[str, Any] = {"n": n, "mean": _float_or_none(mean), "sd": _float_or_none(sd)}
+        for p, q in zip(PERCENTILES, quantiles, strict=True):
+            stats[f"p{round(p * 100)}"] = _float_or_none(q)
+        metrics[name] = stats
+    return metrics
+
+
+def summarize(engine: sa.Engine, *, filters: AuditFilters, group_by: Sequence[str] = ()) -> dict[str, Any]:
+    """Aggregate the drift rows (one per record x model x method) matching ``filters``, in SQL.
+
+    Per group: ``count`` (drift rows), ``agreement_rate`` and ``flagged_rate`` (fractions of those rows),
+    and for every metric and ``drift_score``: ``n`` (non-null values), ``mean``, ``sd`` (sample, n - 1;
+    null when n < 2) and ``p5 p25 p50 p75 p95`` (linear interpolation between closest ranks: PostgreSQL
+    ``percentile_cont``, NumPy's default; computed with window functions on SQLite). ``group_by`` takes
+    values among ``GROUP_BY_OPTIONS``; "day"/"week" are UTC dates, weeks starting on Monday.
+
+    ``ranking``: per method, the models ordered from most to least stable by mean top-k IoU between the
+    transfer and fine-tuned maps (higher = evidence moved less; ties by name; a model without a mean IoU
+    comes last, with rank null), and for each pair of methods :func:`engine.ranking.kendall_tau` between the
+    models' mean IoUs: ``kendall_tau`` and ``p_value`` (null with a ``note`` when undefined),
+    ``reversed_pairs`` (pairs of models ordered one way under one method and the other way under the other)
+    and ``reversal`` (at least one such pair; ``rank_changed`` says the same).
+    """
+    names = _check_group_by(group_by)
+    dialect = engine.dialect.name
+    conditions = time_conditions(filters) + drift_conditions(filters)
+    group_columns = [_group_expression(name, dialect) for name in names]
+    if dialect == "postgresql":
+        statement = _summary_statement_postgresql(group_columns, conditions)
+    else:
+        statement = _summary_statement_sqlite(group_columns, conditions)
+    with translate_errors("summarize the audit log"), engine.connect() as connection:
+        rows = connection.execute(statement).all()
+        ranking_rows = connection.execute(
+            sa.select(
+                AuditDrift.method,
+                AuditDrift.model,
+                func.count(),
+                func.avg(AuditDrift.iou),
+                func.avg(AuditDrift.drift_score),
+            )
+            .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
+            .where(*conditions)
+            .group_by(AuditDrift.method, AuditDrift.model)
+        ).all()
+
+    groups = []
+    for row in rows:
+        values = list(row)
+        key = {name: values[i] for i, name in enumerate(names)}
+        count, agreement_rate, flagged_rate = values[len(names) : len(names) + 3]
+        groups.append(
+            {
+                "key": key,
+                "count": int(count),
+                "agreement_rate": _float_or_none(agreement_rate),
+                "flagged_rate": _float_or_none(flagged_rate),
+                "metrics": _metric_statistics(values[len(names) + 3 :], dialect),
+            }
+        )
+    return {
+        "filters": filters.to_dict(),
+        "group_by": names,
+        "percentiles": list(PERCENTILES),
+        "total": sum(group["count"] for group in groups),
+        "groups": groups,
+        "ranking": _ranking(ranking_rows),
+    }
+
+
+def _ranking(rows: Sequence[Any]) -> dict[str, Any]:
+    """Per method, the models by mean IoU (:func:`engine.ranking.rank_models`), and every pair of methods
+    compared with :func:`engine.ranking.kendall_tau`."""
+    entries: dict[str, dict[str, dict[str, Any]]] = {}
+    for method, model, count, mean_iou, mean_drift in rows:
+        entries.setdefault(method, {})[model] = {
+            "model": model,
+            "count": int(count),
+            "mean_iou": _float_or_none(mean_iou),
+            "mean_drift_score": _float_or_none(mean_drift),
+        }
+    mean_ious = {
+        method: {model: entry["mean_iou"] for model, entry in by_model.items()}
+        for method, by_model in entries.items()
+    }
+    per_method: dict[str, list[dict[str, Any]]] = {}
+    for method, by_model in entries.items():
+        order = rank_models(mean_ious[method])
+        unranked = sorted(model for model in by_model if model not in order)
+        per_method[method] = [
+            {**by_model[model], "rank": rank} for rank, model in enumerate(order, start=1)
+        ] + [{**by_model[model], "rank": None} for model in unranked]
+    comparisons = []
+    for first, second in itertools.combinations(sorted(entries), 2):
+        compared = kendall_tau(mean_ious[first], mean_ious[second])
+        comparisons.append(
+            {
+                "methods": [first, second],
+                "models": compared["models"],
+                "order": {first: compared["order_a"], second: compared["order_b"]},
+                "kendall_tau": compared["tau"],
+                "p_value": compared["p_value"],
+                "rank_changed": compared["reversal"],
+                "reversal": compared["reversal"],
+                "reversed_pairs": compared["reversed_pairs"],
+                "note": compared["note"],
+            }
+        )
+    return {
+        "by": "mean_iou",
+        "order": "descending: most stable (highest mean IoU) first",
+        "per_method": per_method,
+        "comparisons": comparisons,
+    }
