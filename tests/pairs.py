@@ -1,10 +1,19 @@
-"""Small model pairs for tests: random-init "transfer" weights and a perturbed "fine-tuned" copy, exported."""
+"""Small model pairs for tests: random-init "transfer" weights and a perturbed "fine-tuned" copy, exported.
+
+Exporting takes a while (most of a minute for two architectures on two cores), so tests that only read
+pairs use :func:`cached_pairs`: exported once per version of the code that produces them, then reused.
+"""
 
 from __future__ import annotations
 
 import copy
+import getpass
+import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from training.models import CxrClassifier, build_model
@@ -64,3 +73,44 @@ def export_small_pair(arch: str, out_dir: Path, *, seed: int = 0) -> Path:
         metrics={"transfer": {"accuracy": 0.5}, "finetuned": {"accuracy": 0.6}},
         dataset={"source": "tests", "fingerprint": "0" * 64},
     )
+
+
+PAIR_ARCHS = ("densenet201", "resnet50v2")
+# The code an exported pair depends on: a change to any of these files (or to torch) rebuilds the cache.
+_PAIR_SOURCES = (
+    "training/export.py",
+    "training/models.py",
+    "core/registry.py",
+    "core/manifest.py",
+    "tests/pairs.py",
+)
+
+
+def cached_pairs(config: pytest.Config) -> Path:
+    """A folder with one exported pair per architecture of :data:`PAIR_ARCHS` (seed = its position), built
+    once and reused: in pytest's cache, or in the system temp folder under ``-p no:cacheprovider``.
+
+    Read-only: a test that changes a pair copies it first.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for rel in _PAIR_SOURCES:
+        path = repo / rel
+        digest.update(path.read_bytes() if path.is_file() else b"-")
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        root = Path(cache.mkdir("cxr-drift-pairs"))
+    else:
+        root = Path(tempfile.gettempdir()) / f"cxr-drift-test-pairs-{getpass.getuser()}"
+    final = root / f"pairs-{digest.hexdigest()[:16]}"
+    if not (final / "done").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="staging-", dir=root))
+        for seed, arch in enumerate(PAIR_ARCHS):
+            export_small_pair(arch, staging / arch, seed=seed)
+        (staging / "done").write_text(final.name)
+        try:
+            staging.rename(final)  # atomic: a parallel worker either wins or finds it done
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return final

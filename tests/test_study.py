@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from engine.study import (
     render_markdown,
     summarize,
 )
+from tests.pairs import cached_pairs
+from training.synth import generate_dataset
 
 # ------------------------------------------------------------------------------------ descriptive stats
 
@@ -247,15 +251,11 @@ def test_evidence_on_lesion_rejects_bad_input(attribution: Any, mask: Any, messa
 
 
 @pytest.fixture(scope="module")
-def study_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from tests.pairs import export_small_pair
-    from training.synth import generate_dataset
-
-    root = tmp_path_factory.mktemp("study")
-    for arch in ("resnet50v2", "densenet201"):
-        export_small_pair(arch, root / "artifacts" / arch)
-    generate_dataset(root / "data", n=25, size=96, progress=False)
-    return root / "artifacts", root / "data"
+def study_inputs(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The cached test pairs (densenet201, resnet50v2; the study only reads them) and a small synthetic set."""
+    data = tmp_path_factory.mktemp("study") / "data"
+    generate_dataset(data, n=25, size=96, progress=False)
+    return cached_pairs(pytestconfig), data
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -355,9 +355,6 @@ def test_study_cli_errors_are_one_line(
 
 
 def test_study_statistics_import_no_plotting_web_stack_or_torch() -> None:
-    import subprocess
-    import sys
-
     code = (
         "import sys, engine.study, cli.study\n"
         "bad = ('matplotlib', 'fastapi', 'sqlalchemy', 'torch', 'starlette')\n"

@@ -1,6 +1,6 @@
-"""Statistics of an offline drift study (``cxr-drift study``): evidence on the lesion, descriptive statistics
-with bootstrap intervals, paired tests between architectures, and the architecture ranking per method with
-its Kendall tau (the paper's "ranking reversal"). NumPy/SciPy only; no plotting, no web stack, no torch.
+"""Statistics of an offline drift study: descriptive statistics with bootstrap intervals, paired tests between
+architectures, and the architecture ranking per method with its Kendall tau (the paper's "ranking
+reversal", computed by :mod:`engine.ranking`). NumPy/SciPy only; no plotting, no web stack, no torch.
 
 Input of :func:`summarize` is the study's long table: one row (a mapping) per model x method x image with
 the keys ``model``, ``method``, ``image``, ``label`` (class name) and one number per metric. Missing
@@ -34,93 +34,25 @@ from scipy import stats
 
 from engine.metrics import SCALAR_METRICS
 from engine.ranking import finite_means, kendall_tau, rank_models
+from engine.study.lesion import LESION_PAIRS
 
 __all__ = [
+    "ALL_CLASSES",
     "DEFAULT_STUDY_METRICS",
-    "LESION_COLUMNS",
     "MIN_PAIRS_FOR_005",
     "bootstrap_ci",
     "describe",
-    "evidence_on_lesion",
     "holm_adjust",
     "paired_wilcoxon",
-    "render_markdown",
     "summarize",
 ]
 
 # The drift report's scalar metrics (engine.metrics.compare_maps) and the drift score.
 DEFAULT_STUDY_METRICS: tuple[str, ...] = (*SCALAR_METRICS, "drift_score")
-# Evidence on the lesion, per checkpoint, and the change fine-tuning made (synthetic data only).
-LESION_COLUMNS: tuple[str, ...] = (
-    "lesion_area",
-    "transfer_topk_in_lesion",
-    "finetuned_topk_in_lesion",
-    "topk_in_lesion_change",
-    "transfer_mass_in_lesion",
-    "finetuned_mass_in_lesion",
-    "mass_in_lesion_change",
-)
-# (transfer column, fine-tuned column) pairs tested for a shift of the evidence onto / off the lesion
-LESION_PAIRS: tuple[tuple[str, str], ...] = (
-    ("transfer_topk_in_lesion", "finetuned_topk_in_lesion"),
-    ("transfer_mass_in_lesion", "finetuned_mass_in_lesion"),
-)
 # Smallest number of non-zero paired differences whose exact two-sided Wilcoxon p can be < 0.05 (2/2^6).
 MIN_PAIRS_FOR_005 = 6
+# The "class" of the groups that pool every class.
 ALL_CLASSES = "all"
-
-
-# ------------------------------------------------------------------------------------ evidence on lesion
-
-
-def evidence_on_lesion(attribution: Any, lesion_mask: Any, *, topk_percent: float = 20.0) -> dict[str, Any]:
-    """How much of an attribution map lies on the ground-truth lesion.
-
-    ``attribution`` (H, W) non-negative; ``lesion_mask`` (H, W) in [0, 1] on the same grid (binary, or the
-    soft mask a resize gives: each pixel's lesion fraction). With ``T`` the ``topk_percent`` % highest pixels
-    (``max(1, round(H W k / 100))`` of them; ties by flat index, as the drift metrics), ``A`` the map, ``M``
-    the mask:
-
-    - ``topk_in_lesion`` = ``mean_{i in T} M_i``: the share of the top region inside the lesion;
-    - ``mass_in_lesion`` = ``sum A M / sum A``: the attribution mass inside the lesion (the "energy-based
-      pointing game");
-    - ``lesion_area`` = ``mean M``: what both are for a map that knows nothing (chance level).
-
-    An all-zero map is the uniform map (as in :mod:`engine.metrics`): both values are
-    ``lesion_area`` and ``all_zero`` is ``True``. An empty mask raises ``ValueError`` (undefined: skip the
-    image, e.g. ``normal`` ones).
-    """
-    a = np.asarray(attribution, dtype=np.float64)
-    m = np.asarray(lesion_mask, dtype=np.float64)
-    if a.ndim != 2 or a.size == 0:
-        raise ValueError(f"attribution must be a non-empty 2-D map (H, W), got shape {a.shape}")
-    if m.shape != a.shape:
-        raise ValueError(
-            f"lesion mask must have the attribution's shape {a.shape}, got {m.shape} (resize it first)"
-        )
-    if not (np.isfinite(a).all() and np.isfinite(m).all()):
-        raise ValueError("attribution and lesion mask must be finite")
-    if (a < 0).any():
-        raise ValueError(f"attribution must be non-negative, got a minimum of {a.min():.3g}")
-    if (m < 0).any() or (m > 1).any():
-        raise ValueError(f"lesion mask values must lie in [0, 1], got [{m.min():.3g}, {m.max():.3g}]")
-    if not m.any():
-        raise ValueError("lesion mask is empty: evidence on the lesion is undefined (e.g. a normal image)")
-    if not 0 < topk_percent <= 100:
-        raise ValueError(f"topk_percent must be in (0, 100], got {topk_percent!r}")
-    area = float(m.mean())
-    total = float(a.sum())
-    if total <= 0.0:
-        return {"topk_in_lesion": area, "mass_in_lesion": area, "lesion_area": area, "all_zero": True}
-    flat, mask = a.ravel(), m.ravel()
-    k = max(1, min(flat.size, round(flat.size * topk_percent / 100.0)))
-    top = np.argsort(-flat, kind="stable")[:k]
-    return {
-        "topk_in_lesion": float(mask[top].mean()),
-        "mass_in_lesion": float(np.clip((flat * mask).sum() / total, 0.0, 1.0)),
-        "lesion_area": area,
-        "all_zero": False,
-    }
 
 
 # ------------------------------------------------------------------------------------ descriptive stats
@@ -433,177 +365,3 @@ def summarize(
         "rankings": {"metric": rank_metric, "methods": per_method, "comparisons": comparisons},
         "lesion_tests": lesion_tests,
     }
-
-
-# ------------------------------------------------------------------------------------ markdown
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return "-"
-        if v != 0 and abs(v) < 10 ** (-digits):
-            return f"{v:.1e}"
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
-    return [*lines, ""]
-
-
-def _mean_ci(s: Mapping[str, Any]) -> str:
-    if not s or not s.get("n"):
-        return "-"
-    return f"{_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]"
-
-
-def render_markdown(summary: Mapping[str, Any], *, title: str = "Drift study", preamble: str = "") -> str:
-    """A human-readable report of :func:`summarize`'s output (Markdown tables)."""
-    cfg = summary["config"]
-    level = round(100 * cfg["confidence"])
-    lines = [f"# {title}", ""]
-    if preamble:
-        lines += [preamble.rstrip(), ""]
-    lines += [
-        f"Mean [{level}% {cfg['ci']}, {cfg['n_boot']} resamples, seed {cfg['seed']}]. "
-        f"Paired test: {cfg['paired_test']}.",
-        "",
-    ]
-    overall = [g for g in summary["groups"] if g["class"] == ALL_CLASSES]
-    headline = [
-        m for m in ("iou", "drift_score", "ssim", "pearson", "centroid_shift", "emd") if m in cfg["metrics"]
-    ]
-    for method in summary["methods"]:
-        lines += [f"## {method}", ""]
-        rows = []
-        for g in (g for g in overall if g["method"] == method):
-            iou = g["metrics"].get("iou", {})
-            rows.append(
-                [g["model"], g["n_images"]]
-                + [_mean_ci(g["metrics"][m]) for m in headline]
-                + ([f"{_fmt(iou.get('median'))} ({_fmt(iou.get('iqr'))})"] if iou else [])
-            )
-        header = ["model", "n", *(f"{m} mean [CI]" for m in headline)] + (
-            ["iou median (IQR)"] if "iou" in headline else []
-        )
-        lines += _table(header, rows)
-        if summary["classes"] and any(g["class"] != ALL_CLASSES for g in summary["groups"]):
-            lines += [f"IoU per class ({method}): mean [CI] (n)", ""]
-            per_class = {
-                (g["model"], g["class"]): g
-                for g in summary["groups"]
-                if g["method"] == method and g["class"] != ALL_CLASSES
-            }
-            class_rows = []
-            for model in summary["models"]:
-                cells = []
-                for cls in summary["classes"]:
-                    g = per_class.get((model, cls))
-                    s = g["metrics"].get("iou", {}) if g else {}
-                    cells.append(f"{_mean_ci(s)} ({s.get('n', 0)})" if s else "-")
-                class_rows.append([model, *cells])
-            lines += _table(["model", *summary["classes"]], class_rows)
-
-    rankings = summary["rankings"]
-    lines += [f"## Stability ranking (mean {rankings['metric']}, higher = more stable)", ""]
-    methods = list(rankings["methods"])
-    depth = max((len(v) for v in rankings["methods"].values()), default=0)
-    rank_rows = []
-    for i in range(depth):
-        row: list[Any] = [i + 1]
-        for method in methods:
-            entries = rankings["methods"][method]
-            row.append(f"{entries[i]['model']} ({_fmt(entries[i]['mean'])})" if i < len(entries) else "-")
-        rank_rows.append(row)
-    lines += _table(["rank", *methods], rank_rows)
-    for c in rankings["comparisons"]:
-        pairs = ", ".join(f"{a} / {b}" for a, b in c["reversed_pairs"]) or "none"
-        lines += [
-            f"- {c['method_a']} vs {c['method_b']}: Kendall tau = {_fmt(c['tau'])} (p = {_fmt(c['p_value'])}, "
-            f"n = {c['n']}); most stable: {c['top_a']} vs {c['top_b']}"
-            f"{' (the top changes)' if c['top_changes'] else ''}; reversed pairs: {pairs}."
-            + (f" Note: {c['note']}." if c["note"] else ""),
-            "- relative change of the mean from "
-            f"{c['method_a']} to {c['method_b']}: "
-            + ", ".join(
-                f"{m} {_fmt(100 * v, 1)}%" if v is not None else f"{m} -"
-                for m, v in c["relative_change"].items()
-            ),
-            "",
-        ]
-
-    tests = [t for t in summary["paired_tests"] if t["metric"] in ("iou", "drift_score", "ssim", "pearson")]
-    if tests:
-        lines += ["## Paired tests between architectures (same images)", ""]
-        lines += _table(
-            ["method", "metric", "A vs B", "n", "median A-B", "effect", "W", "p", "p (Holm)", "note"],
-            [
-                [
-                    t["method"],
-                    t["metric"],
-                    f"{t['model_a']} vs {t['model_b']}",
-                    t["n_pairs"],
-                    t["median_difference"],
-                    t["effect_size"],
-                    t["statistic"],
-                    t["p_value"],
-                    t["p_holm"],
-                    t["note"] or "",
-                ]
-                for t in tests
-            ],
-        )
-        lines += ["All metrics' tests are in summary.json.", ""]
-
-    if summary["lesion_tests"]:
-        lines += [
-            "## Evidence on the lesion: fine-tuned vs transfer (lesion images only)",
-            "",
-            "Share of the top-k% region inside the lesion (topk) and attribution mass inside it (mass); "
-            "chance level = lesion area. Positive change: fine-tuning moved evidence onto the lesion.",
-            "",
-        ]
-        stats_of = {(g["model"], g["method"]): g["metrics"] for g in overall}
-        rows = []
-        for t in summary["lesion_tests"]:
-            s = stats_of.get((t["model"], t["method"]), {})
-            kind = "topk" if "topk" in t["finetuned"] else "mass"
-            rows.append(
-                [
-                    t["model"],
-                    t["method"],
-                    kind,
-                    t["n_pairs"],
-                    _mean_ci(s.get(t["transfer"], {})),
-                    _mean_ci(s.get(t["finetuned"], {})),
-                    _mean_ci(s.get("lesion_area", {})),
-                    t["mean_difference"],
-                    t["p_value"],
-                    t["note"] or "",
-                ]
-            )
-        lines += _table(
-            [
-                "model",
-                "method",
-                "measure",
-                "n",
-                "transfer",
-                "fine-tuned",
-                "chance",
-                "mean change",
-                "p",
-                "note",
-            ],
-            rows,
-        )
-    return "\n".join(lines).rstrip() + "\n"
