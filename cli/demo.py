@@ -77,8 +77,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """Make sure data, trained and calibrated pairs exist under ``args.dir``; return (data, artifacts, sample)."""
     from engine.calibrate import calibrate_folder
     from training.config import TrainConfig
+    from training.pipeline import train_pair
     from training.synth import generate_dataset
-    from training.train import train_pair
 
     archs = _archs(args.archs)  # an unknown name fails here, before any work
     root: Path = args.dir

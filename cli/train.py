@@ -12,7 +12,7 @@ from pathlib import Path
 
 from core.registry import get_arch, list_archs
 from training.config import DEVICE_CHOICES, ON_ERROR_CHOICES, TrainConfig
-from training.train import train_pair
+from training.pipeline import train_pair
 
 __all__ = ["configure_parser", "run"]
 

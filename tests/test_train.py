@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,20 +27,12 @@ import cli.main as cli
 from cli.train import configure_parser
 from core.registry import get_arch
 from training.config import TrainConfig, config_differences
+from training.distributed import DistContext
+from training.loaders import IndexedDataset, limit_per_split, shard_loader
 from training.models import CxrClassifier
-from training.train import (
-    DistContext,
-    HeadFit,
-    _Indexed,
-    _shard_loader,
-    evaluate,
-    extract_features,
-    fit_head,
-    limit_per_split,
-    recalibrate_batchnorm,
-    run_stage,
-    warmup_cosine,
-)
+from training.passes import evaluate, extract_features, recalibrate_batchnorm
+from training.stage1 import HeadFit, fit_head
+from training.stage2 import run_stage, warmup_cosine
 
 NUM_CLASSES = 3
 
@@ -68,7 +61,7 @@ def tiny_model(seed: int = 0) -> CxrClassifier:
     return CxrClassifier(spec, TinyBackbone(8), NUM_CLASSES, drop_rate=0.2)
 
 
-def tensor_data(n: int = 36, size: int = 16, seed: int = 0) -> _Indexed:
+def tensor_data(n: int = 36, size: int = 16, seed: int = 0) -> IndexedDataset:
     """Images whose class is a bright patch in one colour channel: learnable after global pooling."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, size, size, generator=g) * 0.3
@@ -76,7 +69,7 @@ def tensor_data(n: int = 36, size: int = 16, seed: int = 0) -> _Indexed:
     for i in range(n):
         c = int(y[i])
         x[i, c, 2:14, 2:14] += 2.0
-    return _Indexed(TensorDataset(x, y))
+    return IndexedDataset(TensorDataset(x, y))
 
 
 def small_config(tmp_path: Path, **overrides: object) -> TrainConfig:
@@ -182,7 +175,7 @@ def test_shards_are_disjoint_and_cover_the_split() -> None:
     data = tensor_data(n=11)
     seen = []
     for rank in range(3):
-        loader = _shard_loader(data, batch_size=4, workers=0, ctx=DistContext(rank=rank, world_size=3))
+        loader = shard_loader(data, batch_size=4, workers=0, ctx=DistContext(rank=rank, world_size=3))
         seen.append([int(i) for _, _, idx in loader for i in idx])
     assert sorted(i for shard in seen for i in shard) == list(range(11))
     assert all(set(a).isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1 :])
@@ -398,8 +391,6 @@ def test_cli_input_size_below_minimum(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_cli_incompatible_pretrained_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from safetensors.torch import save_file
-
     data = write_image_folder(tmp_path / "data", classes=3, per_class=3, size=32)
     weights = tmp_path / "other.safetensors"
     save_file({"stem.conv.weight": torch.zeros(5, 5, 1, 1)}, str(weights))
@@ -439,8 +430,6 @@ def test_cli_resume_with_a_different_config(tmp_path: Path, capsys: pytest.Captu
 
 @pytest.mark.slow
 def test_full_pipeline_resnet50v2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from safetensors.torch import load_file
-
     data = write_image_folder(tmp_path / "data", classes=5, per_class=8, size=64)
     out = tmp_path / "out"
     args = [a for a in _train_args(data, out) if a != "--no-export"]

@@ -5,10 +5,14 @@ a class with no predictions / no samples (scikit-learn's ``zero_division=0``), a
 Mann-Whitney statistic with ties counted one half. A class absent from ``y_true`` (or the only class present)
 has no defined AUC: it is reported as ``None`` and left out of the macro mean, which is ``None`` when no class
 has one.
+
+Training scores a split with :func:`split_metrics` (the metrics plus the mean cross-entropy) and picks the
+best epoch of a stage by :func:`selection_key`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,10 +23,13 @@ __all__ = [
     "accuracy",
     "classification_metrics",
     "confusion_matrix",
+    "cross_entropy",
     "macro_f1",
     "precision_recall_f1",
     "roc_auc_ovr",
+    "selection_key",
     "softmax",
+    "split_metrics",
 ]
 
 
@@ -169,3 +176,29 @@ def classification_metrics(
     if loss is not None:
         out["loss"] = float(loss)
     return out
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """mean_i -log softmax(z_i)[y_i], float64."""
+    if labels.size == 0:
+        return float("nan")
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(labels.size), labels].mean())
+
+
+def split_metrics(
+    logits: np.ndarray | None, labels: np.ndarray | None, class_names: list[str]
+) -> dict[str, Any] | None:
+    """:func:`classification_metrics` with the cross-entropy loss; ``None`` for a missing or empty split."""
+    if logits is None or labels is None or labels.size == 0:
+        return None
+    return classification_metrics(labels, logits, class_names=class_names, loss=cross_entropy(logits, labels))
+
+
+def selection_key(metrics: dict[str, Any] | None) -> tuple[float, float]:
+    """Larger is better: (val macro-F1, -val loss)."""
+    if not metrics or metrics.get("n", 0) == 0:
+        return (-math.inf, -math.inf)
+    return (float(metrics["macro_f1"]), -float(metrics.get("loss", math.inf)))

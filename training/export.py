@@ -13,17 +13,20 @@ import datetime as dt
 import logging
 import warnings
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from core.errors import ArtifactError
 from core.manifest import MANIFEST_SCHEMA_VERSION, sha256_file, write_manifest
 from core.registry import get_arch
 from core.vocabulary import CHECKPOINTS
-from training.models import CxrClassifier, LogitsAndFeatures
+from training.models import CxrClassifier, LogitsAndFeatures, build_model
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,7 @@ class ExportError(ArtifactError):
 
 def _package_version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("cxr-drift")
+        return metadata.version("cxr-drift")
     except Exception:
         return "0+unknown"
 
@@ -166,8 +167,6 @@ def export_pair(
     ``sample_inputs`` (B, 3, S, S): preprocessed real images for the ONNX parity check (random inputs
     otherwise).
     """
-    from safetensors.torch import save_file
-
     _check_pair(transfer, finetuned, class_names)
     spec = get_arch(transfer.arch)
     spec.check_input_size(input_size)
@@ -241,11 +240,6 @@ def export_pair(
 
 def load_checkpoint(path: Path, *, arch: str, num_classes: int) -> CxrClassifier:
     """Build ``arch`` and load a safetensors checkpoint into it; a mismatch is a clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from training.models import build_model
-
     if not Path(path).is_file():
         raise ArtifactError(f"checkpoint not found: {path}")
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from core.errors import ConfigError
@@ -96,8 +97,6 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PretrainedWeightsError(f"pretrained weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
