@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+import service.predict
+from core.errors import InputError
 from service.app.settings import Settings, get_settings
 from tests.api_fixtures import (
     ApiClient,
@@ -262,11 +265,51 @@ def test_out_of_range_audit_parameters_are_422_not_500(
     assert error_of(response)["code"] == "validation_error"
 
 
-def test_unhandled_exception_is_a_json_500(api: ApiClient) -> None:
-    response = api.get("/boom")
+def test_unhandled_exception_is_a_json_500(api: ApiClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="service.app.errors"):
+        response = api.get("/boom")
     assert response.status_code == 500
     error = error_of(response)
     assert error["code"] == "internal_error" and "a bug" not in error["message"]
+    request_id = error["details"]["request_id"]
+    assert len(request_id) == 32 and request_id in error["message"]
+    assert response.headers["x-request-id"] == request_id
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and "a bug" in str(logged[0].exc_info[1])
+
+
+def test_every_answer_carries_a_request_id(api: ApiClient) -> None:
+    first, second = api.get("/healthz"), api.get("/healthz")
+    assert len(first.headers["x-request-id"]) == 32
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "code"),
+    [
+        (ValueError("an engine bug, not bad input"), 500, "internal_error"),
+        (IndexError("another bug"), 500, "internal_error"),
+        (InputError("this image cannot be scored", code="invalid_input"), 422, "invalid_input"),
+    ],
+)
+def test_a_bug_in_the_engine_is_a_500_and_bad_input_a_422(
+    api: ApiClient, monkeypatch: pytest.MonkeyPatch, raised: Exception, status: int, code: str
+) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(service.predict, "drift_report", fail)
+    before = api.get("/audit/records", headers=headers("audit")).json()["items"]
+    response = post_image(api, png_bytes(chest_like(48)))
+    assert response.status_code == status
+    error = error_of(response)
+    assert error["code"] == code
+    if status == 500:
+        assert error["details"]["request_id"] == response.headers["x-request-id"]
+    else:
+        assert str(raised) in error["message"] and error["details"]["model"]
+    after = api.get("/audit/records", headers=headers("audit")).json()["items"]
+    assert [r["id"] for r in after] == [r["id"] for r in before], "a failed prediction was audited"
 
 
 # ---------------------------------------------------------------------------------------------- readiness

@@ -1,12 +1,16 @@
 """One JSON error model for every 4xx/5xx answer: ``{"error": {"code", "message", "details"}}``.
 
-Handlers turn :class:`ApiError`, Starlette/FastAPI ``HTTPException``, request validation errors and, as a last
-resort, any unhandled exception into that shape, so a client never has to parse HTML or a bare string.
+Handlers turn :class:`ApiError`, the domain errors of :mod:`core.errors` (the input or an artifact is
+wrong), Starlette/FastAPI ``HTTPException`` and request validation errors into that shape. Any other
+exception is a bug: a 500 whose details carry the request id (also in the ``X-Request-ID`` header) and whose
+traceback is logged under that id, so a client never has to parse HTML or a bare string and a bug never
+looks like the client's fault.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,10 +19,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.errors import ArtifactError, DomainError
+from core.imageio import ImageTooLargeError, UnsupportedFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ApiError", "ErrorBody", "ErrorResponse", "error_responses", "install_error_handlers"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "ApiError",
+    "ErrorBody",
+    "ErrorResponse",
+    "RequestIdMiddleware",
+    "error_responses",
+    "install_error_handlers",
+    "request_id_of",
+]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_KEY = "request_id"
+
+# Domain error class -> (status, default code); the first match wins, so subclasses come first.
+_DOMAIN_STATUS: tuple[tuple[type[DomainError], int, str], ...] = (
+    (ImageTooLargeError, 413, "image_too_large"),
+    (UnsupportedFormatError, 415, "unsupported_media_type"),
+    (ArtifactError, 503, "artifact_unavailable"),
+    (DomainError, 422, "invalid_input"),
+)
 
 # status -> default code when an HTTPException carries no code of its own
 _CODES: dict[int, str] = {
@@ -116,13 +144,62 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_json(422, "validation_error", f"invalid request: {summary}", errors)
 
 
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    status, code = next((s, c) for cls, s, c in _DOMAIN_STATUS if isinstance(exc, cls))
+    return error_json(status, exc.code or code, str(exc), exc.details)
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_json(500, "internal_error", "internal server error; the event was logged")
+    request_id = request_id_of(request.scope)
+    log.error(
+        "unhandled error (request %s) on %s %s", request_id, request.method, request.url.path, exc_info=exc
+    )
+    return error_json(
+        500,
+        "internal_error",
+        f"internal server error; the event was logged under request id {request_id}",
+        {"request_id": request_id},
+        {REQUEST_ID_HEADER: request_id},
+    )
+
+
+def request_id_of(scope: Scope) -> str:
+    """The id :class:`RequestIdMiddleware` gave this request (a new one if it did not run)."""
+    state = scope.setdefault("state", {})
+    if _REQUEST_ID_KEY not in state:
+        state[_REQUEST_ID_KEY] = uuid.uuid4().hex
+    return str(state[_REQUEST_ID_KEY])
+
+
+class RequestIdMiddleware:
+    """Give every HTTP request an id (``request.state.request_id``) and answer it in ``X-Request-ID``.
+
+    Pure ASGI, so it sees the scope before every other middleware and the handlers of the app.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_of(scope)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode("ascii")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unhandled)

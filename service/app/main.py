@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 
-from service.app.errors import install_error_handlers
+from service.app.errors import RequestIdMiddleware, install_error_handlers
 from service.app.limits import BodySizeLimitMiddleware
 from service.app.metrics import Metrics, MetricsMiddleware
 from service.app.routes import include_routers
@@ -83,4 +83,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(UploadAuthMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # added last: runs first, so every answer carries the id
     return app

@@ -15,6 +15,8 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.report import DriftReport
+
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -57,19 +59,13 @@ class Metrics:
             registry=self.registry,
         )
 
-    def record_report(self, report: dict[str, object]) -> None:
-        """Count one engine report (``DriftReport.to_dict()``) by model, method, severity and flag."""
-        model = str(report.get("model", "unknown"))
-        self.predictions.labels(model=model).inc()
-        methods = report.get("methods")
-        if not isinstance(methods, dict):
-            return
-        for method, result in methods.items():
-            if not isinstance(result, dict):
-                continue
-            self.drift_reports.labels(model=model, method=method, severity=str(result.get("severity"))).inc()
-            if result.get("flagged"):
-                self.drift_flagged.labels(model=model, method=method).inc()
+    def record_report(self, report: DriftReport) -> None:
+        """Count one drift report by model, method, severity and flag."""
+        self.predictions.labels(model=report.model).inc()
+        for method, result in report.methods.items():
+            self.drift_reports.labels(model=report.model, method=method, severity=result["severity"]).inc()
+            if result["flagged"]:
+                self.drift_flagged.labels(model=report.model, method=method).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,191 @@
+"""The prediction use case, without HTTP: image bytes -> decoded pixels; options -> checked options; pixels and
+options -> one typed :class:`engine.report.DriftReport` per model pair.
+
+``POST /predict`` calls these functions; so can a script or a test. Every refusal is a
+:class:`core.errors.InputError` (or an image-decoding subclass of it) with a stable ``code`` and ``details``
+naming the valid options; anything else raised here is a bug.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from core.errors import InputError
+from core.imageio import ImageDecodeError, ImageInfo, read_image_with_info
+from core.vocabulary import METHODS
+from engine.report import DriftReport, drift_report
+from engine.runtime import ModelPair
+
+__all__ = [
+    "MAP_MODES",
+    "TOPK_RANGE",
+    "DecodedImage",
+    "MapMode",
+    "PairResult",
+    "PredictOptions",
+    "decode_image",
+    "predict_pairs",
+    "resolve_options",
+]
+
+MapMode = Literal["none", "overlay", "raw"]
+MAP_MODES: tuple[str, ...] = ("none", "overlay", "raw")
+TOPK_RANGE = (5.0, 50.0)
+DEFAULT_TOPK = 20.0
+_INTEGER = re.compile(r"-?[0-9]{1,9}")
+
+
+class PredictOptions(BaseModel):
+    """What a prediction was asked for, after checking: it is echoed in the answer and stored in the audit."""
+
+    model_config = ConfigDict(frozen=True)
+
+    models: list[str]
+    methods: list[str]
+    target_class: int | str | None
+    topk: float
+    maps: MapMode
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded upload: grayscale pixels in [0, 1], what was decoded, and the SHA-256 of the bytes."""
+
+    gray: np.ndarray
+    info: ImageInfo
+    sha256: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """One model pair's report and how long it took."""
+
+    report: DriftReport
+    elapsed_ms: float
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None or not value.strip():
+        return None
+    return list(dict.fromkeys(p.strip() for p in value.split(",") if p.strip()))
+
+
+def resolve_options(
+    pairs: Mapping[str, ModelPair],
+    *,
+    models: str | None = None,
+    methods: str | None = None,
+    target_class: str | None = None,
+    topk: float | None = None,
+    maps: str | None = None,
+) -> PredictOptions:
+    """Check the raw options (comma-separated lists, a class index or name...) against the loaded ``pairs``.
+
+    Defaults: every pair, both methods, the fine-tuned prediction as target, top-20 %, no maps.
+    """
+    ready = sorted(pairs)
+    chosen_models = _split(models) or ready
+    unknown = [m for m in chosen_models if m not in pairs]
+    if unknown:
+        raise InputError(
+            f"unknown or not loaded model(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(ready)}",
+            code="unknown_model",
+            details={"unknown": unknown, "valid": ready},
+        )
+    chosen_methods = _split(methods) or list(METHODS)
+    bad_methods = [m for m in chosen_methods if m not in METHODS]
+    if bad_methods:
+        raise InputError(
+            f"unknown method(s) {', '.join(map(repr, bad_methods))}; valid options: {', '.join(METHODS)}",
+            code="unknown_method",
+            details={"unknown": bad_methods, "valid": list(METHODS)},
+        )
+    chosen_topk = DEFAULT_TOPK if topk is None else float(topk)
+    if not np.isfinite(chosen_topk) or not TOPK_RANGE[0] <= chosen_topk <= TOPK_RANGE[1]:
+        raise InputError(f"topk must be in 5..50 (percent), got {topk}", code="validation_error")
+    chosen_maps = (maps or "none").strip().lower()
+    if chosen_maps not in MAP_MODES:
+        raise InputError(f"maps must be one of {', '.join(MAP_MODES)}, got {maps!r}", code="validation_error")
+    target: int | str | None = None
+    if target_class is not None and target_class.strip():
+        text = target_class.strip()
+        # ASCII digits only: str.isdigit() also accepts "²" or "--5", which int() refuses
+        target = int(text) if _INTEGER.fullmatch(text) else text
+        for name in chosen_models:
+            _check_target(name, list(pairs[name].class_names), target)
+    return PredictOptions(
+        models=chosen_models,
+        methods=chosen_methods,
+        target_class=target,
+        topk=chosen_topk,
+        maps=chosen_maps,  # type: ignore[arg-type]
+    )
+
+
+def _check_target(model: str, class_names: list[str], target: int | str) -> None:
+    if isinstance(target, int):
+        if not 0 <= target < len(class_names):
+            raise InputError(
+                f"target_class index {target} is out of range for {model!r} ({len(class_names)} classes: "
+                f"0..{len(class_names) - 1} = {', '.join(class_names)})",
+                code="unknown_class",
+                details={"model": model, "valid": class_names},
+            )
+    elif target not in class_names:
+        raise InputError(
+            f"unknown target_class {target!r} for {model!r}; valid options: {', '.join(class_names)} "
+            f"(or an index 0..{len(class_names) - 1})",
+            code="unknown_class",
+            details={"model": model, "valid": class_names},
+        )
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
+    """Hash and decode an upload; every failure is an :class:`ImageDecodeError` (or a subclass)."""
+    if not data:
+        raise InputError("the uploaded file is empty; send one PNG, JPEG or DICOM image", code="empty_file")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        gray, info = read_image_with_info(data, max_pixels=max_pixels)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        # decoders (PIL, pydicom, their plugins) raise many types on corrupt input (ValueError, OSError,
+        # IndexError, struct.error, RuntimeError, NotImplementedError...); none of them is the server's fault
+        raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
+    return DecodedImage(gray=gray, info=info, sha256=digest, nbytes=len(data))
+
+
+def predict_pair(pair: ModelPair, gray: np.ndarray, options: PredictOptions) -> PairResult:
+    """The drift report of one model pair for one image (maps kept when ``options.maps`` asks for them)."""
+    started = time.perf_counter()
+    try:
+        report = drift_report(
+            pair,
+            gray,
+            methods=tuple(options.methods),
+            target_class=options.target_class,
+            topk_percent=options.topk,
+            include_maps=options.maps != "none",
+        )
+    except InputError as exc:
+        raise InputError(
+            f"{pair.name}: {exc}", code=exc.code or "invalid_input", details={"model": pair.name}
+        ) from exc
+    return PairResult(report=report, elapsed_ms=round((time.perf_counter() - started) * 1000.0, 3))
+
+
+def predict_pairs(
+    pairs: Mapping[str, ModelPair], gray: np.ndarray, options: PredictOptions
+) -> Sequence[PairResult]:
+    """:func:`predict_pair` for every model in ``options.models``, in that order."""
+    return [predict_pair(pairs[name], gray, options) for name in options.models]
