@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.keys import add_database_url, database_url
+from cli.options import add_database_url, database_url
 from core.errors import UsageError
 from service.audit import db
 

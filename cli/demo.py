@@ -1,34 +1,19 @@
-"""``cxr-drift demo``: the one-command tour.
-
-On first run: synthetic chest radiographs -> two-stage training of a demo model pair for every registered
-architecture at a reduced input size (random-init backbones: no ImageNet weights can be fetched here) ->
-drift thresholds calibrated on the validation split -> an audit database with a fresh API key -> the API on
-127.0.0.1:8000. A second run verifies and reuses what is there and serves within seconds.
-"""
+"""``cxr-drift demo``: the one-command tour: prepare the demo (service/demo.py), print a key, serve the API."""
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
+import functools
 import logging
-import shutil
-import time
 from pathlib import Path
-from typing import Any
 
-log = logging.getLogger(__name__)
+import uvicorn
 
-__all__ = ["DEMO_INPUT_SIZE", "configure_parser", "prepare", "run"]
+from service.app.main import create_app
+from service.app.settings import Settings
+from service.demo import DEMO_IMAGE_SIZE, DEMO_N, create_demo_key, demo_archs, prepare_demo
 
-# Reduced input sizes that keep the demo to minutes on 2 CPU cores; Inception-v3 needs >= 139 px for a
-# 3x3 feature grid (its native size is 299). With random-init backbones, train's --pretrained none defaults
-# apply (stage 2 from scratch: LR 1e-3, no augmentation, precise BatchNorm statistics).
-DEMO_INPUT_SIZE = {"densenet201": 128, "resnet50v2": 128, "inceptionv3": 160}
-# 600 images (420 train / 90 val / 90 test): stage 2 from scratch needs the training images more than it
-# needs epochs; 160 px sources already exceed every demo input size.
-DEMO_N = 600
-DEMO_IMAGE_SIZE = 160
+__all__ = ["configure_parser", "run"]
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -50,113 +35,21 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-serve", action="store_true", help="prepare everything, print the key, do not serve")
 
 
-def _archs(choice: str) -> list[str]:
-    from core.registry import get_arch, list_archs
-
-    if choice == "all":
-        return list_archs()
-    return [get_arch(name.strip()).name for name in choice.split(",") if name.strip()]
-
-
-def _pair_is_usable(folder: Path) -> tuple[bool, str]:
-    from core.manifest import read_manifest, verify_files
-
-    if not (folder / "manifest.json").is_file():
-        return False, "not trained yet"
-    try:
-        manifest = read_manifest(folder)
-        verify_files(folder, manifest)
-    except (ValueError, OSError) as exc:  # ArtifactError is a ValueError
-        return False, str(exc)
-    if not manifest.get("drift_thresholds"):
-        return False, "drift thresholds not calibrated"
-    return True, "ok"
-
-
-def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """Make sure data, trained and calibrated pairs exist under ``args.dir``; return (data, artifacts, sample)."""
-    from engine.calibrate import calibrate_folder
-    from training.config import TrainConfig
-    from training.pipeline import train_pair
-    from training.synth import generate_dataset
-
-    archs = _archs(args.archs)  # an unknown name fails here, before any work
-    root: Path = args.dir
-    data = root / "data"
-    artifacts = root / "artifacts"
-    manifest_csv = data / "manifest.csv"
-    if not manifest_csv.is_file():
-        print(f"[demo] generating {args.n} synthetic chest radiographs in {data} ...", flush=True)
-        generate_dataset(data, n=args.n, size=args.image_size, seed=args.seed, overwrite=True, progress=True)
-    else:
-        print(f"[demo] reusing synthetic data in {data}", flush=True)
-
-    for arch in archs:
-        folder = artifacts / arch
-        usable, why = (False, "--retrain") if args.retrain else _pair_is_usable(folder)
-        if usable:
-            print(f"[demo] {arch}: reusing verified model pair in {folder}", flush=True)
-            continue
-        print(f"[demo] {arch}: training a demo model pair ({why}) ...", flush=True)
-        started = time.perf_counter()
-        if folder.exists():
-            shutil.rmtree(folder)
-        overrides: dict[str, Any] = {}
-        if args.epochs_transfer is not None:
-            overrides["epochs_transfer"] = args.epochs_transfer
-        if args.epochs_finetune is not None:
-            overrides["epochs_finetune"] = args.epochs_finetune
-        config = TrainConfig(
-            arch=arch,
-            data=str(data),
-            out=str(folder),
-            input_size=DEMO_INPUT_SIZE.get(arch),
-            pretrained="none",
-            seed=args.seed,
-            device="cpu",
-            **overrides,
-        )
-        train_pair(config)
-        thresholds = calibrate_folder(folder, data, split="val")
-        manifest = json.loads((folder / "manifest.json").read_text())
-        accs = {
-            name: float(manifest["checkpoints"][name]["metrics"].get("accuracy", float("nan")))
-            for name in ("transfer", "finetuned")
-        }
-        print(
-            f"[demo] {arch}: done in {time.perf_counter() - started:.0f} s; test accuracy "
-            f"transfer {accs['transfer']:.3f}, fine-tuned {accs['finetuned']:.3f}; drift thresholds from "
-            f"{thresholds['n']} validation images ({thresholds['subset']})",
-            flush=True,
-        )
-
-    sample = root / "sample.png"
-    if not sample.is_file():
-        from core.dataset import load_index
-
-        index = load_index(data)
-        test = index.split("test")
-        chosen = next((s for s in test if index.class_names[s.label] != "normal"), test[0])
-        shutil.copyfile(chosen.path, sample)
-    return data, artifacts, sample
-
-
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.app.keys import create_key
-    from service.app.main import create_app
-    from service.app.settings import Settings
-    from service.audit.db import make_engine, upgrade
-
-    _, artifacts, sample = prepare(args)
+    archs = demo_archs(args.archs)  # an unknown name fails here, before any work
+    _, artifacts, sample = prepare_demo(
+        args.dir,
+        archs=archs,
+        n=args.n,
+        image_size=args.image_size,
+        seed=args.seed,
+        epochs_transfer=args.epochs_transfer,
+        epochs_finetune=args.epochs_finetune,
+        retrain=args.retrain,
+        say=functools.partial(print, flush=True),
+    )
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    database_url = f"sqlite:///{(args.dir / 'audit.db').resolve()}"
-    upgrade(database_url)
-    engine = make_engine(database_url)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
-    key = create_key(engine, name=f"demo-{stamp}", role="admin")
-    engine.dispose()
+    database_url, key = create_demo_key(args.dir)
 
     base = f"http://{args.host}:{args.port}"
     print(

@@ -10,34 +10,14 @@ The URL defaults to ``CXR_DRIFT_DATABASE_URL``. The plaintext key is printed onc
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 
-from core.errors import ConfigError, UsageError
+from cli.options import add_database_url, database_url
+from core.errors import UsageError
 from service.app.keys import ROLES, create_key, list_keys, revoke_key
 from service.audit.db import DatabaseUnavailable, make_engine
 
-__all__ = ["configure_parser", "database_url", "run"]
-
-DATABASE_URL_ENV = "CXR_DRIFT_DATABASE_URL"
-
-
-def add_database_url(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--database-url",
-        default=None,
-        help=f"SQLAlchemy URL of the audit database (default: ${DATABASE_URL_ENV})",
-    )
-
-
-def database_url(args: argparse.Namespace) -> str:
-    url = args.database_url or os.environ.get(DATABASE_URL_ENV)
-    if not url:
-        raise ConfigError(
-            f"no database URL: pass --database-url or set {DATABASE_URL_ENV} "
-            "(e.g. sqlite:///audit.db or postgresql+psycopg://USER@HOST/DB)"
-        )
-    return str(url)
+__all__ = ["configure_parser", "run"]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

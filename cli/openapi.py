@@ -7,26 +7,12 @@ committed ``openapi/openapi.json`` changes only when the API does.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
 
 from core.errors import UsageError
+from service.app.openapi import openapi_document, render
 
-__all__ = ["configure_parser", "openapi_document", "render", "run"]
-
-
-def openapi_document() -> dict[str, Any]:
-    """The app's OpenAPI schema; building it loads no models and touches no database."""
-    from service.app.main import create_app
-    from service.app.settings import Settings
-
-    # defaults, not the environment: the document must not depend on who generates it
-    return create_app(Settings(_env_file=None, api_keys=[], auth_enabled=True, host="127.0.0.1")).openapi()  # type: ignore[call-arg]
-
-
-def render(document: dict[str, Any]) -> str:
-    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+__all__ = ["configure_parser", "run"]
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

@@ -67,8 +67,8 @@ def test_demo_prepares_then_reuses(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_a_tampered_or_uncalibrated_pair_is_not_reused(tmp_path: Path) -> None:
-    from cli.demo import _pair_is_usable
     from engine.calibrate import write_thresholds
+    from service.demo import pair_is_usable as _pair_is_usable
     from tests.pairs import export_small_pair
 
     folder = export_small_pair("resnet50v2", tmp_path / "resnet50v2")

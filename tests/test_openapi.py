@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli.openapi import openapi_document, render
+from service.app.openapi import openapi_document, render
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "openapi" / "openapi.json"

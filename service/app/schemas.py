@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.audit.queries import AuditFilters
+from service.predict import PredictOptions
 
 __all__ = [
     "AuditRecord",
@@ -82,14 +83,6 @@ class ImageInfo(BaseModel):
     width: int
     height: int
     nbytes: int
-
-
-class PredictOptions(BaseModel):
-    models: list[str]
-    methods: list[str]
-    target_class: int | str | None
-    topk: float
-    maps: Literal["none", "overlay", "raw"]
 
 
 class PredictResponse(BaseModel):
