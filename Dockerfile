@@ -15,8 +15,12 @@ WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
 
 COPY pyproject.toml README.md ./
+# the layers, bottom to top (docs/DESIGN.md); tests/service/test_compose.py checks this list against pyproject
+COPY core ./core
 COPY training ./training
+COPY engine ./engine
 COPY service ./service
+COPY cli ./cli
 RUN pip install .
 
 COPY alembic.ini ./

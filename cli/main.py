@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from core.errors import DomainError, UsageError
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 
 # command -> (module, one-line help). Modules are imported lazily so `cxr-drift --help` stays fast.
@@ -46,7 +46,7 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _build_parser(selected: str | None) -> argparse.ArgumentParser:
+def build_parser(selected: str | None) -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="cxr-drift",
         description="Train chest X-ray model pairs (transfer, fine-tuned) and serve their predictions with "
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:  # Alembic announces each of its plugins at INFO; its migration lines stay
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
-        parser = _build_parser(selected)
+        parser = build_parser(selected)
         try:
             args = parser.parse_args(args_list)
         except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)

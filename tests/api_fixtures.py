@@ -1,9 +1,7 @@
 """Fixtures and helpers for the API tests: model-pair artifacts, keys, databases, images, an ASGI client.
 
-The model pairs are small random-init DenseNet201 and ResNet50V2 at 64 px (the fine-tuned copy perturbed),
-exported with ``training.export.export_pair`` through ``tests.pairs``. Exporting takes about a minute on two
-cores, so the folders are kept in pytest's cache directory, keyed by a hash of the code that produces them
-(a change to export, models, registry or tests/pairs.py rebuilds them).
+The model pairs come from the session fixture ``api_artifacts`` (tests/conftest.py), which holds the cached
+pairs of ``tests.pairs.cached_pairs``.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import io
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -32,9 +29,9 @@ from PIL import Image
 
 from service.app.main import create_app
 from service.app.settings import Settings
+from tests.pairs import PAIR_ARCHS
 
 REPO = Path(__file__).resolve().parents[1]
-PAIR_ARCHS = ("densenet201", "resnet50v2")
 PG_DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 # plaintext keys for the tests; the settings hold only their SHA-256
@@ -58,49 +55,6 @@ def headers(role: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
-
-
-def _source_fingerprint() -> str:
-    digest = hashlib.sha256()
-    for rel in ("training/export.py", "training/models.py", "training/registry.py", "tests/pairs.py"):
-        path = REPO / rel
-        digest.update(path.read_bytes() if path.is_file() else b"-")
-    import torch
-
-    digest.update(torch.__version__.encode())
-    return digest.hexdigest()[:16]
-
-
-_BUILT: dict[str, Path] = {}
-
-
-def build_artifacts(cache_root: Path) -> Path:
-    """A folder holding one exported pair per architecture in ``PAIR_ARCHS`` (built once, then reused)."""
-    key = _source_fingerprint()
-    if key in _BUILT:
-        return _BUILT[key]
-    final = cache_root / f"pairs-{key}"
-    if not (final / "done").is_file():
-        from tests.pairs import export_small_pair
-
-        cache_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="pairs-", dir=cache_root))
-        for seed, arch in enumerate(PAIR_ARCHS):
-            export_small_pair(arch, staging / arch, seed=seed)
-        (staging / "done").write_text(key)
-        try:
-            staging.rename(final)  # atomic: a parallel worker either wins or finds it done
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    _BUILT[key] = final
-    return final
-
-
-def artifacts_for(config: pytest.Config) -> Path:
-    """The test model pairs, cached in pytest's cache directory (use from a session-scoped fixture)."""
-    cache = getattr(config, "cache", None)
-    root = Path(cache.mkdir("cxr-drift-api-pairs")) if cache is not None else Path(tempfile.mkdtemp())
-    return build_artifacts(root)
 
 
 def copy_pairs(source: Path, dest: Path, names: tuple[str, ...] = PAIR_ARCHS) -> Path:
@@ -192,36 +146,6 @@ def png_bytes(gray: np.ndarray, *, bits: int = 8) -> bytes:
 def jpeg_bytes(gray: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((gray * 255).round().astype(np.uint8), mode="L").save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def dicom_bytes(gray: np.ndarray | None) -> bytes:
-    """A minimal Part-10 DICOM (MONOCHROME2, 16-bit); ``None`` writes one without pixel data."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.PatientID = "ANON"
-    if gray is not None:
-        arr = (gray * 4095).round().astype(np.uint16)
-        ds.Rows, ds.Columns = arr.shape
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.PixelData = arr.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
 
 

@@ -27,9 +27,7 @@ from tests.api_fixtures import (
     KEYS,
     PAIR_ARCHS,
     ApiClient,
-    artifacts_for,
     chest_like,
-    dicom_bytes,
     error_of,
     fresh_pg_database,
     headers,
@@ -40,12 +38,7 @@ from tests.api_fixtures import (
     started,
     upload,
 )
-
-
-@pytest.fixture(scope="session")
-def api_artifacts(pytestconfig: pytest.Config) -> Path:
-    return artifacts_for(pytestconfig)
-
+from tests.images import dicom_from_gray
 
 METHODS = ("layercam", "gradcampp")
 
@@ -274,7 +267,7 @@ def test_predict_options_as_query_parameters(api: ApiClient) -> None:
 @pytest.mark.parametrize("kind", ["dicom", "png16"])
 def test_predict_accepts_dicom_and_16_bit_png(api: ApiClient, kind: str) -> None:
     gray = chest_like(72, seed=4)
-    data = dicom_bytes(gray) if kind == "dicom" else png_bytes(gray, bits=16)
+    data = dicom_from_gray(gray) if kind == "dicom" else png_bytes(gray, bits=16)
     response = predict(api, data, models="resnet50v2", methods="layercam")
     assert response.status_code == 200, response.text
     assert response.json()["image"]["format"] == ("dicom" if kind == "dicom" else "png")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from service.app.openapi import openapi_document, render
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "openapi" / "openapi.json"
 
 

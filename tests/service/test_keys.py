@@ -1,7 +1,5 @@
 """API keys on SQLite and PostgreSQL: create, authenticate, roles, revoke, and the ``keys`` CLI."""
 
-# ruff: noqa: F811  (fixtures imported from tests.db_fixtures are redefined as test arguments)
-
 from __future__ import annotations
 
 import hashlib
@@ -12,14 +10,6 @@ import sqlalchemy as sa
 from cli.main import main as cli_main
 from service.app import keys
 from service.audit.tables import ApiKeyRow
-from tests.db_fixtures import (  # noqa: F401
-    db_engine,
-    db_url,
-    empty_db_url,
-    pg_database_url,
-    pg_url,
-    sqlite_url,
-)
 
 
 def test_create_then_authenticate(db_engine: sa.Engine) -> None:

@@ -6,14 +6,12 @@ import io
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.dataset import Dataset
 
 from core.imageio import (
     ImageDecodeError,
@@ -26,6 +24,7 @@ from core.imageio import (
     sniff_format,
     window,
 )
+from tests.images import dicom_bytes
 
 # ----------------------------------------------------------------------------------------------- builders
 
@@ -46,49 +45,6 @@ def declared_png(width: int, height: int, *, idat: bytes = b"garbage, not a zlib
     return (
         b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
     )
-
-
-def dicom_bytes(
-    pixels: np.ndarray | None,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int = 16,
-    signed: bool = False,
-    preamble: bool = True,
-    frames: int = 1,
-    **attrs: Any,
-) -> bytes:
-    """A DICOM file written by pydicom. ``pixels`` is (H, W) or (frames, H, W); None writes no PixelData."""
-    ds = Dataset()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "DX"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape[-2:]
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        ds.PixelData = pixels.astype(np.int16 if signed else np.uint16).tobytes()
-    else:
-        ds.Rows, ds.Columns = 4, 4
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    buf = io.BytesIO()
-    if preamble:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
-        ds.save_as(buf, enforce_file_format=True)
-    else:
-        pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +15,11 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from cli.main import build_parser
+from service.app.settings import Settings
 from service.audit import db
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def interpolate(value: str) -> str:
@@ -44,21 +51,16 @@ def env(service: dict[str, Any]) -> dict[str, str]:
     return {k: interpolate(str(v)) for k, v in environment.items()}
 
 
-def test_services_are_db_migrate_api(services: dict[str, Any]) -> None:
-    assert set(services) == {"db", "migrate", "api"}
-
-
-def test_db_is_postgres_16_with_a_volume_and_pg_isready(
+def test_db_data_lives_in_a_declared_volume_and_is_health_checked(
     compose: dict[str, Any], services: dict[str, Any]
 ) -> None:
     database = services["db"]
-    assert str(database["image"]).startswith("postgres:16")
-    healthcheck = " ".join(database["healthcheck"]["test"])
-    assert "pg_isready" in healthcheck
-    volume_sources = [str(v).split(":")[0] for v in database["volumes"]]
-    targets = [str(v).split(":")[1] for v in database["volumes"]]
-    assert "/var/lib/postgresql/data" in targets
-    assert set(volume_sources) <= set(compose["volumes"]), "the data volume is a declared named volume"
+    sources = [str(v).split(":")[0] for v in database["volumes"]]
+    assert set(sources) <= set(compose["volumes"]), "an undeclared volume would be created anonymously"
+    assert any(str(v).split(":")[1] == "/var/lib/postgresql/data" for v in database["volumes"])
+    check = " ".join(database["healthcheck"]["test"])
+    user, name = env(database)["POSTGRES_USER"], env(database)["POSTGRES_DB"]
+    assert f"-U {user}" in check and f"-d {name}" in check, "the health check must probe the real database"
 
 
 @pytest.mark.parametrize("name", ["migrate", "api"])
@@ -108,14 +110,19 @@ def test_migrate_command_migrates(
         engine.dispose()
 
 
-def test_api_waits_for_migrate_and_serves_on_8000(services: dict[str, Any]) -> None:
+def test_api_command_is_a_valid_cli_invocation_on_the_published_port(services: dict[str, Any]) -> None:
     api = services["api"]
-    command = command_text(api)
-    assert command.startswith("cxr-drift serve") and "--host 0.0.0.0" in command
+    command = command_text(api).split()
+    assert command[0] == "cxr-drift"
+    args = build_parser(command[1]).parse_args(command[1:])  # argparse exits on a flag that does not exist
+    assert args.command == "serve" and args.host == "0.0.0.0"
+    published = {str(p).rsplit(":", 1)[-1] for p in api["ports"]}
+    assert str(args.port) in published
     assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    assert any(str(p).split(":")[-1] == "8000" and str(p).startswith("8000") for p in api["ports"])
-    healthcheck = " ".join(api["healthcheck"]["test"])
-    assert "/healthz" in healthcheck and ":8000" in healthcheck
+    healthcheck = api["healthcheck"]["test"]
+    assert healthcheck[:3] == ["CMD", "python", "-c"]
+    compile(healthcheck[3], "<healthcheck>", "exec")
+    assert f"127.0.0.1:{args.port}/healthz" in healthcheck[3]
 
 
 def test_api_mounts_artifacts_read_only(services: dict[str, Any]) -> None:
@@ -132,7 +139,6 @@ def test_api_mounts_artifacts_read_only(services: dict[str, Any]) -> None:
 
 
 def test_compose_environment_names_are_settings_fields(services: dict[str, Any]) -> None:
-    from service.app.settings import Settings
 
     fields = set(Settings.model_fields)
     for name in ("migrate", "api"):
@@ -141,11 +147,43 @@ def test_compose_environment_names_are_settings_fields(services: dict[str, Any])
             assert variable.removeprefix("CXR_DRIFT_").lower() in fields, variable
 
 
-def test_dockerfile_ships_the_migrations_and_serves(services: dict[str, Any]) -> None:
+def dockerfile_copies() -> set[str]:
+    """The top-level paths the Dockerfile copies into the image."""
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    return {
+        part.rstrip("/")
+        for line in lines
+        if line.startswith("COPY ")
+        for part in line.split()[1:-1]
+        if not part.startswith("--")
+    }
+
+
+def test_dockerfile_copies_every_package_the_install_needs(services: dict[str, Any]) -> None:
     assert services["migrate"]["build"] in (".", {"context": "."})
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = dockerfile_copies()
+    assert packages <= copied, f"packages pyproject installs but the image lacks: {packages - copied}"
+    assert {"pyproject.toml", "README.md", "alembic.ini", "migrations"} <= copied
+    imported = {m.split(".")[0] for m in sys.modules if m.split(".")[0] in {p for p in os.listdir(REPO)}}
+    assert imported - {"tests"} <= copied
+
+
+def test_dockerfile_runs_the_migrations_it_ships_and_serves_as_a_user(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
-    for line in ("COPY alembic.ini", "COPY migrations", "COPY service", "COPY training"):
-        assert line in dockerfile
-    assert "CXR_DRIFT_MIGRATIONS_DIR=/app/migrations" in dockerfile
-    assert re.search(r'^CMD \["cxr-drift", "serve"', dockerfile, flags=re.MULTILINE)
+    directory = re.search(r"CXR_DRIFT_MIGRATIONS_DIR=(\S+)", dockerfile)
+    workdir = re.search(r"^WORKDIR (\S+)", dockerfile, flags=re.MULTILINE)
+    assert directory and workdir and directory.group(1) == f"{workdir.group(1)}/migrations"
+    shipped = tmp_path / "app" / "migrations"
+    shutil.copytree(REPO / "migrations", shipped)
+    monkeypatch.setenv("CXR_DRIFT_MIGRATIONS_DIR", str(shipped))
+    assert db.migrations_dir() == shipped, "the variable the image sets is the one the service reads"
+    cmd = re.search(r"^CMD (\[.*\])$", dockerfile, flags=re.MULTILINE)
+    assert cmd is not None
+    command = json.loads(cmd.group(1))
+    assert command[0] == "cxr-drift"
+    build_parser(command[1]).parse_args(command[1:])
     assert re.search(r"^USER (?!root)", dockerfile, flags=re.MULTILINE), "the service does not run as root"

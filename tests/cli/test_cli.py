@@ -12,7 +12,7 @@ import pytest
 from cli.main import COMMANDS, main
 from core.errors import InputError, UsageError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

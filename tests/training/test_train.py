@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import cli.main as cli
 from cli.train import configure_parser
 from core.registry import get_arch
+from tests.images import write_image_folder
 from training.config import TrainConfig, config_differences
 from training.distributed import DistContext
 from training.loaders import IndexedDataset, limit_per_split, shard_loader
@@ -323,22 +323,6 @@ def test_config_rejects_bad_values(tmp_path: Path, field: str, value: object, me
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------
-
-
-def write_image_folder(
-    root: Path, *, classes: int = 5, per_class: int = 8, size: int = 64, seed: int = 0
-) -> Path:
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.normal(0.3, 0.05, (size, size))
-            r, col = divmod(c, 3)
-            s = size // 8
-            img[s + r * 3 * s : 3 * s + r * 3 * s, s + col * 2 * s : 3 * s + col * 2 * s] += 0.6
-            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
 
 
 def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

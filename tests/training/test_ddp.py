@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.test_train import write_image_folder
+from tests.images import write_image_folder
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from skimage.transform import resize as skimage_resize
 from core.dataset import DatasetError, DatasetIndex, Sample, assign_splits, load_index
 from core.imageio import read_image
 from core.preprocess import preprocess, preprocess_batch, resize_gray
-from tests.test_imageio import dicom_bytes
+from tests.images import dicom_bytes
 from training.data import ImageDataset
 
 MEAN = (0.485, 0.456, 0.406)

@@ -25,7 +25,6 @@ from engine.study import (
     render_markdown,
     summarize,
 )
-from tests.pairs import cached_pairs
 from training.synth import generate_dataset
 
 # ------------------------------------------------------------------------------------ descriptive stats
@@ -251,11 +250,11 @@ def test_evidence_on_lesion_rejects_bad_input(attribution: Any, mask: Any, messa
 
 
 @pytest.fixture(scope="module")
-def study_inputs(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def study_inputs(api_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The cached test pairs (densenet201, resnet50v2; the study only reads them) and a small synthetic set."""
     data = tmp_path_factory.mktemp("study") / "data"
     generate_dataset(data, n=25, size=96, progress=False)
-    return cached_pairs(pytestconfig), data
+    return api_artifacts, data
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

@@ -1,7 +1,5 @@
 """Alembic migrations on SQLite and PostgreSQL: round trip, schema == metadata, triggers, CLI."""
 
-# ruff: noqa: F811  (fixtures imported from tests.db_fixtures are redefined as test arguments)
-
 from __future__ import annotations
 
 import argparse
@@ -18,14 +16,8 @@ from alembic.script import ScriptDirectory
 from cli import db as commands_db
 from service.audit import db
 from service.audit.tables import metadata
-from tests.db_fixtures import (  # noqa: F401
-    empty_db_url,
-    pg_database_url,
-    pg_url,
-    sqlite_url,
-)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 APP_TABLES = {"audit_records", "audit_drift", "api_keys"}
 
 

@@ -18,10 +18,8 @@ from core.errors import InputError
 from service.app.settings import Settings, get_settings
 from tests.api_fixtures import (
     ApiClient,
-    artifacts_for,
     chest_like,
     copy_pairs,
-    dicom_bytes,
     error_of,
     headers,
     make_settings,
@@ -30,12 +28,7 @@ from tests.api_fixtures import (
     started,
     upload,
 )
-
-
-@pytest.fixture(scope="session")
-def api_artifacts(pytestconfig: pytest.Config) -> Path:
-    return artifacts_for(pytestconfig)
-
+from tests.images import dicom_from_gray
 
 MAX_BODY = 200_000
 MAX_PIXELS = 100 * 100
@@ -119,7 +112,7 @@ def _corrupt_png() -> bytes:
         (_corrupt_png(), 422, "undecodable_image"),
         (b"\x89PNG\r\n\x1a\n", 422, "undecodable_image"),
         (b"\xff\xd8\xff\xe0" + b"\0" * 50, 422, "undecodable_image"),
-        (dicom_bytes(None), 422, "no_pixel_data"),
+        (dicom_from_gray(None), 422, "no_pixel_data"),
         (b"", 422, "empty_file"),
     ],
     ids=[

@@ -12,7 +12,6 @@ import httpx
 import pytest
 
 from tests.api_fixtures import (
-    artifacts_for,
     chest_like,
     free_port,
     headers,
@@ -21,11 +20,6 @@ from tests.api_fixtures import (
     sqlite_url,
     upload,
 )
-
-
-@pytest.fixture(scope="session")
-def api_artifacts(pytestconfig: pytest.Config) -> Path:
-    return artifacts_for(pytestconfig)
 
 
 @pytest.mark.slow

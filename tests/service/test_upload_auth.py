@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.api_fixtures import (
     ApiClient,
-    artifacts_for,
     chest_like,
     error_of,
     headers,
@@ -22,9 +22,9 @@ BOUNDARY = "cxrdriftboundary"
 
 
 @pytest.fixture(scope="module")
-def api(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
+def api(api_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
     folder = tmp_path_factory.mktemp("upload-auth")
-    client = started(make_settings(artifacts_for(pytestconfig), sqlite_url(folder)))
+    client = started(make_settings(api_artifacts, sqlite_url(folder)))
     yield client
     client.close()
 

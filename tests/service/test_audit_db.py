@@ -1,7 +1,5 @@
 """The audit log on SQLite and PostgreSQL: chain, tamper detection, triggers, concurrency, summaries."""
 
-# ruff: noqa: F811  (fixtures imported from tests.db_fixtures are redefined as test arguments)
-
 from __future__ import annotations
 
 import csv
@@ -24,16 +22,7 @@ from service.audit.db import DatabaseUnavailable, check_writable, make_engine, u
 from service.audit.queries import AuditFilters
 from service.audit.summary import summarize
 from service.audit.tables import METRIC_COLUMNS
-from tests.db_fixtures import (  # noqa: F401
-    MODELS,
-    db_engine,
-    db_url,
-    empty_db_url,
-    make_entry,
-    pg_database_url,
-    pg_url,
-    sqlite_url,
-)
+from tests.db_fixtures import MODELS, make_entry
 
 STATISTICS = (*METRIC_COLUMNS, "drift_score")
 
