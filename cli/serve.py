@@ -6,7 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+from pydantic import ValidationError
+
 from core.errors import ConfigError
+from service.app.main import create_app
+from service.app.settings import Settings
 
 __all__ = ["configure_parser", "run"]
 
@@ -23,12 +28,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-    from pydantic import ValidationError
-
-    from service.app.main import create_app
-    from service.app.settings import Settings
-
     overrides: dict[str, Any] = {
         key: value
         for key, value in {

@@ -10,6 +10,8 @@ Layouts understood by :func:`load_index`:
   read through that manifest, since it carries splits and masks a folder walk would misread as classes.
 
 ``training.data.ImageDataset`` turns an index into tensors.
+
+One module (over 500 lines) because it is one thing: reading, validating and splitting an index.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "Sample",
     "assign_splits",
     "load_index",
+    "load_split",
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -465,6 +468,23 @@ def assign_splits(
         skipped=list(index.skipped),
         _file_hashes=dict(index._file_hashes),
     )
+
+
+def load_split(
+    data: str | Path, *, class_names: Sequence[str] | None, split: str, limit: int | None = None
+) -> tuple[list[Sample], Path]:
+    """The first ``limit`` samples of ``split`` of ``data`` (the default stratified split when the data has
+    none) and the data's root folder; an empty result is an :class:`InputError`."""
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    index = load_index(Path(data), class_names=class_names)
+    if not index.has_splits:
+        log.info("%s has no split information: assigning the default stratified split", data)
+        index = assign_splits(index)
+    samples = index.split(split)[:limit]
+    if not samples:
+        raise InputError(f"split {split!r} of {data} has no images")
+    return samples, index.root
 
 
 def _split_sizes(n: int, *, val: float, test: float) -> tuple[int, int]:

@@ -27,16 +27,16 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from core.dataset import load_split
 from core.errors import InputError
+from core.imageio import read_image
 from engine.cams import METHODS
 from engine.report import drift_reports
-
-if TYPE_CHECKING:
-    from engine.runtime import ModelPair
+from engine.runtime import ModelPair
 
 log = logging.getLogger(__name__)
 
@@ -135,22 +135,8 @@ def calibrate_folder(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Calibrate the pair in ``model_dir`` on ``split`` of ``data`` and store the thresholds in its manifest."""
-    from core.dataset import assign_splits, load_index
-    from core.imageio import read_image
-    from engine.runtime import ModelPair
-
     pair = ModelPair.load(model_dir, threads=threads)
-    index = load_index(Path(data), class_names=pair.class_names)
-    if not index.has_splits:
-        log.info("%s has no split information: assigning the default stratified split", data)
-        index = assign_splits(index)
-    samples = index.split(split)
-    if limit is not None:
-        if limit < 1:
-            raise InputError(f"--limit must be >= 1, got {limit}")
-        samples = samples[:limit]
-    if not samples:
-        raise InputError(f"split {split!r} of {data} has no images")
+    samples, _ = load_split(data, class_names=pair.class_names, split=split, limit=limit)
     grays = [read_image(s.path) for s in samples]
     thresholds = calibrate(
         pair, grays, [s.label for s in samples], topk_percent=topk_percent, batch_size=batch_size

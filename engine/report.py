@@ -29,17 +29,17 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 
 from core.errors import InputError
+from core.preprocess import preprocess_batch
 from core.vocabulary import CHECKPOINTS
 from engine.cams import DEFAULT_EPS, METHODS, CamResult, closed_form_cams, postprocess
 from engine.metrics import DEFAULT_K_GRID, compare_maps, map_flags
-
-if TYPE_CHECKING:
-    from engine.runtime import ModelPair
+from engine.reference import reference_cams
+from engine.runtime import ModelPair
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,6 @@ def drift_reports(
     ``attribution="reference"`` computes the maps with pytorch-grad-cam instead (needs a pair loaded with
     ``backend="torch"``): the slow path, for checks and benchmarks. Timings are per image (batch / B).
     """
-    from core.preprocess import preprocess_batch
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(
@@ -388,8 +386,6 @@ def _reference_cams(
     pair: ModelPair, batch: np.ndarray, methods: Sequence[str], requested: int | None, grid: int
 ) -> tuple[dict[tuple[str, str], CamResult], dict[str, np.ndarray], np.ndarray]:
     """pytorch-grad-cam maps: 2 checkpoints x len(methods) calls, each a forward + backward."""
-    from engine.reference import reference_cams
-
     cams: dict[tuple[str, str], CamResult] = {}
     logits: dict[str, np.ndarray] = {}
     classes: np.ndarray | None = None if requested is None else np.full(batch.shape[0], requested)

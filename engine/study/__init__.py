@@ -31,7 +31,6 @@ from engine.study.collect import (
     image_counts,
     load_pairs,
     pair_folders,
-    split_samples,
     write_csv,
 )
 from engine.study.lesion import LESION_COLUMNS, LESION_PAIRS, evidence_on_lesion, lesion_columns
@@ -69,7 +68,6 @@ __all__ = [
     "paired_wilcoxon",
     "render_markdown",
     "run_study",
-    "split_samples",
     "study_preamble",
     "summarize",
     "write_csv",

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from core.dataset import Sample, assign_splits, load_index
-from core.errors import ArtifactError, InputError, UsageError
+from core.dataset import Sample
+from core.errors import ArtifactError, UsageError
 from core.imageio import read_image
 from engine.report import DriftReport, drift_reports
 from engine.runtime import ModelPair
@@ -40,7 +40,6 @@ __all__ = [
     "pair_folders",
     "read_mask",
     "resize_mask",
-    "split_samples",
     "write_csv",
 ]
 
@@ -100,23 +99,6 @@ def load_pairs(folders: Sequence[Path], threads: int | None) -> dict[str, ModelP
                 f"{pair.folder.name} has {pair.class_names}"
             )
     return dict(zip(labels, pairs, strict=True))
-
-
-def split_samples(
-    data: str | Path, class_names: Sequence[str], split: str, limit: int | None
-) -> tuple[list[Sample], Path]:
-    """The first ``limit`` samples of ``split`` (the default stratified split when the data has none), and
-    the data's root folder."""
-    index = load_index(data, class_names=class_names)
-    if not index.has_splits:
-        log.info("%s has no split information: assigning the default stratified split", data)
-        index = assign_splits(index)
-    samples = index.split(split)
-    if limit is not None:
-        samples = samples[:limit]
-    if not samples:
-        raise InputError(f"split {split!r} of {data} has no images")
-    return samples, index.root
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.dataset import load_split
 from core.errors import UsageError
 from core.vocabulary import SPLITS
 from engine.study.collect import (
@@ -20,7 +21,6 @@ from engine.study.collect import (
     image_counts,
     load_pairs,
     pair_folders,
-    split_samples,
     write_csv,
 )
 from engine.study.lesion import LESION_COLUMNS
@@ -87,7 +87,7 @@ def run_study(
             raise UsageError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
     pairs = load_pairs(pair_folders(artifacts, model_dirs), threads)
     class_names = next(iter(pairs.values())).class_names
-    samples, root = split_samples(data, class_names, split, limit)
+    samples, root = load_split(data, class_names=class_names, split=split, limit=limit)
     log.info("study: %d model pair(s) x %d image(s) of split %r", len(pairs), len(samples), split)
     rows, has_masks = collect(
         pairs,

@@ -11,16 +11,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import sqlalchemy
+
+from engine.runtime import ModelPair
 from service.app.metrics import Metrics
 from service.app.settings import Settings
 from service.audit import db
-
-if TYPE_CHECKING:
-    import sqlalchemy
-
-    from engine.runtime import ModelPair
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +66,6 @@ def load_pairs(
             FailedPair(name="*", folder=str(artifacts_dir), reason="artifacts directory does not exist")
         )
         return pairs, folders, failed
-    from engine.runtime import ModelPair
-
     kwargs: dict[str, Any] = {"verify": True, "backend": backend}
     thread_param = _thread_parameter(ModelPair.load)
     if ort_threads is not None and thread_param is not None:
