@@ -4,8 +4,10 @@
 (the library's normalized maps, values in [0, 1]). Every function checks shapes first, computes in float64 and
 returns plain floats. Conventions for degenerate maps (docs/DESIGN.md trap 6), so that nothing is ever NaN:
 
-- top-k selection breaks ties deterministically: stable sort by value (descending), then flat index
-  (ascending);
+- a top-k set holds only positive pixels, and ties are inclusive: every pixel whose value reaches the k-th
+  largest value is in (so the set may be larger than k, never decided by pixel position); a map with fewer
+  positive pixels than k uses those it has (:func:`map_flags` says ``sparse``), so zero-valued plateaus
+  never make two maps look alike;
 - a map with no mass (all zeros) is treated as the *uniform* distribution wherever a distribution is needed
   (centroid, peak, zones, EMD, entropy, Gini): "no evidence anywhere" is "evidence everywhere equally";
 - correlations of a constant map are 1.0 if both maps are constant and equal, else 0.0
@@ -107,16 +109,13 @@ class _Sorted:
 
     values: np.ndarray  # flat map, float64
     order: np.ndarray  # flat indices, value descending then index ascending
-    rank: np.ndarray  # rank[i] = position of pixel i in ``order``
     shape: tuple[int, int]
 
     @classmethod
     def of(cls, m: np.ndarray) -> _Sorted:
         flat = m.ravel()
         order = np.argsort(-flat, kind="stable")
-        rank = np.empty(flat.size, dtype=np.int64)
-        rank[order] = np.arange(flat.size)
-        return cls(values=flat, order=order, rank=rank, shape=(m.shape[0], m.shape[1]))
+        return cls(values=flat, order=order, shape=(m.shape[0], m.shape[1]))
 
     def average_ranks(self) -> np.ndarray:
         """Tie-averaged ranks (a linear function of scipy's ``rankdata``; Spearman only needs that)."""
@@ -129,38 +128,46 @@ class _Sorted:
         ranks[self.order] = group_rank[group]
         return ranks
 
-    def ascending(self) -> np.ndarray:
-        return self.values[self.order][::-1]
+
+def _topk_mask(s: _Sorted, percent: float) -> np.ndarray:
+    """Flat boolean mask of the top ``percent`` % set: positive pixels whose value is at least the k-th
+    largest value, ``k = max(1, round(N percent / 100))`` (inclusive ties; fewer than k when the map has fewer
+    positive pixels)."""
+    k = _topk_count(s.values.size, percent)
+    threshold = s.values[s.order[k - 1]]
+    return (s.values >= threshold) & (s.values > 0.0)
 
 
-def _iou_grid_from_ranks(a: _Sorted, b: _Sorted, percents: Sequence[float]) -> dict[float, float]:
-    n = a.values.size
-    # pixel i is in both top-k sets iff max(rank_a[i], rank_b[i]) < k: one histogram serves every k
-    both = np.cumsum(np.bincount(np.maximum(a.rank, b.rank), minlength=n))
-    out: dict[float, float] = {}
-    for percent in percents:
-        k = _topk_count(n, percent)
-        inter = float(both[k - 1])
-        out[float(percent)] = inter / (2.0 * k - inter)
-    return out
+def _iou_of_masks(a: np.ndarray, b: np.ndarray) -> float:
+    union = int(np.count_nonzero(a | b))
+    if union == 0:  # neither map has a positive pixel: both say "no evidence", which is the same
+        return 1.0
+    return int(np.count_nonzero(a & b)) / union
+
+
+def _iou_grid(a: _Sorted, b: _Sorted, percents: Sequence[float]) -> dict[float, float]:
+    return {float(pc): _iou_of_masks(_topk_mask(a, pc), _topk_mask(b, pc)) for pc in percents}
 
 
 # ---------------------------------------------------------------- overlap
 
 
 def topk_iou(p: Any, q: Any, *, percent: float = 20.0) -> float:
-    """Top-k% IoU: ``|T_k(P) & T_k(Q)| / |T_k(P) | T_k(Q)|``, T_k = the k% highest pixels.
+    """Top-k% IoU: ``|T_k(P) & T_k(Q)| / |T_k(P) | T_k(Q)|`` with T_k(M) = {i : M_i > 0 and M_i >= t_k(M)},
+    t_k the k-th largest value of M, ``k = max(1, round(N percent / 100))``.
 
-    ``|T_k| = max(1, round(N k / 100))``; ties are broken by flat index (lower first). In [0, 1].
+    Ties are inclusive and zeros never enter a set, so two maps with disjoint supports score 0 whatever
+    their zero plateaus; a map with fewer positive pixels than k contributes the ones it has. Both sets
+    empty (two all-zero maps) scores 1. In [0, 1]; invariant to multiplying either map by a positive number.
     """
     a, b = _as_pair(p, q)
-    return _iou_grid_from_ranks(_Sorted.of(a), _Sorted.of(b), [percent])[float(percent)]
+    return _iou_grid(_Sorted.of(a), _Sorted.of(b), [percent])[float(percent)]
 
 
 def topk_iou_grid(p: Any, q: Any, *, percents: Sequence[float] = DEFAULT_K_GRID) -> dict[float, float]:
     """:func:`topk_iou` for every ``percent`` in ``percents`` (one sort per map)."""
     a, b = _as_pair(p, q)
-    return _iou_grid_from_ranks(_Sorted.of(a), _Sorted.of(b), percents)
+    return _iou_grid(_Sorted.of(a), _Sorted.of(b), percents)
 
 
 def dice_from_iou(iou: float) -> float:
@@ -471,12 +478,17 @@ def gini(m: Any) -> float:
 # ---------------------------------------------------------------- everything at once
 
 
-def map_flags(m: Any) -> list[str]:
-    """Degenerate-map flags: ``["all_zero"]`` (no mass), ``["constant"]`` (no structure) or ``[]``."""
+def map_flags(m: Any, *, topk_percent: float = 20.0) -> list[str]:
+    """Degenerate-map flags: ``["all_zero"]`` (no mass), ``["constant"]`` (no structure), ``["sparse"]``
+    (fewer positive pixels than the top ``topk_percent`` % set needs, so its top-k IoU is computed on the
+    positive pixels it has) or ``[]``."""
     a = _as_map(m, "map")
     if not a.any():
         return ["all_zero"]
-    return ["constant"] if np.ptp(a) == 0.0 else []
+    if np.ptp(a) == 0.0:
+        return ["constant"]
+    positive = int(np.count_nonzero(a > 0.0))
+    return ["sparse"] if positive < _topk_count(a.size, topk_percent) else []
 
 
 # The float entries of compare_maps() (it also returns "iou_k"), in the order of docs/DESIGN.md section 3.
@@ -505,6 +517,8 @@ def compare_maps(
     topk: float = 20.0,
     k_grid: Sequence[float] = DEFAULT_K_GRID,
     lung_mask: Any = None,
+    p_raw: Any = None,
+    q_raw: Any = None,
 ) -> dict[str, Any]:
     """Every drift metric between the transfer map ``p`` and the fine-tuned map ``q`` (same grid), with the
     EMD on the native CAM grid (``p_native``, ``q_native``).
@@ -513,12 +527,20 @@ def compare_maps(
     ``centroid_shift``, ``peak_shift``, ``zone_shift``, ``emd``, ``entropy_change`` (H(Q) - H(P), normalized
     entropy), ``gini_change`` (Gini(Q) - Gini(P)), and ``iou_k``: ``{"5": IoU at 5%, ...}`` over ``k_grid``.
     All floats; see each function for its formula and range.
+
+    Concentration (entropy, Gini) is a property of the attribution *distribution*: with ``p_raw``/``q_raw``
+    (the ReLU'd maps before any min-max normalisation) it is computed on those, normalised by their sum.
+    Min-max normalisation subtracts each map's minimum, which changes a map's concentration and can flip the
+    sign of the change; without the raw maps the displayed maps are used.
     """
     a, b = _as_pair(p, q)
     _non_negative(a, "p"), _non_negative(b, "q")
     pn, qn = _as_pair(p_native, q_native, ("p_native", "q_native"))
+    if (p_raw is None) != (q_raw is None):
+        raise ValueError("p_raw and q_raw go together: pass both raw maps or neither")
+    concentration_a, concentration_b = (a, b) if p_raw is None else _as_pair(p_raw, q_raw, ("p_raw", "q_raw"))
     sa, sb = _Sorted.of(a), _Sorted.of(b)
-    grid = _iou_grid_from_ranks(sa, sb, sorted({float(topk), *map(float, k_grid)}))
+    grid = _iou_grid(sa, sb, sorted({float(topk), *map(float, k_grid)}))
     iou = grid[float(topk)]
     if np.ptp(a) == 0.0 or np.ptp(b) == 0.0:
         rank_corr = _correlation(a.ravel(), b.ravel())
@@ -537,8 +559,8 @@ def compare_maps(
         ),
         "zone_shift": js_divergence(zone_masses(a, lung_mask=lung_mask), zone_masses(b, lung_mask=lung_mask)),
         "emd": emd(pn, qn),
-        "entropy_change": normalized_entropy(b) - normalized_entropy(a),
-        "gini_change": _gini_sorted(sb.ascending()) - _gini_sorted(sa.ascending()),
+        "entropy_change": normalized_entropy(concentration_b) - normalized_entropy(concentration_a),
+        "gini_change": gini(concentration_b) - gini(concentration_a),
         "iou_k": {_key(k): grid[float(k)] for k in k_grid},
     }
 

@@ -100,14 +100,17 @@ def test_gini_matches_mean_absolute_difference_form() -> None:
 
 
 def _brute_topk_iou(p: np.ndarray, q: np.ndarray, percent: float) -> float:
+    """The definition, written out with Python sets: positive pixels reaching the k-th largest value."""
     n = p.size
     k = max(1, round(n * percent / 100))
 
     def top(a: np.ndarray) -> set[int]:
-        return {i for _, i in sorted((-float(v), i) for i, v in enumerate(a.ravel()))[:k]}
+        values = [float(v) for v in a.ravel()]
+        kth = sorted(values, reverse=True)[k - 1]
+        return {i for i, v in enumerate(values) if v > 0 and v >= kth}
 
     tp, tq = top(p), top(q)
-    return len(tp & tq) / len(tp | tq)
+    return 1.0 if not tp | tq else len(tp & tq) / len(tp | tq)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -131,11 +134,47 @@ def test_topk_iou_hand_worked() -> None:
     assert grid == {1.0: 0.0, 20.0: pytest.approx(19 / 21)}
 
 
-def test_ties_are_broken_by_flat_index() -> None:
+def test_zero_plateaus_never_overlap() -> None:
+    """Zeros are not evidence: an all-zero map shares nothing with a map whose mass sits where a flat-index
+    tie-break would pick first, and ties at the threshold are all in."""
     zero = np.zeros((10, 10))
     first = np.zeros((10, 10))
-    first.flat[:20] = 1.0  # exactly the pixels an all-zero map selects first
-    assert m.topk_iou(zero, first, percent=20) == 1.0
+    first.flat[:20] = 1.0
+    assert m.topk_iou(zero, first, percent=20) == 0.0
+    assert m.topk_iou(zero, zero, percent=20) == 1.0  # neither map has evidence: the same statement
+    tied = np.zeros((10, 10))
+    tied.flat[:30] = 1.0  # 30 pixels tie at the top-20 threshold: all 30 are in the set
+    assert m.topk_iou(tied, first, percent=20) == pytest.approx(20 / 30)
+
+
+def _sparse(rng: np.random.Generator, support: np.ndarray) -> np.ndarray:
+    out = np.zeros(support.shape)
+    out[support] = rng.random(int(support.sum())) + 0.01
+    return out
+
+
+def test_sparse_maps_with_disjoint_supports_score_zero() -> None:
+    """The measured failure: two 64x64 maps, 5% non-zero each, disjoint supports, used to score 0.61-0.65."""
+    rng = np.random.default_rng(3)
+    flat = rng.permutation(64 * 64)
+    a, b = np.zeros(64 * 64, bool), np.zeros(64 * 64, bool)
+    a[flat[:205]], b[flat[205:410]] = True, True
+    p, q = _sparse(rng, a.reshape(64, 64)), _sparse(rng, b.reshape(64, 64))
+    for percent in m.DEFAULT_K_GRID:
+        assert m.topk_iou(p, q, percent=percent) == 0.0
+    assert m.map_flags(p, topk_percent=20) == ["sparse"]
+    assert m.map_flags(p, topk_percent=5) == []  # 205 positive pixels >= round(4096 * 5%) = 205
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(maps_8_16, st.sampled_from([5.0, 20.0, 50.0]), st.floats(1e-3, 1e3))
+def test_topk_iou_properties(pair: tuple[np.ndarray, np.ndarray], percent: float, scale: float) -> None:
+    p, q = (np.round(np.maximum(a - 0.5, 0.0) * 4) / 4 for a in pair)  # zero plateaus and ties
+    assert m.topk_iou(p, p, percent=percent) == 1.0
+    assert m.topk_iou(p, q, percent=percent) == m.topk_iou(q * scale, p, percent=percent)
+    disjoint = np.where(p > 0, 0.0, q)
+    if p.any() or disjoint.any():
+        assert m.topk_iou(p, disjoint, percent=percent) == 0.0
 
 
 def test_dice_and_soft_iou_hand_worked() -> None:
@@ -285,3 +324,26 @@ def test_map_flags() -> None:
 def test_malformed_input_raises_clear_value_error(call: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_concentration_change_is_measured_on_the_raw_maps() -> None:
+    """A near-uniform raw map becomes a concentrated one after min-max (its floor is subtracted): on the
+    displayed maps the two look equally concentrated, while the raw attribution concentrated a lot."""
+    yy, xx = np.mgrid[0:16, 0:16]
+    bump = np.exp(-((yy - 8.0) ** 2 + (xx - 8.0) ** 2) / 8.0)
+    p_raw = 5.0 + bump  # evidence nearly everywhere, a small bump on top
+    q_raw = bump  # the same bump, nothing else
+    shown_p, shown_q = ((r - r.min()) / (r.max() - r.min()) for r in (p_raw, q_raw))
+    native = np.ones((4, 4))
+    shown = m.compare_maps(shown_p, shown_q, p_native=native, q_native=native)
+    raw = m.compare_maps(shown_p, shown_q, p_native=native, q_native=native, p_raw=p_raw, q_raw=q_raw)
+
+    def entropy(r: np.ndarray) -> float:
+        return float(stats.entropy(r.ravel() / r.sum()) / math.log(r.size))
+
+    assert raw["entropy_change"] == pytest.approx(entropy(q_raw) - entropy(p_raw), abs=1e-12)
+    assert shown["entropy_change"] == pytest.approx(0.0, abs=1e-12)
+    assert raw["entropy_change"] < -0.2 and raw["gini_change"] > 0.5
+    assert raw["iou"] == shown["iou"], "only the concentration metrics read the raw maps"
+    with pytest.raises(ValueError, match="go together"):
+        m.compare_maps(shown_p, shown_q, p_native=native, q_native=native, p_raw=p_raw)
