@@ -48,6 +48,7 @@ __all__ = [
     "ssim",
     "topk_iou",
     "topk_iou_grid",
+    "topk_set",
     "zone_masses",
     "zone_shift",
 ]
@@ -136,6 +137,12 @@ def _topk_mask(s: _Sorted, percent: float) -> np.ndarray:
     k = _topk_count(s.values.size, percent)
     threshold = s.values[s.order[k - 1]]
     return (s.values >= threshold) & (s.values > 0.0)
+
+
+def topk_set(m: Any, *, percent: float = 20.0) -> np.ndarray:
+    """Boolean mask (same shape as ``m``) of its top ``percent`` % set, as :func:`topk_iou` defines it."""
+    a = _non_negative(_as_map(m, "map"), "map")
+    return _topk_mask(_Sorted.of(a), percent).reshape(a.shape)
 
 
 def _iou_of_masks(a: np.ndarray, b: np.ndarray) -> float:

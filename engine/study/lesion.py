@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core.vocabulary import CHECKPOINTS
+from engine.metrics import topk_set
 
 if TYPE_CHECKING:
     from engine.report import DriftReport
@@ -44,9 +45,9 @@ def evidence_on_lesion(attribution: Any, lesion_mask: Any, *, topk_percent: floa
     """How much of an attribution map lies on the ground-truth lesion.
 
     ``attribution`` (H, W) non-negative; ``lesion_mask`` (H, W) in [0, 1] on the same grid (binary, or the
-    soft mask a resize gives: each pixel's lesion fraction). With ``T`` the ``topk_percent`` % highest pixels
-    (``max(1, round(H W k / 100))`` of them; ties by flat index, as the drift metrics), ``A`` the map, ``M``
-    the mask:
+    soft mask a resize gives: each pixel's lesion fraction). With ``T`` the top ``topk_percent`` % set of
+    :func:`engine.metrics.topk_set` (positive pixels reaching the k-th largest value, ties inclusive, as the
+    drift metrics), ``A`` the map, ``M`` the mask:
 
     - ``topk_in_lesion`` = ``mean_{i in T} M_i``: the share of the top region inside the lesion;
     - ``mass_in_lesion`` = ``sum A M / sum A``: the attribution mass inside the lesion (the "energy-based
@@ -80,8 +81,7 @@ def evidence_on_lesion(attribution: Any, lesion_mask: Any, *, topk_percent: floa
     if total <= 0.0:
         return {"topk_in_lesion": area, "mass_in_lesion": area, "lesion_area": area, "all_zero": True}
     flat, mask = a.ravel(), m.ravel()
-    k = max(1, min(flat.size, round(flat.size * topk_percent / 100.0)))
-    top = np.argsort(-flat, kind="stable")[:k]
+    top = topk_set(a, percent=topk_percent).ravel()  # positive pixels only, inclusive ties
     return {
         "topk_in_lesion": float(mask[top].mean()),
         "mass_in_lesion": float(np.clip((flat * mask).sum() / total, 0.0, 1.0)),
