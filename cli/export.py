@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from core.errors import UsageError
+from core.errors import ArtifactError, UsageError
 from core.registry import get_arch
 from core.vocabulary import CHECKPOINTS
 from training.export import export_pair, load_checkpoint
@@ -25,7 +25,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def _folder_metadata(folder: Path) -> dict[str, Any]:
     for candidate in (folder / "manifest.json", folder / "train" / "config.json"):
         if candidate.is_file():
-            data: dict[str, Any] = json.loads(candidate.read_text())
+            try:
+                data = json.loads(candidate.read_text())
+            except ValueError as exc:
+                raise ArtifactError(f"{candidate} is not valid JSON: {exc}") from exc
+            if not isinstance(data, dict):
+                raise ArtifactError(f"{candidate} must hold a JSON object, got {type(data).__name__}")
             return data
     return {}
 
@@ -44,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
             "pass --arch, --classes and --input-size"
         )
     get_arch(arch)
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise UsageError(f"a model pair needs at least 2 distinct class names, got {classes}")
     models = [
         load_checkpoint(folder / f"{n}.safetensors", arch=arch, num_classes=len(classes)) for n in CHECKPOINTS
     ]

@@ -10,6 +10,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from core.errors import ConfigError
+from core.vocabulary import BACKENDS
 from service.app.main import create_app
 from service.app.settings import Settings
 
@@ -23,7 +24,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--artifacts-dir", type=Path, help="folder of model pairs (default: CXR_DRIFT_ARTIFACTS_DIR)"
     )
     p.add_argument("--database-url", help="audit database URL (default: CXR_DRIFT_DATABASE_URL)")
-    p.add_argument("--backend", choices=["onnx", "torch"], help="inference backend (default: onnx)")
+    p.add_argument("--backend", choices=BACKENDS, help="inference backend (default: onnx)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from core.errors import UsageError
+from core.errors import InputError, UsageError
 from training.synth import DEFAULT_CLASS_NAMES, generate_dataset, parse_class_names, parse_split
 
 __all__ = ["configure_parser", "run"]
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         class_names = parse_class_names(args.class_names)
         split = parse_split(args.split)
-    except ValueError as exc:
+    except InputError as exc:
         raise UsageError(str(exc)) from None
     if args.cue_class is None and (args.cue_rate or args.cue_noise_rate):
         raise UsageError("--cue-rate/--cue-noise-rate need --cue-class NAME")

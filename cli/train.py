@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from core.registry import get_arch, list_archs
+from core.vocabulary import CHECKPOINTS
 from training.config import DEVICE_CHOICES, ON_ERROR_CHOICES, TrainConfig
 from training.pipeline import train_pair
 
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     out = train_pair(config)
     if int(os.environ.get("RANK", "0")) == 0:
         metrics = json.loads((out / "train" / "metrics.json").read_text())
-        for stage in ("transfer", "finetuned"):
+        for stage in CHECKPOINTS:
             test = (metrics.get(stage) or {}).get("test") or {}
             if test:
                 print(

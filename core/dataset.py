@@ -167,7 +167,7 @@ def load_index(
     A class left without images, an empty dataset or a missing source are errors.
     """
     if on_error not in ("skip", "fail"):
-        raise InputError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     path = Path(source).absolute()
     if not path.exists():
         raise FileNotFoundError(
@@ -476,7 +476,7 @@ def load_split(
     """The first ``limit`` samples of ``split`` of ``data`` (the default stratified split when the data has
     none) and the data's root folder; an empty result is an :class:`InputError`."""
     if limit is not None and limit < 1:
-        raise InputError(f"--limit must be >= 1, got {limit}")
+        raise InputError(f"limit must be >= 1, got {limit}")
     index = load_index(Path(data), class_names=class_names)
     if not index.has_splits:
         log.info("%s has no split information: assigning the default stratified split", data)

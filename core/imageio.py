@@ -172,7 +172,7 @@ def read_image_with_info(
 ) -> tuple[np.ndarray, ImageInfo]:
     """As :func:`read_image`, and also what was decoded (:class:`ImageInfo`)."""
     if max_pixels is not None and max_pixels <= 0:
-        raise InputError(f"max_pixels must be a positive number of pixels or None, got {max_pixels}")
+        raise ValueError(f"max_pixels must be a positive number of pixels or None, got {max_pixels}")
     data, name = _load_bytes(source)
     fmt = sniff_format(data)
     if fmt is None:

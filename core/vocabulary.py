@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "CHECKPOINTS", "METHODS", "ROLES", "SPLITS"]
+__all__ = ["BACKENDS", "CHECKPOINTS", "METHODS", "ROLES", "SEVERITIES", "SPLITS"]
 
 # The two checkpoints of a model pair, in the order the drift is measured (transfer -> fine-tuned).
 CHECKPOINTS: tuple[str, ...] = ("transfer", "finetuned")
@@ -14,3 +14,5 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 BACKENDS: tuple[str, ...] = ("onnx", "torch")
 # API key roles, weakest first.
 ROLES: tuple[str, ...] = ("predict", "audit", "admin")
+# Drift severities, mildest first.
+SEVERITIES: tuple[str, ...] = ("low", "moderate", "high")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def load_state(path: Path) -> dict[str, Any] | None:
         return None
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged state file is a user-facing error
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:  # a damaged file
         raise InputError(f"cannot read resume state {path}: {exc}; delete it to restart that stage") from exc
     return state
 

@@ -2,7 +2,7 @@
 
 Each checkpoint becomes a safetensors file and an ONNX file whose outputs are ``logits`` and ``features``
 (the CAM target activation), with a dynamic batch axis. Every ONNX file passes ``onnx.checker`` and an
-ONNX Runtime vs torch parity check at export time (the pattern of timm's ``timm/utils/onnx.py``); the
+ONNX Runtime vs torch parity check at export time (the pattern of timm's ONNX utilities); the
 manifest records the measured differences and the SHA-256 of every file the service reads.
 """
 

@@ -59,6 +59,7 @@ from safetensors.torch import load_file
 
 from core.errors import InputError
 from core.registry import ArchSpec, get_arch
+from core.vocabulary import CHECKPOINTS
 from training.checkpoint import (
     FINETUNE_STATE,
     TRANSFER_FEATURES,
@@ -310,7 +311,7 @@ def _training_summary(config: TrainConfig, metrics: dict[str, Any]) -> dict[str,
 
 
 def _log_summary(arch: str, metrics: dict[str, Any]) -> None:
-    for stage in ("transfer", "finetuned"):
+    for stage in CHECKPOINTS:
         test = metrics[stage].get("test") or {}
         if test:
             log.info(

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.predict import PredictOptions
 from service.audit.queries import AuditFilters
-from service.predict import PredictOptions
 
 __all__ = [
     "AuditRecord",

@@ -6,6 +6,8 @@ that dies mid-run) start their own.
 
 from __future__ import annotations
 
+from core.vocabulary import METHODS
+
 import asyncio
 import base64
 import csv
@@ -40,7 +42,6 @@ from tests.api_fixtures import (
 )
 from tests.images import dicom_from_gray
 
-METHODS = ("layercam", "gradcampp")
 
 # every route that needs a key: (method, route template, a concrete path, roles allowed besides admin)
 PROTECTED = [

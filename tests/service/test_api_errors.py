@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import service.predict
+import engine.predict
 from core.errors import InputError
 from service.app.settings import Settings, get_settings
 from tests.api_fixtures import (
@@ -291,7 +291,7 @@ def test_a_bug_in_the_engine_is_a_500_and_bad_input_a_422(
     def fail(*args: object, **kwargs: object) -> None:
         raise raised
 
-    monkeypatch.setattr(service.predict, "drift_report", fail)
+    monkeypatch.setattr(engine.predict, "drift_report", fail)
     before = api.get("/audit/records", headers=headers("audit")).json()["items"]
     response = post_image(api, png_bytes(chest_like(48)))
     assert response.status_code == status

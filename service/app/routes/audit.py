@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from core.vocabulary import METHODS
+from core.vocabulary import METHODS, SEVERITIES
 from service.app.deps import AuditKeyDep, EngineDep
 from service.app.errors import ApiError, error_responses
 from service.app.schemas import (
@@ -31,9 +31,11 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     MethodName = str
+    Severity = str
 else:
     # the query's enum: core.vocabulary.METHODS (a Literal of its values, which mypy cannot spell from a tuple)
     MethodName = Literal[METHODS]
+    Severity = Literal[SEVERITIES]
 
 
 def audit_filters(
@@ -47,7 +49,7 @@ def audit_filters(
     method: Annotated[MethodName | None, Query()] = None,
     target_class: Annotated[str | None, Query(alias="class", description="target class name")] = None,
     agreement: Annotated[bool | None, Query(description="both checkpoints predicted the same class")] = None,
-    severity: Annotated[Literal["low", "moderate", "high"] | None, Query()] = None,
+    severity: Annotated[Severity | None, Query()] = None,
     flagged: Annotated[bool | None, Query()] = None,
 ) -> AuditFilters:
     start, end = _as_utc("start", start), _as_utc("end", end)

@@ -1,6 +1,6 @@
 """``POST /predict``: one image -> both checkpoints of each requested pair, their maps, the drift report.
 
-A thin handler over :mod:`service.predict`: it reads the upload, calls the use case off the event loop,
+A thin handler over :mod:`engine.predict`: it reads the upload, calls the use case off the event loop,
 writes (and commits) the audit row before the answer (if that fails, the client gets 503 and no
 prediction), and encodes the maps. Options come as multipart form fields or as query parameters (a form
 field wins).
@@ -22,13 +22,13 @@ from fastapi.responses import Response
 
 from core.vocabulary import METHODS
 from engine.overlay import overlay_png
+from engine.predict import MapMode, PairResult, PredictOptions, decode_image, predict_pairs, resolve_options
 from engine.report import DriftReport
 from service.app.deps import PredictKeyDep, StateDep
 from service.app.errors import ApiError, error_responses, request_id_of
 from service.app.schemas import ImageInfo, PredictResponse
 from service.app.state import AppState
 from service.audit import chain as audit
-from service.predict import MapMode, PairResult, PredictOptions, decode_image, predict_pairs, resolve_options
 
 log = logging.getLogger(__name__)
 

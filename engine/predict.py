@@ -1,7 +1,7 @@
 """The prediction use case, without HTTP: image bytes -> decoded pixels; options -> checked options; pixels and
 options -> one typed :class:`engine.report.DriftReport` per model pair.
 
-``POST /predict`` calls these functions; so can a script or a test. Every refusal is a
+``POST /predict`` (service/app/routes/predict.py) calls these functions; so can a script, the study or a test. Every refusal is a
 :class:`core.errors.InputError` (or an image-decoding subclass of it) with a stable ``code`` and ``details``
 naming the valid options; anything else raised here is a bug.
 """
@@ -13,12 +13,12 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from core.errors import InputError
+from core.errors import ArtifactError, InputError
 from core.imageio import ImageDecodeError, ImageInfo, read_image_with_info
 from core.vocabulary import METHODS
 from engine.report import DriftReport, drift_report
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 MapMode = Literal["none", "overlay", "raw"]
-MAP_MODES: tuple[str, ...] = ("none", "overlay", "raw")
+MAP_MODES: tuple[str, ...] = get_args(MapMode)
 TOPK_RANGE = (5.0, 50.0)
 DEFAULT_TOPK = 20.0
 _INTEGER = re.compile(r"-?[0-9]{1,9}")
@@ -93,6 +93,8 @@ def resolve_options(
     Defaults: every pair, both methods, the fine-tuned prediction as target, top-20 %, no maps.
     """
     ready = sorted(pairs)
+    if not ready:
+        raise ArtifactError("no model pair is loaded", code="no_models")
     chosen_models = _split(models) or ready
     unknown = [m for m in chosen_models if m not in pairs]
     if unknown:
@@ -156,7 +158,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
     digest = hashlib.sha256(data).hexdigest()
     try:
         gray, info = read_image_with_info(data, max_pixels=max_pixels)
-    except ImageDecodeError:
+    except InputError:  # ImageDecodeError and its subclasses: already the client's error, with its code
         raise
     except Exception as exc:
         # decoders (PIL, pydicom, their plugins) raise many types on corrupt input (ValueError, OSError,
