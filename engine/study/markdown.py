@@ -37,7 +37,49 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
 def _mean_ci(s: Mapping[str, Any]) -> str:
     if not s or not s.get("n"):
         return "-"
+    if s.get("ci_low") is None:
+        return f"{_fmt(s['mean'])} [no CI]"
     return f"{_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]"
+
+
+def _verdict(test: Mapping[str, Any]) -> str:
+    if test["reversal"] is None:
+        return "no verdict"
+    return "**reversal**" if test["reversal"] else "no reversal"
+
+
+def _reversal_lines(test: Mapping[str, Any], method_a: str, method_b: str) -> list[str]:
+    """The reversal test of one pair of methods: the verdict, the interaction tests, the bootstrap."""
+    boot = test["bootstrap"]
+    pairs = ", ".join(f"{a} / {b}" for a, b in test["reversed_pairs"]) or "none"
+    lines = [
+        f"- {method_a} vs {method_b}: {_verdict(test)} (alpha = {_fmt(test['alpha'], 2)}) on "
+        f"{test['n_images']} common images ({test['n_images_left_out']} left out); orders of the means "
+        f"{'differ' if test['reversal_descriptive'] else 'agree'} (reversed pairs: {pairs}); most stable: "
+        f"{test['top_a']} vs {test['top_b']}; Kendall tau = {_fmt(test['tau'])} (p = {_fmt(test['p_value'])}, "
+        f"{test['n']} architectures, descriptive).",
+        f"- bootstrap over images ({boot['n_boot']} resamples): P(order differs) = "
+        f"{_fmt(boot['p_order_differs'])}, P(top changes) = {_fmt(boot['p_top_changes'])}.",
+        *([f"- note: {test['note']}."] if test["note"] else []),
+        "",
+    ]
+    if test["interaction_tests"]:
+        lines += _table(
+            ["pair", "n", f"median d ({method_a} - {method_b} gap change)", "W", "p", "p (Holm)", "note"],
+            [
+                [
+                    f"{t['model_a']} - {t['model_b']}",
+                    t["n"],
+                    t["median_d"],
+                    t["statistic"],
+                    t["p_value"],
+                    t["p_holm"],
+                    t["note"] or "",
+                ]
+                for t in test["interaction_tests"]
+            ],
+        )
+    return lines
 
 
 def render_markdown(summary: Mapping[str, Any], *, title: str = "Drift study", preamble: str = "") -> str:
@@ -52,6 +94,11 @@ def render_markdown(summary: Mapping[str, Any], *, title: str = "Drift study", p
         f"Paired test: {cfg['paired_test']}.",
         "",
     ]
+    if cfg.get("min_n_for_ci"):
+        lines += [
+            f"[no CI]: fewer than {cfg['min_n_for_ci']} values, where bootstrap intervals under-cover.",
+            "",
+        ]
     overall = [g for g in summary["groups"] if g["class"] == ALL_CLASSES]
     headline = [
         m for m in ("iou", "drift_score", "ssim", "pearson", "centroid_shift", "emd") if m in cfg["metrics"]
@@ -88,7 +135,13 @@ def render_markdown(summary: Mapping[str, Any], *, title: str = "Drift study", p
             lines += _table(["model", *summary["classes"]], class_rows)
 
     rankings = summary["rankings"]
-    lines += [f"## Stability ranking (mean {rankings['metric']}, higher = more stable)", ""]
+    lines += [
+        f"## Stability ranking (mean {rankings['metric']} on the {rankings['n_images']} images common to every "
+        "architecture and method, higher = more stable)",
+        "",
+    ]
+    if rankings.get("note"):
+        lines += [f"Note: {rankings['note']}.", ""]
     methods = list(rankings["methods"])
     depth = max((len(v) for v in rankings["methods"].values()), default=0)
     rank_rows = []
@@ -99,25 +152,43 @@ def render_markdown(summary: Mapping[str, Any], *, title: str = "Drift study", p
             row.append(f"{entries[i]['model']} ({_fmt(entries[i]['mean'])})" if i < len(entries) else "-")
         rank_rows.append(row)
     lines += _table(["rank", *methods], rank_rows)
+    lines += [
+        f"Reversal verdict: {cfg.get('reversal', 'see summary.json')}.",
+        "",
+        "d = the gap between two architectures under the first method minus their gap under the second.",
+        "",
+    ]
     for c in rankings["comparisons"]:
-        pairs = ", ".join(f"{a} / {b}" for a, b in c["reversed_pairs"]) or "none"
+        lines += _reversal_lines(c, c["method_a"], c["method_b"])
         lines += [
-            f"- {c['method_a']} vs {c['method_b']}: Kendall tau = {_fmt(c['tau'])} (p = {_fmt(c['p_value'])}, "
-            f"n = {c['n']}); most stable: {c['top_a']} vs {c['top_b']}"
-            f"{' (the top changes)' if c['top_changes'] else ''}; reversed pairs: {pairs}."
-            + (f" Note: {c['note']}." if c["note"] else ""),
             "- relative change of the mean from "
             f"{c['method_a']} to {c['method_b']}: "
-            + ", ".join(
-                f"{m} {_fmt(100 * v, 1)}%" if v is not None else f"{m} -"
-                for m, v in c["relative_change"].items()
+            + (
+                ", ".join(
+                    f"{m} {_fmt(100 * v, 1)}%" if v is not None else f"{m} -"
+                    for m, v in c["relative_change"].items()
+                )
+                or "-"
             ),
             "",
         ]
+        control = c.get("control")
+        if control:
+            lines += [
+                f"Under the head-scale control (`{control['column']}` in place of {control['replaces']}):",
+                "",
+            ]
+            lines += _reversal_lines(control, c["method_a"], c["method_b"])
 
-    tests = [t for t in summary["paired_tests"] if t["metric"] in ("iou", "drift_score", "ssim", "pearson")]
+    tests = [t for t in summary["paired_tests"] if t.get("family") == "primary"]
     if tests:
-        lines += ["## Paired tests between architectures (same images)", ""]
+        lines += [
+            "## Paired tests between architectures (same images), primary metrics",
+            "",
+            f"Primary metrics (pre-declared): {', '.join(cfg.get('primary_metrics', []))}; p (Holm) within each "
+            "method over these metrics x architecture pairs.",
+            "",
+        ]
         lines += _table(
             ["method", "metric", "A vs B", "n", "median A-B", "effect", "W", "p", "p (Holm)", "note"],
             [
@@ -136,7 +207,10 @@ def render_markdown(summary: Mapping[str, Any], *, title: str = "Drift study", p
                 for t in tests
             ],
         )
-        lines += ["All metrics' tests are in summary.json.", ""]
+        lines += [
+            "The other metrics' tests are in summary.json, descriptive (unadjusted p, not in a Holm family).",
+            "",
+        ]
 
     if summary["lesion_tests"]:
         lines += [

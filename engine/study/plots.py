@@ -88,8 +88,9 @@ def _draw_ranking(ax: Axes, summary: Mapping[str, Any]) -> None:
             continue
         x = np.array([p[0] for p in points], dtype=float)
         y = np.array([p[1]["mean"] for p in points])
-        low = y - np.array([p[1]["ci_low"] for p in points])
-        high = np.array([p[1]["ci_high"] for p in points]) - y
+        # a group too small for a CI (engine.study.statistics.MIN_N_FOR_CI) has none: no error bar
+        low = y - np.array([np.nan if p[1]["ci_low"] is None else p[1]["ci_low"] for p in points])
+        high = np.array([np.nan if p[1]["ci_high"] is None else p[1]["ci_high"] for p in points]) - y
         line = ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=model)
         ax.annotate(
             model,

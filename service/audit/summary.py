@@ -1,9 +1,10 @@
 """Summaries of the audit log, computed in SQL: per-group rates and metric statistics, and the ranking.
 
 Both dialects give the same numbers: PostgreSQL with ``stddev_samp`` and ``percentile_cont``, SQLite (which
-has neither) with window functions. The architecture stability ranking and its comparison between methods
-are :mod:`engine.ranking`'s, applied to the per (method, model) means. Raises
-:class:`~service.audit.db.DatabaseUnavailable` when the database cannot be reached.
+has neither) with window functions. The architecture stability ranking per method uses the per (method,
+model) means from SQL; its comparison between methods is :func:`engine.ranking.reversal_test` on the
+per-record IoUs (one query selecting record id, model, method and IoU under the same filters; a record is
+one image). Raises :class:`~service.audit.db.DatabaseUnavailable` when the database cannot be reached.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import func
 from sqlalchemy.dialects import postgresql
 
-from engine.ranking import kendall_tau, rank_models
+from engine.ranking import DEFAULT_ALPHA, DEFAULT_N_BOOT, method_tables, rank_models, reversal_test
 from service.audit.db import translate_errors
 from service.audit.queries import AuditFilters, drift_conditions, time_conditions
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
@@ -177,7 +178,15 @@ def _metric_statistics(rest: Sequence[Any], dialect: str) -> dict[str, Any]:
     return metrics
 
 
-def summarize(engine: sa.Engine, *, filters: AuditFilters, group_by: Sequence[str] = ()) -> dict[str, Any]:
+def summarize(
+    engine: sa.Engine,
+    *,
+    filters: AuditFilters,
+    group_by: Sequence[str] = (),
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
+    alpha: float = DEFAULT_ALPHA,
+) -> dict[str, Any]:
     """Aggregate the drift rows (one per record x model x method) matching ``filters``, in SQL.
 
     Per group: ``count`` (drift rows), ``agreement_rate`` and ``flagged_rate`` (fractions of those rows),
@@ -187,11 +196,20 @@ def summarize(engine: sa.Engine, *, filters: AuditFilters, group_by: Sequence[st
     values among ``GROUP_BY_OPTIONS``; "day"/"week" are UTC dates, weeks starting on Monday.
 
     ``ranking``: per method, the models ordered from most to least stable by mean top-k IoU between the
-    transfer and fine-tuned maps (higher = evidence moved less; ties by name; a model without a mean IoU
-    comes last, with rank null), and for each pair of methods :func:`engine.ranking.kendall_tau` between the
-    models' mean IoUs: ``kendall_tau`` and ``p_value`` (null with a ``note`` when undefined),
-    ``reversed_pairs`` (pairs of models ordered one way under one method and the other way under the other)
-    and ``reversal`` (at least one such pair; ``rank_changed`` says the same).
+    transfer and fine-tuned maps over every matching row (higher = evidence moved less; ties by name; a
+    model without a mean IoU comes last, with rank null), and for each pair of methods
+    :func:`engine.ranking.reversal_test` on the per-record IoUs (``n_boot`` resamples seeded with ``seed``,
+    level ``alpha``), on the **common records** (a value for every compared model under both methods):
+
+    - ``methods``, ``models``, ``n_images`` (common records), ``n_images_left_out``, ``models_left_out``;
+    - ``order`` and ``means`` (per method, on the common records), ``top``, ``top_changes``;
+    - descriptive: ``kendall_tau`` and ``p_value`` (null with a ``note`` when undefined), ``reversed_pairs``
+      (pairs ordered one way under one method and the other way under the other), ``rank_changed`` and
+      ``reversal_descriptive`` (at least one such pair: the orders differ);
+    - inferential: ``interaction_tests`` (per model pair the Wilcoxon test of the per-record interaction,
+      ``p_holm`` over the pairs), ``bootstrap`` (``p_order_differs``, ``p_top_changes``), ``alpha``,
+      ``significant_pairs`` and ``reversal``: the verdict (the orders differ AND a Holm-adjusted interaction
+      p < alpha), null with a ``note`` for fewer than 2 models or too few common records.
     """
     names = _check_group_by(group_by)
     dialect = engine.dialect.name
@@ -215,6 +233,11 @@ def summarize(engine: sa.Engine, *, filters: AuditFilters, group_by: Sequence[st
             .where(*conditions)
             .group_by(AuditDrift.method, AuditDrift.model)
         ).all()
+        per_record = connection.execute(
+            sa.select(AuditDrift.record_id, AuditDrift.model, AuditDrift.method, AuditDrift.iou)
+            .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
+            .where(*conditions)
+        ).all()
 
     groups = []
     for row in rows:
@@ -236,13 +259,15 @@ def summarize(engine: sa.Engine, *, filters: AuditFilters, group_by: Sequence[st
         "percentiles": list(PERCENTILES),
         "total": sum(group["count"] for group in groups),
         "groups": groups,
-        "ranking": _ranking(ranking_rows),
+        "ranking": _ranking(ranking_rows, per_record, n_boot=n_boot, seed=seed, alpha=alpha),
     }
 
 
-def _ranking(rows: Sequence[Any]) -> dict[str, Any]:
+def _ranking(
+    rows: Sequence[Any], per_record: Sequence[Any], *, n_boot: int, seed: int, alpha: float
+) -> dict[str, Any]:
     """Per method, the models by mean IoU (:func:`engine.ranking.rank_models`), and every pair of methods
-    compared with :func:`engine.ranking.kendall_tau`."""
+    compared with :func:`engine.ranking.reversal_test` on the per-record IoUs."""
     entries: dict[str, dict[str, dict[str, Any]]] = {}
     for method, model, count, mean_iou, mean_drift in rows:
         entries.setdefault(method, {})[model] = {
@@ -262,25 +287,42 @@ def _ranking(rows: Sequence[Any]) -> dict[str, Any]:
         per_method[method] = [
             {**by_model[model], "rank": rank} for rank, model in enumerate(order, start=1)
         ] + [{**by_model[model], "rank": None} for model in unranked]
+    tables = method_tables((record_id, model, method, iou) for record_id, model, method, iou in per_record)
     comparisons = []
     for first, second in itertools.combinations(sorted(entries), 2):
-        compared = kendall_tau(mean_ious[first], mean_ious[second])
+        test = reversal_test(
+            tables.get(first, {}), tables.get(second, {}), n_boot=n_boot, seed=seed, alpha=alpha
+        )
         comparisons.append(
             {
                 "methods": [first, second],
-                "models": compared["models"],
-                "order": {first: compared["order_a"], second: compared["order_b"]},
-                "kendall_tau": compared["tau"],
-                "p_value": compared["p_value"],
-                "rank_changed": compared["reversal"],
-                "reversal": compared["reversal"],
-                "reversed_pairs": compared["reversed_pairs"],
-                "note": compared["note"],
+                "models": test["models"],
+                "n_images": test["n_images"],
+                "n_images_left_out": test["n_images_left_out"],
+                "models_left_out": test["models_left_out"],
+                "order": {first: test["order_a"], second: test["order_b"]},
+                "means": {first: test["means_a"], second: test["means_b"]},
+                "top": {first: test["top_a"], second: test["top_b"]},
+                "top_changes": test["top_changes"],
+                "kendall_tau": test["tau"],
+                "p_value": test["p_value"],
+                "rank_changed": test["reversal_descriptive"],
+                "reversal_descriptive": test["reversal_descriptive"],
+                "reversed_pairs": test["reversed_pairs"],
+                "interaction_tests": test["interaction_tests"],
+                "bootstrap": test["bootstrap"],
+                "alpha": test["alpha"],
+                "significant_pairs": test["significant_pairs"],
+                "reversal": test["reversal"],
+                "note": test["note"],
             }
         )
     return {
         "by": "mean_iou",
         "order": "descending: most stable (highest mean IoU) first",
+        "comparison": "engine.ranking.reversal_test on the records with an IoU for every compared model under "
+        "both methods: reversal = the orders of the means differ AND a Holm-adjusted Wilcoxon p of the "
+        f"per-record interaction < alpha ({alpha:g}); rank_changed = reversal_descriptive = the orders differ",
         "per_method": per_method,
         "comparisons": comparisons,
     }

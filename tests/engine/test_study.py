@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from cli.main import main
-from engine.ranking import kendall_tau, rank_models
+from engine.ranking import kendall_tau, method_tables, rank_models, reversal_test
 from engine.study import (
     bootstrap_ci,
     describe,
@@ -25,6 +25,7 @@ from engine.study import (
     render_markdown,
     summarize,
 )
+from engine.study.statistics import MIN_N_FOR_CI, PRIMARY_METRICS
 from training.synth import generate_dataset
 
 # ------------------------------------------------------------------------------------ descriptive stats
@@ -42,25 +43,43 @@ def test_describe_matches_numpy_and_the_ci_contains_the_mean() -> None:
     assert s["ci_low"] < s["mean"] < s["ci_high"]
 
 
-def test_bootstrap_is_seeded_and_agrees_with_scipy() -> None:
+def test_bootstrap_is_seeded_and_equals_scipys_bca() -> None:
     x = np.random.default_rng(2).gamma(2.0, size=40)
     assert bootstrap_ci(x, n_boot=500, seed=7) == bootstrap_ci(x, n_boot=500, seed=7)
     assert bootstrap_ci(x, n_boot=500, seed=7) != bootstrap_ci(x, n_boot=500, seed=8)
     # chunked resampling draws the same indices as one block
     assert bootstrap_ci(x, n_boot=500, seed=7, chunk=40 * 3) == bootstrap_ci(x, n_boot=500, seed=7)
-    low, high = bootstrap_ci(x, n_boot=20000, seed=0)
-    ref = stats.bootstrap(
-        (x,), np.mean, n_resamples=20000, method="percentile", random_state=np.random.default_rng(0)
-    ).confidence_interval
-    spread = x.std() / np.sqrt(x.size)
-    assert abs(low - ref.low) < 0.1 * spread and abs(high - ref.high) < 0.1 * spread
+    for n, confidence in ((15, 0.95), (40, 0.95), (200, 0.9)):
+        y = np.random.default_rng(n).beta(4, 2, size=n)
+        low, high = bootstrap_ci(y, n_boot=3000, seed=5, confidence=confidence)
+        ref = stats.bootstrap(
+            (y,),
+            np.mean,
+            n_resamples=3000,
+            method="BCa",
+            confidence_level=confidence,
+            rng=np.random.default_rng(5),
+        ).confidence_interval
+        assert (low, high) == pytest.approx((ref.low, ref.high), rel=1e-9, abs=1e-12)
+
+
+def test_small_groups_get_no_ci_and_constant_ones_a_point() -> None:
+    x = np.random.default_rng(3).random(MIN_N_FOR_CI - 1)
+    assert bootstrap_ci(x) == (None, None)
+    assert None not in bootstrap_ci(np.append(x, 0.5))
+    assert bootstrap_ci([0.3] * 20) == (0.3, 0.3)
+    small = describe(x)
+    assert small["n"] == MIN_N_FOR_CI - 1 and small["mean"] == pytest.approx(x.mean())
+    assert small["ci_low"] is None and small["ci_high"] is None
+    with pytest.raises(ValueError, match="min_n"):
+        bootstrap_ci(x, min_n=1)
 
 
 def test_describe_degenerate_inputs_are_defined() -> None:
     empty = describe([None, float("nan"), ""])
     assert empty["n"] == 0 and empty["mean"] is None and empty["ci_low"] is None
     one = describe([0.25, None])
-    assert one["n"] == 1 and one["sd"] is None and one["ci_low"] == one["ci_high"] == 0.25
+    assert one["n"] == 1 and one["sd"] is None and one["ci_low"] is None and one["ci_high"] is None
     json.dumps(empty), json.dumps(one)  # JSON-safe: no NaN
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_ci([1.0, 2.0], n_boot=0)
@@ -167,20 +186,33 @@ def test_summarize_ranks_tests_and_reports_the_reversal() -> None:
     per_class = [s for s in summary["groups"] if s["class"] == "a" and s["model"] == "densenet201"]
     assert len(per_class) == 2 and per_class[0]["metrics"]["iou"]["n"] == 6
 
+    # the ranking is on the 11 images every architecture has under both methods (img11 is left out)
     rankings = summary["rankings"]
-    assert [e["model"] for e in rankings["methods"]["layercam"]] == [
-        "inceptionv3",
-        "densenet201",
-        "resnet50v2",
-    ]
-    assert [e["model"] for e in rankings["methods"]["gradcampp"]] == [
-        "densenet201",
-        "resnet50v2",
-        "inceptionv3",
-    ]
+    assert rankings["n_images"] == 11 and rankings["models"] == ["densenet201", "inceptionv3", "resnet50v2"]
+    common = [f"img{i}.png" for i in range(11)]
+    for method, expected in (
+        ("layercam", ["inceptionv3", "densenet201", "resnet50v2"]),
+        ("gradcampp", ["densenet201", "resnet50v2", "inceptionv3"]),
+    ):
+        entries = rankings["methods"][method]
+        assert [e["model"] for e in entries] == expected
+        for e in entries:
+            kept = [r["iou"] for r in rows if (r["model"], r["method"]) == (e["model"], method)]
+            assert e["mean"] == pytest.approx(np.mean(kept[:11]))
     (comparison,) = rankings["comparisons"]
+    assert comparison["n_images"] == 11 and comparison["n_images_left_out"] == 1 and comparison["n"] == 3
     assert comparison["tau"] < 0 and comparison["top_changes"]
     assert comparison["relative_change"]["inceptionv3"] < -0.2
+    # a strong interaction: the inferential verdict and the descriptive rule agree
+    assert comparison["reversal"] is True and comparison["reversal_descriptive"] is True
+    assert comparison["bootstrap"]["p_order_differs"] > 0.9
+    assert comparison["control"] is None and summary["config"]["control_column"] is None
+    # the study's test is engine.ranking's on the same per-image values
+    tables = method_tables((r["image"], r["model"], r["method"], r["iou"]) for r in rows)
+    ref = reversal_test(tables["layercam"], tables["gradcampp"], n_boot=300, seed=1)
+    assert {k: comparison[k] for k in ref} == ref
+    assert all(t["n"] == 11 for t in comparison["interaction_tests"])
+    assert {r["image"] for r in rows} - set(common) == {"img11.png"}
 
     test = next(
         t
@@ -191,14 +223,82 @@ def test_summarize_ranks_tests_and_reports_the_reversal() -> None:
     a = [r["iou"] for r in rows if (r["model"], r["method"]) == ("densenet201", "layercam")][:11]
     b = [r["iou"] for r in rows if (r["model"], r["method"]) == ("resnet50v2", "layercam")]
     assert test["n_pairs"] == 11 and test["p_value"] == pytest.approx(stats.wilcoxon(a, b).pvalue)
-    layercam_tests = [t for t in summary["paired_tests"] if t["method"] == "layercam"]
-    assert [t["p_holm"] for t in layercam_tests] == holm_adjust([t["p_value"] for t in layercam_tests])
+    # Holm within each method over the primary metrics only; drift_score (= 1 - IoU) is descriptive
+    for method in ("layercam", "gradcampp"):
+        primary = [t for t in summary["paired_tests"] if t["method"] == method and t["family"] == "primary"]
+        assert {t["metric"] for t in primary} == {"iou"} and len(primary) == 3
+        assert [t["p_holm"] for t in primary] == holm_adjust([t["p_value"] for t in primary])
+    descriptive = [t for t in summary["paired_tests"] if t["family"] == "descriptive"]
+    assert {t["metric"] for t in descriptive} == {"drift_score"}
+    assert all(t["p_holm"] is None and t["p_value"] is not None for t in descriptive)
 
     lesion = [t for t in summary["lesion_tests"] if t["model"] == "inceptionv3" and t["method"] == "layercam"]
     assert lesion and lesion[0]["n_pairs"] == 6 and lesion[0]["mean_difference"] > 0  # moved onto the lesion
 
     text = render_markdown(summary)
     assert "| rank | layercam | gradcampp |" in text and "Kendall tau = -" in text
+    assert "layercam vs gradcampp: **reversal**" in text and "P(order differs) = " in text
+    assert "| pair | n | median d" in text and "| densenet201 - inceptionv3 | 11 |" in text
+    assert "[no CI]" in text  # per class: 6 images each, below MIN_N_FOR_CI
+
+
+def test_the_primary_family_is_pre_declared() -> None:
+    rows = _reversal_rows()
+    rng = np.random.default_rng(5)
+    for row in rows:
+        row.update(pearson=float(rng.random()), ssim=float(rng.random()), emd=float(rng.random()))
+        row.update(centroid_shift=float(rng.random()))
+    summary = summarize(
+        rows, metrics=("iou", "pearson", "ssim", "centroid_shift", "emd", "drift_score"), n_boot=50
+    )
+    assert summary["config"]["primary_metrics"] == list(PRIMARY_METRICS)
+    for method in ("layercam", "gradcampp"):
+        tests = [t for t in summary["paired_tests"] if t["method"] == method]
+        primary = [t for t in tests if t["metric"] in PRIMARY_METRICS]
+        assert all(t["family"] == "primary" for t in primary) and len(primary) == 4 * 3
+        assert [t["p_holm"] for t in primary] == pytest.approx(holm_adjust([t["p_value"] for t in primary]))
+        others = [t for t in tests if t["metric"] not in PRIMARY_METRICS]
+        assert {t["metric"] for t in others} == {"emd", "drift_score"}
+        assert all(t["family"] == "descriptive" and t["p_holm"] is None for t in others)
+
+
+def test_no_interaction_is_described_but_not_called_a_reversal() -> None:
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(20):  # the same small architecture effects under both methods: any swap is chance
+        image = rng.normal(0, 0.1)
+        for method, shift in (("layercam", 0.0), ("gradcampp", -0.1)):
+            for model, effect in (("densenet201", 0.6), ("resnet50v2", 0.605)):
+                iou = effect + shift + image + rng.normal(0, 0.1)
+                rows.append({"model": model, "method": method, "image": f"i{i}", "label": "x", "iou": iou})
+    (comparison,) = summarize(rows, metrics=("iou",), n_boot=200)["rankings"]["comparisons"]
+    assert comparison["reversal_descriptive"] is True  # this seed's means swap by chance
+    assert comparison["reversal"] is False
+    assert comparison["interaction_tests"][0]["p_holm"] > 0.05
+
+
+def test_the_reversal_is_repeated_under_the_head_scale_control() -> None:
+    rows = _reversal_rows()
+    for row in rows:  # under the control, GradCAM++ keeps LayerCAM's order: the reversal goes away
+        if row["method"] == "gradcampp":
+            layercam = next(
+                r["iou"]
+                for r in rows
+                if (r["model"], r["image"], r["method"]) == (row["model"], row["image"], "layercam")
+            )
+            row["head_scale_control_iou"] = layercam - 0.05
+    summary = summarize(rows, metrics=("iou",), n_boot=200, seed=3)
+    (comparison,) = summary["rankings"]["comparisons"]
+    control = comparison["control"]
+    assert summary["config"]["control_column"] == "head_scale_control_iou"
+    assert control["column"] == "head_scale_control_iou" and control["replaces"] == "gradcampp"
+    assert comparison["reversal"] is True and control["reversal"] is False
+    assert control["n_images"] == 11 and control["order_b"] == control["order_a"]
+    assert "Under the head-scale control (`head_scale_control_iou` in place of gradcampp)" in render_markdown(
+        summary
+    )
+    named = summarize(rows, metrics=("iou",), n_boot=50, control_column="missing")
+    assert named["rankings"]["comparisons"][0]["control"] is None
 
 
 # ------------------------------------------------------------------------------------ evidence on lesion

@@ -13,9 +13,10 @@ from typing import Any, cast
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from scipy.stats import kendalltau
+from scipy.stats import kendalltau, wilcoxon
 
 from core.vocabulary import METHODS
+from engine.ranking import method_tables, reversal_test
 from service.audit import chain, queries
 from service.audit.chain import AuditEntry
 from service.audit.db import DatabaseUnavailable, check_writable, make_engine, upgrade
@@ -442,6 +443,29 @@ def test_group_by_rejects_unknown_values(db_engine: sa.Engine) -> None:
         summarize(db_engine, filters=AuditFilters(), group_by=["hour"])
 
 
+def _with_iou(entries: list[AuditEntry], iou: Any) -> list[AuditEntry]:
+    """Set every report's IoU to ``iou(entry_index, model, method)``."""
+    for index, entry in enumerate(entries):
+        for report in entry.reports:
+            for method, result in report.methods.items():
+                result["metrics"]["iou"] = iou(index, report.model, method)
+    return entries
+
+
+def _engine_reversal(
+    entries: list[AuditEntry], ids: list[int], first: str, second: str, **options: Any
+) -> dict[str, Any]:
+    """The oracle: engine.ranking.reversal_test on the values as written, keyed by record id."""
+    records = [
+        (record_id, report.model, method, result["metrics"]["iou"])
+        for record_id, entry in zip(ids, entries, strict=True)
+        for report in entry.reports
+        for method, result in report.methods.items()
+    ]
+    tables = method_tables(records)
+    return reversal_test(tables.get(first, {}), tables.get(second, {}), **options)
+
+
 def test_ranking_and_its_reversal_between_methods(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(13)
     # LayerCAM: inceptionv3 most stable, resnet50v2 least; GradCAM++: densenet201 first, inceptionv3 last
@@ -449,15 +473,12 @@ def test_ranking_and_its_reversal_between_methods(db_engine: sa.Engine) -> None:
         "layercam": {"inceptionv3": 0.78, "densenet201": 0.70, "resnet50v2": 0.55},
         "gradcampp": {"densenet201": 0.75, "resnet50v2": 0.66, "inceptionv3": 0.60},
     }
-    entries = []
-    for _ in range(6):
-        entry = make_entry(rng)
-        for report in entry.reports:
-            for method, result in report.methods.items():
-                result["metrics"]["iou"] = base_iou[method][report.model] + float(rng.uniform(-0.02, 0.02))
-        entries.append(entry)
-    append_many(db_engine, entries)
-    ranking = summarize(db_engine, filters=AuditFilters(), group_by=[])["ranking"]
+    entries = _with_iou(
+        [make_entry(rng) for _ in range(10)],
+        lambda _, model, method: base_iou[method][model] + float(rng.uniform(-0.02, 0.02)),
+    )
+    ids = [result.id for result in append_many(db_engine, entries)]
+    ranking = summarize(db_engine, filters=AuditFilters(), group_by=[], n_boot=400)["ranking"]
     rows = drift_rows_of(entries)
     means = {
         (m, model): np.mean([r["iou"] for r in rows if r["method"] == m and r["model"] == model])
@@ -475,10 +496,64 @@ def test_ranking_and_its_reversal_between_methods(db_engine: sa.Engine) -> None:
     expected_tau = kendalltau([means[(first, m)] for m in models], [means[(second, m)] for m in models])
     assert comparison["kendall_tau"] == pytest.approx(expected_tau.statistic)
     assert comparison["kendall_tau"] < 0
-    assert comparison["reversal"] and comparison["rank_changed"]
+    # a strong interaction on 10 records: the orders differ and the interaction tests say it is not chance
+    assert comparison["reversal"] is True and comparison["rank_changed"] is True
+    assert comparison["reversal_descriptive"] is True and comparison["significant_pairs"]
+    assert comparison["bootstrap"]["p_order_differs"] > 0.9
     assert comparison["reversed_pairs"] == [["densenet201", "inceptionv3"], ["inceptionv3", "resnet50v2"]]
     assert comparison["order"] == {m: [e["model"] for e in ranking["per_method"][m]] for m in METHODS}
+    assert comparison["n_images"] == 10 and comparison["n_images_left_out"] == 0
     assert isinstance(comparison["note"], str)
+    expected = _engine_reversal(entries, ids, first, second, n_boot=400)
+    assert comparison["reversal"] == expected["reversal"]
+    assert comparison["interaction_tests"] == expected["interaction_tests"]
+    assert comparison["bootstrap"] == expected["bootstrap"]
+
+
+def test_reversal_verdict_on_per_record_values_equals_the_engines(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(31)
+    # no interaction: the same architecture effects under both methods, small and close, plus noise
+    effect = {"densenet201": 0.60, "resnet50v2": 0.605, "inceptionv3": 0.61}
+    shift = {"layercam": 0.0, "gradcampp": -0.1}
+    entries = [make_entry(rng) for _ in range(16)]
+    entries.append(make_entry(rng, models=("densenet201", "resnet50v2")))  # one model missing: left out
+    noise = {(i, m, meth): rng.normal(0, 0.08) for i in range(17) for m in MODELS for meth in METHODS}
+    image = [rng.normal(0, 0.1) for _ in range(17)]
+    _with_iou(
+        entries, lambda i, model, method: effect[model] + shift[method] + image[i] + noise[(i, model, method)]
+    )
+    ids = [result.id for result in append_many(db_engine, entries)]
+    summary = summarize(db_engine, filters=AuditFilters(), group_by=[], n_boot=300, seed=4)
+    (comparison,) = summary["ranking"]["comparisons"]
+    first, second = comparison["methods"]
+    expected = _engine_reversal(entries, ids, first, second, n_boot=300, seed=4)
+    assert comparison["n_images"] == expected["n_images"] == 16 and comparison["n_images_left_out"] == 1
+    for key in ("reversal", "reversal_descriptive", "interaction_tests", "bootstrap", "significant_pairs"):
+        assert comparison[key] == expected[key], key
+    assert comparison["order"] == {first: expected["order_a"], second: expected["order_b"]}
+    assert comparison["means"] == {first: expected["means_a"], second: expected["means_b"]}
+    assert comparison["rank_changed"] == expected["reversal_descriptive"]
+    # no interaction: the means of this draw swap by chance (the old rule's "reversal"), the verdict says no
+    assert comparison["rank_changed"] is True and comparison["reversal"] is False
+    # the interaction by hand for one pair, against scipy
+    by_key = {
+        (record_id, report.model, method): result["metrics"]["iou"]
+        for record_id, entry in zip(ids[:16], entries[:16], strict=True)
+        for report in entry.reports
+        for method, result in report.methods.items()
+    }
+    a, b = "densenet201", "inceptionv3"
+    d = [
+        (by_key[(r, a, first)] - by_key[(r, b, first)]) - (by_key[(r, a, second)] - by_key[(r, b, second)])
+        for r in ids[:16]
+    ]
+    test = next(t for t in comparison["interaction_tests"] if (t["model_a"], t["model_b"]) == (a, b))
+    assert test["p_value"] == pytest.approx(wilcoxon(d).pvalue)
+    # filters apply: one model left leaves no verdict
+    (only,) = summarize(db_engine, filters=AuditFilters(model="resnet50v2"), group_by=[], n_boot=50)[
+        "ranking"
+    ]["comparisons"]
+    assert only["reversal"] is None and "at least 2" in only["note"]
 
 
 def test_ranking_breaks_ties_by_name_and_leaves_models_without_iou_unranked(db_engine: sa.Engine) -> None:
@@ -499,7 +574,9 @@ def test_ranking_breaks_ties_by_name_and_leaves_models_without_iou_unranked(db_e
     (comparison,) = ranking["comparisons"]
     assert comparison["models"] == ["densenet201", "resnet50v2"]
     assert comparison["kendall_tau"] is None and comparison["note"]
-    assert not comparison["reversal"] and not comparison["rank_changed"]
+    # two records: too few for a verdict; the means tie, so the orders do not differ either
+    assert comparison["reversal"] is None and not comparison["rank_changed"]
+    assert comparison["n_images"] == 2 and "at least 6" in comparison["note"]
     assert comparison["reversed_pairs"] == []
 
 
