@@ -90,9 +90,12 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {', '.join(result.written)} to {result.out}"
     )
     for comparison in result.summary["rankings"]["comparisons"]:
+        verdict = {True: "yes", False: "no", None: "undecided"}[comparison["reversal"]]
         print(
-            f"  ranking {comparison['method_a']} vs {comparison['method_b']}: Kendall tau = "
-            f"{'-' if comparison['tau'] is None else format(comparison['tau'], '.3f')}"
-            f"{' (the most stable architecture changes)' if comparison['top_changes'] else ''}"
+            f"  ranking {comparison['method_a']} vs {comparison['method_b']} on {comparison['n_images']} common "
+            f"image(s): reversal {verdict} (orders differ on the means: "
+            f"{'yes' if comparison['reversal_descriptive'] else 'no'}; Kendall tau = "
+            f"{'-' if comparison['tau'] is None else format(comparison['tau'], '.3f')})"
+            f"{'; ' + comparison['note'] if comparison['note'] else ''}"
         )
     return 0

@@ -23,6 +23,7 @@ from engine.study.collect import (
     pair_folders,
     write_csv,
 )
+from engine.study.html import render_html
 from engine.study.lesion import LESION_COLUMNS
 from engine.study.markdown import render_markdown, study_preamble
 from engine.study.statistics import DEFAULT_STUDY_METRICS, summarize
@@ -65,8 +66,9 @@ def run_study(
     progress: bool = True,
 ) -> StudyResult:
     """The study of the pairs in ``artifacts`` and ``model_dirs`` on ``split`` of ``data``, written to ``out``:
-    ``per_image.csv``, ``summary.json``, ``summary.md`` and, with ``plots``, the figures of
-    :mod:`engine.study.plots` (``figure``: also the combined one, at that path).
+    ``per_image.csv``, ``summary.json``, ``summary.md``, with ``plots`` the figures of
+    :mod:`engine.study.plots` (``figure``: also the combined one, at that path), and ``report.html``: the
+    summary and the figures in one self-contained file.
 
     Raises :class:`~core.errors.UsageError` when no image is in ``subset`` (the CSV is written first).
     """
@@ -123,10 +125,8 @@ def run_study(
         "note": note,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(
-        render_markdown(summary, title="Drift study", preamble=study_preamble(summary["study"])),
-        encoding="utf-8",
-    )
+    markdown = render_markdown(summary, title="Drift study", preamble=study_preamble(summary["study"]))
+    (out / "summary.md").write_text(markdown, encoding="utf-8")
     written = ["per_image.csv", "summary.json", "summary.md"]
     if plots:
         from engine.study import plots as figures  # matplotlib: only when plotting
@@ -136,4 +136,9 @@ def run_study(
         if figure is not None:
             figures.write_combined_figure(included, summary, example, figure, note=note, has_masks=has_masks)
             written.append(str(figure))
+    pngs = {Path(name).stem.replace("_", " "): out / name for name in written if name.endswith(".png")}
+    (out / "report.html").write_text(
+        render_html(markdown, title="Drift study", figures=pngs), encoding="utf-8"
+    )
+    written.append("report.html")
     return StudyResult(out=out, n_pairs=len(pairs), n_images=len(samples), written=written, summary=summary)

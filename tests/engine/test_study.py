@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -372,6 +373,7 @@ def test_study_cli_writes_every_output(study_inputs: tuple[Path, Path], tmp_path
         "per_image.csv",
         "summary.json",
         "summary.md",
+        "report.html",
         "ranking.png",
         "lesion_evidence.png",
         "example.png",
@@ -405,6 +407,9 @@ def test_study_cli_writes_every_output(study_inputs: tuple[Path, Path], tmp_path
     assert summary["rankings"]["comparisons"][0]["n"] == 2
     assert summary["lesion_tests"]
     assert "Stability ranking" in (out / "summary.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "Stability ranking" in page and page.count("data:image/png;base64,") >= 4
+    assert not re.search(r"(src|href)=\"(?!data:)", page), "the report fetches nothing"
 
 
 def test_study_cli_true_positive_subset(study_inputs: tuple[Path, Path], tmp_path: Path) -> None:
