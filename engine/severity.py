@@ -1,0 +1,94 @@
+"""Drift severity on an absolute scale, and "unusual for this pair" as a separate number.
+
+A drift score ``s = 1 - IoU@k`` is placed between two anchors that mean the same for every model pair:
+
+- **chance**: the score of two *unrelated* maps. The top-k% sets of two independent maps overlap in
+  ``k^2 / 100`` % of the pixels on average, so their IoU is ``(k^2/100) / (2k - k^2/100) = k / (200 - k)``
+  and ``chance = 1 - k / (200 - k)`` (0.889 at k = 20).
+- **noise floor**: how far the *transfer* checkpoint's own evidence moves under benign input changes (a
+  shift of about 1% of the side, sensor noise, an exposure change), measured at calibration as the median
+  score between its map of a reference image and its map of the perturbed image.
+
+``drift_index = clip((s - noise) / (chance - noise), 0, 1)``: 0 is "no more than the model moves under
+benign input changes", 1 is "as different as unrelated maps". Severity is a fixed band of the index
+(:data:`SEVERITY_BANDS`), the same for every pair, so a pair whose drift is large everywhere is reported as
+such, not as 90% "low" (which percentile thresholds of its own reference scores would give by
+construction). Without a calibrated noise floor the floor is 0 and the report says ``calibrated: false``.
+
+How unusual a request is *for this pair* is :func:`reference_percentile`: the share of the pair's reference
+scores (calibration images on which both checkpoints are right) at or below it, per class where the class
+had enough reference images. It is reported beside severity and never changes it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "SEVERITY_BANDS",
+    "benign_perturbations",
+    "chance_drift",
+    "drift_index",
+    "reference_percentile",
+    "severity_of_index",
+]
+
+# Bands of the drift index: below a third of the way from the noise floor to chance the evidence is "low",
+# past two thirds it is closer to unrelated maps than to the model's own jitter: "high".
+SEVERITY_BANDS: dict[str, float] = {"moderate": 1.0 / 3.0, "high": 2.0 / 3.0}
+
+
+def chance_drift(topk_percent: float) -> float:
+    """``1 - k / (200 - k)``: the expected drift score of two independent maps at top-``k`` %."""
+    k = float(topk_percent)
+    if not 0.0 < k <= 100.0:
+        raise ValueError(f"topk_percent must be in (0, 100], got {topk_percent!r}")
+    return 1.0 - k / (200.0 - k)
+
+
+def drift_index(score: float, *, noise_floor: float, chance: float) -> float:
+    """``clip((score - noise_floor) / (chance - noise_floor), 0, 1)``; a floor at or above chance (a model whose
+    own evidence is as unstable as unrelated maps) gives 0: nothing can be told apart from its noise."""
+    if not np.isfinite(score):
+        raise ValueError(f"score must be finite, got {score!r}")
+    span = float(chance) - float(noise_floor)
+    if span <= 0.0:
+        return 0.0
+    return float(np.clip((float(score) - float(noise_floor)) / span, 0.0, 1.0))
+
+
+def severity_of_index(index: float) -> str:
+    """``"high"`` from :data:`SEVERITY_BANDS` ``["high"]``, ``"moderate"`` from ``["moderate"]``, else ``"low"``."""
+    if index >= SEVERITY_BANDS["high"]:
+        return "high"
+    if index >= SEVERITY_BANDS["moderate"]:
+        return "moderate"
+    return "low"
+
+
+def reference_percentile(score: float, reference: Sequence[float]) -> float | None:
+    """Percent of ``reference`` scores at or below ``score`` (``scipy.stats.percentileofscore(kind="weak")``);
+    ``None`` without reference scores. ``reference`` must be sorted ascending."""
+    if len(reference) == 0:
+        return None
+    return 100.0 * bisect.bisect_right(reference, float(score)) / len(reference)
+
+
+def benign_perturbations(gray: np.ndarray, *, seed: int) -> list[np.ndarray]:
+    """Three benign variants of a [0, 1] radiograph: a shift of 1% of the side (edge pixels repeated),
+    Gaussian noise (SD 0.01), and an exposure change (gamma 0.9 or 1.1 with a gain of 0.97 or 1.03)."""
+    image = np.asarray(gray, dtype=np.float64)
+    if image.ndim != 2:
+        raise ValueError(f"expected a grayscale (H, W) image, got shape {image.shape}")
+    rng = np.random.default_rng(seed)
+    step = max(1.0, 0.01 * max(image.shape))
+    shift = rng.choice([-1.0, 1.0], size=2) * step
+    shifted = ndimage.shift(image, shift, order=1, mode="nearest")
+    noisy = image + rng.normal(0.0, 0.01, size=image.shape)
+    gamma, gain = rng.choice([0.9, 1.1]), rng.choice([0.97, 1.03])
+    exposed = gain * np.power(np.clip(image, 0.0, 1.0), gamma)
+    return [np.clip(v, 0.0, 1.0).astype(np.float32) for v in (shifted, noisy, exposed)]
