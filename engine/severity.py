@@ -23,14 +23,20 @@ had enough reference images. It is reported beside severity and never changes it
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "CALIBRATION_VERSION",
     "SEVERITY_BANDS",
+    "MethodCalibration",
+    "assess",
     "benign_perturbations",
+    "calibration_for",
     "chance_drift",
     "drift_index",
     "reference_percentile",
@@ -40,6 +46,8 @@ __all__ = [
 # Bands of the drift index: below a third of the way from the noise floor to chance the evidence is "low",
 # past two thirds it is closer to unrelated maps than to the model's own jitter: "high".
 SEVERITY_BANDS: dict[str, float] = {"moderate": 1.0 / 3.0, "high": 2.0 / 3.0}
+# The manifest's drift_calibration this code reads (engine/calibrate.py writes it).
+CALIBRATION_VERSION = 2
 
 
 def chance_drift(topk_percent: float) -> float:
@@ -92,3 +100,86 @@ def benign_perturbations(gray: np.ndarray, *, seed: int) -> list[np.ndarray]:
     gamma, gain = rng.choice([0.9, 1.1]), rng.choice([0.97, 1.03])
     exposed = gain * np.power(np.clip(image, 0.0, 1.0), gamma)
     return [np.clip(v, 0.0, 1.0).astype(np.float32) for v in (shifted, noisy, exposed)]
+
+
+@dataclass(frozen=True)
+class MethodCalibration:
+    """What severity needs for one method: the anchors and the reference scores (sorted), pooled and per
+    class. Uncalibrated: a noise floor of 0 and no reference."""
+
+    calibrated: bool
+    noise_floor: float
+    chance: float
+    reference: tuple[float, ...] = ()
+    classes: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+
+def calibration_for(
+    manifest_calibration: Mapping[str, Any] | None, *, methods: Sequence[str], topk_percent: float, score: str
+) -> tuple[dict[str, Any], dict[str, MethodCalibration]]:
+    """The calibration of each method from the manifest's ``drift_calibration`` when it is of this version,
+    for this score and has every method; else uncalibrated anchors. Returns (a summary for the report,
+    per-method calibrations)."""
+    chance = chance_drift(topk_percent)
+    entry = manifest_calibration if isinstance(manifest_calibration, Mapping) else None
+    usable = (
+        entry is not None
+        and entry.get("version") == CALIBRATION_VERSION
+        and entry.get("score") == score
+        and isinstance(entry.get("methods"), Mapping)
+        and all(isinstance(entry["methods"].get(m), Mapping) for m in methods)
+    )
+    summary: dict[str, Any] = {
+        "score": score,
+        "chance": chance,
+        "index": "clip((drift_score - noise_floor) / (chance - noise_floor), 0, 1)",
+        "bands": dict(SEVERITY_BANDS),
+    }
+    if not usable:
+        summary["calibrated"] = False
+        summary["note"] = (
+            "no drift calibration of this version and score in the manifest: noise floor 0, no reference "
+            "percentile; run `cxr-drift calibrate`"
+        )
+        return summary, {
+            m: MethodCalibration(calibrated=False, noise_floor=0.0, chance=chance) for m in methods
+        }
+    assert entry is not None
+    summary.update(
+        calibrated=True,
+        subset=entry.get("subset"),
+        n=entry.get("n"),
+        created_at=entry.get("created_at"),
+        noise_floor={m: float(entry["methods"][m]["noise_floor"]) for m in methods},
+    )
+    out = {}
+    for method in methods:
+        block = entry["methods"][method]
+        classes = block.get("classes") or {}
+        out[method] = MethodCalibration(
+            calibrated=True,
+            noise_floor=float(block["noise_floor"]),
+            chance=chance,
+            reference=tuple(float(v) for v in block.get("reference", ())),
+            classes={name: tuple(float(v) for v in c.get("reference", ())) for name, c in classes.items()},
+        )
+    return summary, out
+
+
+def assess(score: float, calibration: MethodCalibration, *, class_name: str | None = None) -> dict[str, Any]:
+    """``drift_index``, ``severity`` (absolute) and ``reference_percentile`` ("unusual for this pair": among
+    the reference scores of ``class_name`` when the class has its own, else pooled; ``reference`` says which)
+    of one drift score."""
+    index = drift_index(score, noise_floor=calibration.noise_floor, chance=calibration.chance)
+    reference: tuple[float, ...] = ()
+    which: str | None = None
+    if class_name is not None and calibration.classes.get(class_name):
+        reference, which = calibration.classes[class_name], f"class:{class_name}"
+    elif calibration.reference:
+        reference, which = calibration.reference, "pooled"
+    return {
+        "drift_index": index,
+        "severity": severity_of_index(index),
+        "reference_percentile": reference_percentile(score, reference),
+        "reference": which,
+    }

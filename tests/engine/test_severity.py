@@ -9,7 +9,10 @@ from scipy import stats
 from engine import metrics
 from engine.severity import (
     SEVERITY_BANDS,
+    MethodCalibration,
+    assess,
     benign_perturbations,
+    calibration_for,
     chance_drift,
     drift_index,
     reference_percentile,
@@ -69,3 +72,54 @@ def test_benign_perturbations_are_small_and_seeded() -> None:
         assert 0.0 < float(np.abs(variant - gray).mean()) < 0.05
     again = benign_perturbations(gray, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(variants, again, strict=True))
+
+
+def _calibration(**methods: dict[str, object]) -> dict[str, object]:
+    return {"version": 2, "score": "1 - top-20% IoU", "subset": "both_correct", "n": 120, "methods": methods}
+
+
+def test_calibration_is_read_only_when_it_fits() -> None:
+    block = {
+        "noise_floor": 0.2,
+        "reference": [0.1, 0.2, 0.3, 0.4],
+        "classes": {"normal": {"reference": [0.5]}},
+    }
+    summary, cal = calibration_for(
+        _calibration(layercam=block, gradcampp=block),
+        methods=("layercam", "gradcampp"),
+        topk_percent=20.0,
+        score="1 - top-20% IoU",
+    )
+    assert summary["calibrated"] and cal["layercam"].noise_floor == 0.2
+    assert cal["gradcampp"].classes["normal"] == (0.5,)
+    for bad in (
+        None,
+        {**_calibration(layercam=block, gradcampp=block), "version": 1},
+        {**_calibration(layercam=block, gradcampp=block), "score": "1 - top-10% IoU"},
+        _calibration(layercam=block),  # a method missing
+        {"methods": {"layercam": {"moderate": 0.2, "high": 0.4}}},  # the percentile thresholds of before
+    ):
+        summary, cal = calibration_for(
+            bad, methods=("layercam", "gradcampp"), topk_percent=20.0, score="1 - top-20% IoU"
+        )
+        assert not summary["calibrated"] and "calibrate" in summary["note"]
+        assert cal["layercam"].noise_floor == 0.0 and cal["layercam"].reference == ()
+
+
+def test_assess_uses_the_class_reference_when_there_is_one() -> None:
+    chance = chance_drift(20.0)
+    cal = MethodCalibration(
+        calibrated=True,
+        noise_floor=0.2,
+        chance=chance,
+        reference=(0.1, 0.2, 0.3, 0.4),
+        classes={"normal": (0.6, 0.7)},
+    )
+    pooled = assess(0.3, cal, class_name="effusion")
+    assert pooled["reference"] == "pooled" and pooled["reference_percentile"] == 75.0
+    own = assess(0.65, cal, class_name="normal")
+    assert own["reference"] == "class:normal" and own["reference_percentile"] == 50.0
+    assert own["drift_index"] == pytest.approx((0.65 - 0.2) / (chance - 0.2))
+    assert own["severity"] == severity_of_index(own["drift_index"])
+    bare = assess(0.65, MethodCalibration(calibrated=False, noise_floor=0.0, chance=chance))
+    assert bare["reference_percentile"] is None and bare["reference"] is None
