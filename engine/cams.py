@@ -17,6 +17,16 @@ bilinear resize to the input size (OpenCV ``INTER_LINEAR``, the library's own ca
 
 ``eps`` is not negligible (docs/DESIGN.md trap 2): g^2 is often of the order of eps, so GradCAM++ results report
 how much of the denominator eps makes up (``eps_fraction``). NumPy and OpenCV only; no torch.
+
+GradCAM++ regimes and head scale. Ignoring ``S_k g^3``, a channel's weight ``h w g^3 / (2 g^2 + eps)`` grows
+like ``g^(1 + 2 r)`` with ``r`` its eps fraction: like LayerCAM (``g``) when eps is negligible, cubically when
+eps dominates. When ``S_k g_k`` is large (``>> 2``) the weight saturates at ``h w / S_k``, whatever the
+gradient (``saturation``: median of ``S_k g_k``). Scaling the head by ``s`` multiplies every ``g_k`` by ``s``;
+the min-max normalized map is unchanged only if every contributing channel sits in the same regime, so
+GradCAM++ moves with the head's *scale* alone (LayerCAM, linear in ``ReLU(g)``, never does). Fine-tuning
+changes the head's scale: :func:`head_scale_control` computes, in closed form from the transfer features,
+the GradCAM++ map the transfer checkpoint would give with its head rescaled to the fine-tuned head's norm,
+the control the drift report compares the real drift with.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ __all__ = [
     "closed_form_cams",
     "closed_form_cams_all_classes",
     "gradcampp_raw",
+    "gradcampp_saturation",
+    "head_norm_ratio",
+    "head_scale_control",
     "layercam_raw",
     "min_max",
     "postprocess",
@@ -58,6 +71,8 @@ class CamResult:
     all zeros by definition, never NaN).
     ``eps_fraction``: (B,) float64 for GradCAM++ (median over contributing channels, g_k > 0, of
     eps / (2 g^2 + S g^3 + eps); NaN-free, 0.0 when no channel contributes), None for LayerCAM.
+    ``saturation``: (B,) float64 for GradCAM++ (median over contributing channels of ``S_k g_k``, see
+    :func:`gradcampp_saturation`; 0.0 when no channel contributes), None for LayerCAM.
     """
 
     method: str
@@ -66,6 +81,7 @@ class CamResult:
     raw: np.ndarray
     all_zero: np.ndarray
     eps_fraction: np.ndarray | None = None
+    saturation: np.ndarray | None = None
 
 
 def _check_features(features: np.ndarray) -> np.ndarray:
@@ -143,6 +159,21 @@ def gradcampp_raw(features: np.ndarray, grads: np.ndarray, *, eps: float) -> tup
     Returns the map (B, h, w) and the per-image eps fraction: median over channels with g_k > 0 of
     ``eps / (2 g^2 + S g^3 + eps)`` (0.0 where no channel has g_k > 0).
     """
+    cam, eps_fraction, _ = _gradcampp(features, grads, eps=eps)
+    return cam, eps_fraction
+
+
+def _median_over_positive(values: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """Per row, the median of ``values`` where ``positive``; 0.0 for a row without any."""
+    out = np.zeros(values.shape[0])
+    has = positive.any(axis=1)
+    if has.any():
+        out[has] = np.nanmedian(np.where(positive, values, np.nan)[has], axis=1)
+    return out
+
+
+def _gradcampp(features: np.ndarray, grads: np.ndarray, *, eps: float) -> tuple[np.ndarray, ...]:
+    """:func:`gradcampp_raw` plus :func:`gradcampp_saturation`, summing the features once."""
     feats = features.astype(np.float64, copy=False)
     _, _, h, w = feats.shape
     sums = feats.sum(axis=(2, 3))
@@ -150,15 +181,67 @@ def gradcampp_raw(features: np.ndarray, grads: np.ndarray, *, eps: float) -> tup
     g = np.where(positive, grads, 0.0)
     g2 = g * g
     denom = 2.0 * g2 + sums * g2 * g + eps
-    alpha = np.where(positive, g2 / np.where(positive, denom, 1.0), 0.0)
+    safe = np.where(positive, denom, 1.0)
+    alpha = np.where(positive, g2 / safe, 0.0)
     weights = (h * w) * g * alpha
     cam = np.maximum(np.einsum("bk,bkhw->bhw", weights, feats), 0.0)
-    fraction = np.where(positive, eps / np.where(positive, denom, 1.0), np.nan)
-    eps_fraction = np.zeros(feats.shape[0])
-    has = positive.any(axis=1)
-    if has.any():
-        eps_fraction[has] = np.nanmedian(fraction[has], axis=1)
-    return cam, eps_fraction
+    eps_fraction = _median_over_positive(eps / safe, positive)
+    saturation = _median_over_positive(sums * g, positive)
+    return cam, eps_fraction, saturation
+
+
+def gradcampp_saturation(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """GradCAM++ saturation per image: the median over channels with ``g_k > 0`` of ``S_k g_k``.
+
+    ``S_k = sum_ij A_kij`` (features (B, K, h, w)), ``g_k`` the spatially constant gradient of the target
+    class (B, K). The denominator is ``g^2 (2 + S_k g_k) + eps``: below ``S_k g_k ~ 2`` a channel's weight
+    follows its gradient; far above, ``a_k ~ 1 / (S_k g_k)`` and the weight tends to ``h w / S_k``, which no
+    longer depends on the gradient (nor on the head's scale). 0.0 where no channel has ``g_k > 0``.
+    """
+    sums = np.asarray(features, dtype=np.float64).sum(axis=(2, 3))
+    g = np.asarray(grads, dtype=np.float64)
+    return _median_over_positive(sums * g, g > 0)
+
+
+def head_norm_ratio(transfer_weight: np.ndarray, finetuned_weight: np.ndarray) -> float:
+    """``||W_ft||_F / ||W_tr||_F``: the ratio of the Frobenius norms of the whole (C, K) head weights.
+
+    The Frobenius norm of the whole matrix (all classes, all channels), not the target class's row: one
+    scale per checkpoint pair, the same for every image and class, so the control isolates a global
+    rescaling of the head and cannot absorb a class-specific change. A 1x1-conv weight (C, K, 1, 1) is
+    reshaped. 1.0 when the transfer head is all zero (its map is all zero at any scale).
+    """
+    wt = np.asarray(transfer_weight, dtype=np.float64)
+    wf = np.asarray(finetuned_weight, dtype=np.float64)
+    if wt.shape != wf.shape:
+        raise ValueError(f"head weights must have the same shape, got {wt.shape} and {wf.shape}")
+    if not (np.isfinite(wt).all() and np.isfinite(wf).all()):
+        raise ValueError("head weights contain NaN or infinite values")
+    # sum of squares, not np.linalg.norm: its BLAS dot cost milliseconds per call here (thread start-up)
+    norm = math.sqrt(float(np.square(wt).sum()))
+    return math.sqrt(float(np.square(wf).sum())) / norm if norm > 0.0 else 1.0
+
+
+def head_scale_control(
+    features: np.ndarray,
+    transfer_weight: np.ndarray,
+    finetuned_weight: np.ndarray,
+    classes: Sequence[int] | np.ndarray,
+    *,
+    input_size: int | tuple[int, int],
+    eps: float = DEFAULT_EPS,
+) -> CamResult:
+    """The head-scale control: GradCAM++ of the *transfer* features with the *transfer* head rescaled to the
+    fine-tuned head's Frobenius norm (:func:`head_norm_ratio`), same classes, eps and post-processing.
+
+    No extra forward: the transfer checkpoint's features are reused, only the head weight is scaled (the
+    bias does not enter the gradient). Comparing this map with the transfer map gives the drift a pure head
+    rescale would cause; it equals pytorch-grad-cam's GradCAM++ on the transfer model with
+    ``head.weight *= ratio``.
+    """
+    ratio = head_norm_ratio(transfer_weight, finetuned_weight)
+    scaled = np.asarray(transfer_weight, dtype=np.float64) * ratio
+    return closed_form_cams(features, scaled, classes, method="gradcampp", input_size=input_size, eps=eps)
 
 
 def min_max(maps: np.ndarray) -> np.ndarray:
@@ -213,14 +296,21 @@ def closed_form_cams(
     idx = _check_classes(classes, batch, head.shape[0])
     grads = class_gradients(head, idx, (h, w))
     eps_fraction: np.ndarray | None = None
+    saturation: np.ndarray | None = None
     if method == "layercam":
         raw = layercam_raw(feats, grads)
     else:
-        raw, eps_fraction = gradcampp_raw(feats, grads, eps=eps)
+        raw, eps_fraction, saturation = _gradcampp(feats, grads, eps=eps)
     maps, native = postprocess(raw, input_size)
     spread = raw.max(axis=(1, 2)) - raw.min(axis=(1, 2))
     return CamResult(
-        method=method, maps=maps, native=native, raw=raw, all_zero=spread <= 0.0, eps_fraction=eps_fraction
+        method=method,
+        maps=maps,
+        native=native,
+        raw=raw,
+        all_zero=spread <= 0.0,
+        eps_fraction=eps_fraction,
+        saturation=saturation,
     )
 
 
@@ -251,4 +341,5 @@ def closed_form_cams_all_classes(
         raw=fold(flat.raw),
         all_zero=fold(flat.all_zero),
         eps_fraction=None if flat.eps_fraction is None else fold(flat.eps_fraction),
+        saturation=None if flat.saturation is None else fold(flat.saturation),
     )

@@ -20,6 +20,27 @@ disjoint. Severity: ``high`` if score >= thresholds["high"], ``moderate`` if >= 
 ``low``; ``flagged`` is ``severity == "high"``. Thresholds come from the manifest's ``drift_thresholds``
 (written by ``cxr-drift calibrate``) when present for the same score, else the documented fallback
 :data:`FALLBACK_THRESHOLDS` (``calibrated: false``).
+
+GradCAM++ and head scale (docs/DESIGN.md trap 2). GradCAM++ weights depend on the *magnitude* of the head's
+gradients, so a fine-tuned head that is only larger moves the map without any change in evidence. The
+GradCAM++ entry carries a closed-form head-scale control (:func:`engine.cams.head_scale_control`: the
+transfer features with the transfer head rescaled to the fine-tuned head's Frobenius norm, no extra
+forward) in ``diagnostics.head_scale_control``: ``norm_ratio``, the control's ``iou`` / ``iou_k`` /
+``drift_score`` against the transfer map, the ``real_drift_score``, ``head_scale_explained`` = control
+drift / real drift clipped to [0, 1] (None when the real drift is below :data:`HEAD_SCALE_MIN_DRIFT`),
+``residual_drift_score`` = 1 - IoU(control, fine-tuned map) (the drift left once head scale is matched)
+and ``dominated``. The drift is *head-scale dominated* when ``head_scale_explained >=``
+:data:`HEAD_SCALE_EXPLAINED` and the residual drift is below the method's ``high`` threshold; the entry
+then gets the flag :data:`HEAD_SCALE_FLAG`. **``severity`` stays as computed from the drift score (it
+describes how far the maps moved), but ``flagged`` is False for a head-scale dominated entry**: ``flagged``
+means "the evidence moved", and a pure head rescale must not be reported as high drift to a reviewer.
+So for GradCAM++, ``flagged = severity == "high" and not dominated``; for LayerCAM (linear in the
+gradient, exactly invariant to head scale) ``flagged = severity == "high"``.
+
+GradCAM++ regime diagnostics per checkpoint (``diagnostics.eps_fraction``, ``diagnostics.saturation``):
+the median eps share of the denominator and the median ``S_k g_k`` over contributing channels (closed form
+only: pytorch-grad-cam does not expose its denominators), flagged ``<checkpoint>_eps_dominated`` above
+:data:`EPS_DOMINATED_FRACTION` and ``<checkpoint>_saturated`` above :data:`SATURATED_PRODUCT`.
 """
 
 from __future__ import annotations
@@ -36,8 +57,16 @@ import numpy as np
 from core.errors import InputError
 from core.preprocess import preprocess_batch
 from core.vocabulary import CHECKPOINTS
-from engine.cams import DEFAULT_EPS, METHODS, CamResult, closed_form_cams, postprocess
-from engine.metrics import DEFAULT_K_GRID, compare_maps, map_flags
+from engine.cams import (
+    DEFAULT_EPS,
+    METHODS,
+    CamResult,
+    closed_form_cams,
+    head_norm_ratio,
+    head_scale_control,
+    postprocess,
+)
+from engine.metrics import DEFAULT_K_GRID, compare_maps, map_flags, topk_iou_grid
 from engine.reference import reference_cams
 from engine.runtime import ModelPair
 
@@ -47,7 +76,11 @@ __all__ = [
     "DEFAULT_METRIC_SIZE",
     "EPS_DOMINATED_FRACTION",
     "FALLBACK_THRESHOLDS",
+    "HEAD_SCALE_EXPLAINED",
+    "HEAD_SCALE_FLAG",
+    "HEAD_SCALE_MIN_DRIFT",
     "METHODS",
+    "SATURATED_PRODUCT",
     "DriftReport",
     "MethodResult",
     "Prediction",
@@ -55,6 +88,7 @@ __all__ = [
     "drift_report",
     "drift_reports",
     "resolve_target_class",
+    "score_name",
     "severity_of",
     "thresholds_for",
 ]
@@ -64,12 +98,42 @@ DEFAULT_METRIC_SIZE = 64
 # sets overlap with IoU 0.2 / 1.8 = 0.11); the paper's mean LayerCAM IoU of 0.6-0.8 between checkpoints
 # scores 0.2-0.4. "moderate" starts where less than 60% of the top region is shared, "high" below 40%.
 FALLBACK_THRESHOLDS: dict[str, float] = {"moderate": 0.4, "high": 0.6}
-# GradCAM++ maps whose denominators are mostly eps are cubic in the head weights (docs/DESIGN.md trap 2)
-EPS_DOMINATED_FRACTION = 0.5
+# GradCAM++ maps whose denominators are mostly eps are cubic in the head weights (docs/DESIGN.md trap 2).
+# Ignoring S g^3, a channel's weight h w g^3 / (2 g^2 + eps) grows like g^(1 + 2r), r = its eps fraction, so
+# r = 0.5 is the middle of the mixed regime (exponent 2), not "eps-dominated"; and r grows with the grid
+# (g = W / (h w)). Measured on the test pairs (random-init timm heads, BatchNorm calibrated, 8 images): the
+# median transfer-head fraction is 0.004 at 1x1, 0.05-0.06 at 2x2, 0.20-0.24 at 3x3, 0.44-0.51 at 4x4
+# (128 px; the old 0.5 flagged about half of those heads at random) and 0.90-0.92 at 7x7/8x8 (224/299 px);
+# fine-tuned heads (x2, x3) 0.001-0.20 up to 4x4. The eps fraction is a property of head and grid, nearly
+# constant over images, and missed the issue's case (0.035 where head x2 gave IoU 0.6: saturation, below).
+# The flag now means what its name says: r > 0.9, the median channel's weight within 10% of the cubic
+# exponent (> 2.8 of 3); no test pair reaches it below 7x7, a default-scale head at 224-299 px does.
+EPS_DOMINATED_FRACTION = 0.9
+# GradCAM++ saturation (engine.cams.gradcampp_saturation): ignoring eps, a channel's weight h w g / (2 + S g)
+# grows like g^(2 / (2 + S g)). Above S g = 18 the median channel's weight keeps less than a tenth of the
+# linear exponent (the mirror of EPS_DOMINATED_FRACTION's 90%): it tracks h w / S_k, how active the channel
+# is, not how much the class uses it, and moves with head scale wherever channels straddle the crossover.
+# Measured: the test pairs' heads sit at 0.002-0.5, except make_pair's inceptionv3 at 139 px (20 transfer,
+# 40-60 fine-tuned), where a head x2 alone gives GradCAM++ IoU 0.61-0.86 (8 images) at eps fraction 0.035.
+SATURATED_PRODUCT = 18.0
+# The head-scale control (module docstring). "Dominated" needs the rescaled transfer head alone to move the
+# transfer map at least half as far as the real fine-tune does: from there on, head scale is the larger
+# share of the explanation and a reviewer should look at the residual, not the raw score. The residual
+# (control vs fine-tuned map) must also stay below the "high" threshold, so a rescale that moves the map as
+# far but elsewhere (an unexplained change on top of it) is never cleared.
+HEAD_SCALE_EXPLAINED = 0.5
+# Below this real drift score (IoU > 0.99 at 64 x 64: a handful of tied boundary pixels) the ratio compares
+# two noise counts: head_scale_explained is None and the entry is never "dominated".
+HEAD_SCALE_MIN_DRIFT = 0.01
+HEAD_SCALE_FLAG = "gradcampp_head_scale_dominated"
 
 
-def _score_name(topk_percent: float) -> str:
+def score_name(topk_percent: float) -> str:
+    """The drift score's name in thresholds and reports, e.g. ``"1 - top-20% IoU"``."""
     return f"1 - top-{topk_percent:g}% IoU"
+
+
+_score_name = score_name  # the former private name
 
 
 # One checkpoint's prediction: the arg-max class and the softmax probabilities (display only). Functional
@@ -148,7 +212,7 @@ def thresholds_for(
     manifest_thresholds: Mapping[str, Any] | None, *, methods: Sequence[str], topk_percent: float
 ) -> dict[str, Any]:
     """Severity thresholds per method: the calibrated ones when the manifest has them for this score."""
-    score = _score_name(topk_percent)
+    score = score_name(topk_percent)
     calibrated: dict[str, dict[str, float]] = {}
     if manifest_thresholds:
         per_method = manifest_thresholds.get("methods", {})
@@ -269,6 +333,8 @@ def drift_reports(
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    control: CamResult | None = None  # the GradCAM++ head-scale control (module docstring)
+    ratio = head_norm_ratio(pair.head_weights["transfer"], pair.head_weights["finetuned"])
     if attribution == "closed_form":
         outputs = pair.forward(batch)
         logits = {name: outputs[name].logits for name in CHECKPOINTS}
@@ -287,8 +353,17 @@ def drift_reports(
             for method in methods
             for name in CHECKPOINTS
         }
+        if "gradcampp" in methods:  # no extra forward: the transfer features with a rescaled head
+            control = head_scale_control(
+                outputs["transfer"].features,
+                pair.head_weights["transfer"],
+                pair.head_weights["finetuned"],
+                classes,
+                input_size=grid,
+                eps=eps,
+            )
     else:
-        cams, logits, classes = _reference_cams(pair, batch, methods, requested, grid)
+        cams, logits, classes, control = _reference_cams(pair, batch, methods, requested, grid)
         timings["forward"] = 0.0  # the library's forwards are part of its CAM calls
     display: dict[tuple[str, str], np.ndarray] = {}
     if include_maps:
@@ -302,7 +377,13 @@ def drift_reports(
     for i in range(len(grays)):
         per_method = {
             method: _method_entry(
-                cams[(method, "transfer")], cams[(method, "finetuned")], i, topk_percent, thresholds[method]
+                cams[(method, "transfer")],
+                cams[(method, "finetuned")],
+                i,
+                topk_percent,
+                thresholds[method],
+                control=control if method == "gradcampp" else None,
+                norm_ratio=ratio,
             )
             for method in methods
         }
@@ -343,8 +424,16 @@ def _prediction(logits: np.ndarray, class_names: Sequence[str]) -> Prediction:
 
 
 def _method_entry(
-    transfer: CamResult, finetuned: CamResult, i: int, topk_percent: float, thresholds: Mapping[str, float]
+    transfer: CamResult,
+    finetuned: CamResult,
+    i: int,
+    topk_percent: float,
+    thresholds: Mapping[str, float],
+    *,
+    control: CamResult | None = None,
+    norm_ratio: float | None = None,
 ) -> MethodResult:
+    """One method's entry for image ``i``; ``control`` (GradCAM++ only) is the head-scale control's maps."""
     metrics = compare_maps(
         transfer.maps[i],
         finetuned.maps[i],
@@ -371,21 +460,87 @@ def _method_entry(
         }
         diagnostics["eps_fraction"] = fractions
         flags.extend(f"{n}_eps_dominated" for n, v in fractions.items() if v > EPS_DOMINATED_FRACTION)
+    if transfer.saturation is not None and finetuned.saturation is not None:
+        saturation = {
+            "transfer": float(transfer.saturation[i]),
+            "finetuned": float(finetuned.saturation[i]),
+        }
+        diagnostics["saturation"] = saturation
+        flags.extend(f"{n}_saturated" for n, v in saturation.items() if v > SATURATED_PRODUCT)
+    dominated = False
+    if control is not None:
+        block = _head_scale_block(transfer, finetuned, control, i, topk_percent, score, thresholds)
+        block["norm_ratio"] = None if norm_ratio is None else float(norm_ratio)
+        diagnostics["head_scale_control"] = block
+        dominated = bool(block["dominated"])
+        if dominated:
+            flags.append(HEAD_SCALE_FLAG)
     severity = severity_of(score, thresholds)
     return {
         "metrics": metrics,
         "drift_score": score,
         "severity": severity,
-        "flagged": severity == "high",
+        # severity describes how far the maps moved; a head-scale dominated move is not flagged (docstring)
+        "flagged": severity == "high" and not dominated,
         "flags": flags,
         "diagnostics": diagnostics,
     }
 
 
+def _iou_keys(grid: Mapping[float, float], percents: Sequence[float]) -> dict[str, float]:
+    return {(str(int(k)) if float(k).is_integer() else str(float(k))): grid[float(k)] for k in percents}
+
+
+def _head_scale_block(
+    transfer: CamResult,
+    finetuned: CamResult,
+    control: CamResult,
+    i: int,
+    topk_percent: float,
+    real_score: float,
+    thresholds: Mapping[str, float],
+) -> dict[str, Any]:
+    """The head-scale control against the transfer map (the real drift's metric) and the fine-tuned map."""
+    percents = sorted({float(topk_percent), *map(float, DEFAULT_K_GRID)})
+    grid = topk_iou_grid(transfer.maps[i], control.maps[i], percents=percents)
+    iou = grid[float(topk_percent)]
+    control_score = float(np.clip(1.0 - iou, 0.0, 1.0))
+    residual_iou = topk_iou_grid(finetuned.maps[i], control.maps[i], percents=[topk_percent])
+    residual = float(np.clip(1.0 - residual_iou[float(topk_percent)], 0.0, 1.0))
+    explained = (
+        float(np.clip(control_score / real_score, 0.0, 1.0)) if real_score >= HEAD_SCALE_MIN_DRIFT else None
+    )
+    dominated = explained is not None and explained >= HEAD_SCALE_EXPLAINED and residual < thresholds["high"]
+    return {
+        "norm": "frobenius",
+        "iou": float(iou),
+        "iou_k": _iou_keys(grid, DEFAULT_K_GRID),
+        "drift_score": control_score,
+        "real_drift_score": float(real_score),
+        "head_scale_explained": explained,
+        "residual_drift_score": residual,
+        "dominated": bool(dominated),
+    }
+
+
+def _reference_result(method: str, native: np.ndarray, grid: int) -> CamResult:
+    maps, normalized = postprocess(native, grid)
+    return CamResult(
+        method=method,
+        maps=maps,
+        native=normalized,
+        raw=native.astype(np.float64),
+        all_zero=native.max(axis=(1, 2)) <= 0,
+        eps_fraction=None,  # the library does not expose its denominators
+    )
+
+
 def _reference_cams(
     pair: ModelPair, batch: np.ndarray, methods: Sequence[str], requested: int | None, grid: int
-) -> tuple[dict[tuple[str, str], CamResult], dict[str, np.ndarray], np.ndarray]:
-    """pytorch-grad-cam maps: 2 checkpoints x len(methods) calls, each a forward + backward."""
+) -> tuple[dict[tuple[str, str], CamResult], dict[str, np.ndarray], np.ndarray, CamResult | None]:
+    """pytorch-grad-cam maps: 2 checkpoints x len(methods) calls, each a forward + backward, plus the
+    GradCAM++ head-scale control as the library computes it (a copy of the transfer model whose head weight
+    is scaled to the fine-tuned head's Frobenius norm)."""
     cams: dict[tuple[str, str], CamResult] = {}
     logits: dict[str, np.ndarray] = {}
     classes: np.ndarray | None = None if requested is None else np.full(batch.shape[0], requested)
@@ -396,15 +551,14 @@ def _reference_cams(
             if classes is None:
                 classes = ref.logits.argmax(axis=1)
             logits[name] = ref.logits
-            maps, native = postprocess(ref.native, grid)
-            cams[(method, name)] = CamResult(
-                method=method,
-                maps=maps,
-                native=native,
-                raw=ref.native.astype(np.float64),
-                all_zero=ref.native.max(axis=(1, 2)) <= 0,
-                eps_fraction=None,  # the library does not expose its denominators
-            )
+            cams[(method, name)] = _reference_result(method, ref.native, grid)
     if classes is None:
         raise ValueError("no CAM method requested")
-    return cams, logits, classes
+    control: CamResult | None = None
+    if "gradcampp" in methods:
+        scaled = copy.deepcopy(pair.torch_model("transfer"))
+        ratio = head_norm_ratio(pair.head_weights["transfer"], pair.head_weights["finetuned"])
+        scaled.head.weight.data.mul_(ratio)  # .data: no autograd record, no torch import here
+        ref = reference_cams(scaled, batch, classes, method="gradcampp")
+        control = _reference_result("gradcampp", ref.native, grid)
+    return cams, logits, classes, control

@@ -26,6 +26,9 @@ CLASS_NAMES = [
     "upper_zone_nodules",
 ]
 SMALL_SIZE = {"densenet201": 64, "resnet50v2": 64, "inceptionv3": 96}
+# SMALL_SIZE gives 2x2 (densenet, resnet) and 1x1 (inceptionv3) feature grids, where maps are nearly or
+# exactly constant; these are the smallest inputs with a 3x3 grid, for tests about where a map points.
+GRID3_SIZE = {"densenet201": 96, "resnet50v2": 96, "inceptionv3": 139}
 
 
 def calibrate_batchnorm(model: CxrClassifier, *, size: int, seed: int = 0, batches: int = 2) -> None:
@@ -60,19 +63,47 @@ def make_pair(arch: str, *, seed: int = 0, num_classes: int = 5) -> tuple[CxrCla
     return transfer, finetuned.eval()
 
 
-def export_small_pair(arch: str, out_dir: Path, *, seed: int = 0) -> Path:
+def head_scaled_pair(arch: str, *, scale: float = 2.0, seed: int = 0) -> tuple[CxrClassifier, CxrClassifier]:
+    """The transfer checkpoint of :func:`make_pair` and a "fine-tuned" copy whose only change is the head,
+    weight and bias multiplied by ``scale``: the same features and, for ``scale > 0``, the same predictions;
+    any drift between them is head scale, never evidence."""
+    transfer, _ = make_pair(arch, seed=seed)
+    finetuned = copy.deepcopy(transfer)
+    with torch.no_grad():
+        finetuned.head.weight.mul_(scale)
+        finetuned.head.bias.mul_(scale)
+    return transfer, finetuned.eval()
+
+
+def export_models(
+    transfer: CxrClassifier, finetuned: CxrClassifier, out_dir: Path, *, input_size: int
+) -> Path:
+    """Export two test checkpoints as a model pair (test class names, metrics and dataset entries)."""
     from training.export import export_pair
 
-    transfer, finetuned = make_pair(arch, seed=seed)
     return export_pair(
         transfer,
         finetuned,
         out_dir=out_dir,
         class_names=CLASS_NAMES,
-        input_size=SMALL_SIZE[arch],
+        input_size=input_size,
         metrics={"transfer": {"accuracy": 0.5}, "finetuned": {"accuracy": 0.6}},
         dataset={"source": "tests", "fingerprint": "0" * 64},
     )
+
+
+def export_small_pair(arch: str, out_dir: Path, *, seed: int = 0, input_size: int | None = None) -> Path:
+    """:func:`make_pair` exported at ``input_size`` (default :data:`SMALL_SIZE`)."""
+    transfer, finetuned = make_pair(arch, seed=seed)
+    return export_models(transfer, finetuned, out_dir, input_size=input_size or SMALL_SIZE[arch])
+
+
+def export_head_scaled_pair(
+    arch: str, out_dir: Path, *, size: int | None = None, scale: float = 2.0, seed: int = 0
+) -> Path:
+    """:func:`head_scaled_pair` exported at ``size`` (default :data:`GRID3_SIZE`, a 3x3 feature grid)."""
+    transfer, finetuned = head_scaled_pair(arch, scale=scale, seed=seed)
+    return export_models(transfer, finetuned, out_dir, input_size=size or GRID3_SIZE[arch])
 
 
 PAIR_ARCHS = ("densenet201", "resnet50v2")

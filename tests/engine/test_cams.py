@@ -9,15 +9,24 @@ import pytest
 import torch
 
 from core.registry import get_arch, list_archs
-from engine.cams import METHODS, closed_form_cams, closed_form_cams_all_classes, gradcampp_raw, min_max
+from engine.cams import (
+    METHODS,
+    closed_form_cams,
+    closed_form_cams_all_classes,
+    gradcampp_raw,
+    gradcampp_saturation,
+    head_norm_ratio,
+    head_scale_control,
+    min_max,
+)
 from engine.reference import reference_cams, resolve_layers
-from tests.pairs import calibrate_batchnorm
+from tests.pairs import GRID3_SIZE, calibrate_batchnorm
 from training.models import CxrClassifier, LogitsAndFeatures, build_model
 
 NUM_CLASSES = 4
 PARITY_ATOL = 1e-3
 # the smallest inputs whose feature grid is 3x3 (inceptionv3 needs >= 75 px and gives 1x1 below 107 px)
-SIZES = {"densenet201": 96, "resnet50v2": 96, "inceptionv3": 139}
+SIZES = GRID3_SIZE
 
 
 def _features(model: CxrClassifier, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +138,104 @@ def test_gradcampp_formula_matches_library_weights() -> None:
     ours, fraction = gradcampp_raw(feats, grads.astype(np.float64), eps=1e-6)
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-9)
     assert fraction.shape == (2,) and np.all((fraction > 0) & (fraction < 1))
+
+
+def test_head_scale_control_matches_pytorch_grad_cam_on_a_rescaled_head(
+    model_pair: tuple[str, CxrClassifier, CxrClassifier],
+) -> None:
+    """The closed-form control (transfer features, transfer head scaled to the fine-tuned head's Frobenius
+    norm) is the library's GradCAM++ on a copy of the transfer model whose head weight was rescaled."""
+    name, transfer, finetuned = model_pair
+    size = SIZES[name]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(9))
+    classes = np.array([1, 2])
+    w_t = transfer.head.weight.detach().numpy()
+    w_f = finetuned.head.weight.detach().numpy()
+    ratio = head_norm_ratio(w_t, w_f)
+    assert ratio == pytest.approx(np.linalg.norm(w_f) / np.linalg.norm(w_t), rel=1e-6)
+    assert 2.5 < ratio < 3.5  # the fixture's fine-tuned head is x3 plus noise
+    _, feats = _features(transfer, x)
+    control = head_scale_control(feats, w_t, w_f, classes, input_size=size)
+    scaled = copy.deepcopy(transfer)
+    with torch.no_grad():
+        scaled.head.weight.mul_(ratio)
+    ref = reference_cams(scaled, x, classes, method="gradcampp")
+    assert float(np.abs(control.maps - ref.maps).max()) <= PARITY_ATOL
+    assert float(np.abs(control.native - ref.native).max()) <= PARITY_ATOL
+    assert not control.all_zero.any() and control.method == "gradcampp"
+    # with an unchanged head norm the control is the transfer map itself
+    same = head_scale_control(feats, w_t, w_t, classes, input_size=size)
+    plain = closed_form_cams(feats, w_t, classes, method="gradcampp", input_size=size)
+    np.testing.assert_array_equal(same.maps, plain.maps)
+
+
+def test_saturation_matches_a_hand_computation() -> None:
+    """median over channels with g > 0 of S_k g_k, on a 2x2 grid (g = W / 4), by hand."""
+    feats = np.zeros((2, 4, 2, 2))
+    feats[:, 0] = 1.0  # S_0 = 4
+    feats[:, 1] = [[1.0, 2.0], [3.0, 4.0]]  # S_1 = 10
+    feats[:, 2] = [[0.0, 0.0], [0.0, 2.0]]  # S_2 = 2
+    feats[:, 3] = 5.0  # S_3 = 20, but its weight is negative for class 0: excluded
+    weight = np.array(
+        [
+            [0.8, 0.4, 1.2, -1.0],  # g = 0.2, 0.1, 0.3, -0.25: S g = 0.8, 1.0, 0.6 -> median 0.8
+            [0.8, -0.4, 1.2, -1.0],  # S g = 0.8, 0.6 -> median of two = 0.7
+            [-1.0, -1.0, 0.0, -2.0],  # no channel with g > 0 -> 0.0, not NaN
+        ]
+    )
+    for classes, expected in (([0, 1], [0.8, 0.7]), ([2, 0], [0.0, 0.8])):
+        grads = weight[classes] / 4.0
+        np.testing.assert_allclose(gradcampp_saturation(feats, grads), expected, rtol=1e-12)
+        res = closed_form_cams(feats, weight, classes, method="gradcampp", input_size=8)
+        assert res.saturation is not None
+        np.testing.assert_allclose(res.saturation, expected, rtol=1e-12)
+    assert closed_form_cams(feats, weight, [0, 1], method="layercam", input_size=8).saturation is None
+    every = closed_form_cams_all_classes(feats, weight, method="gradcampp", input_size=8)
+    assert every.saturation is not None and every.saturation.shape == (2, 3)
+    np.testing.assert_allclose(every.saturation[0], [0.8, 0.7, 0.0], rtol=1e-12)
+
+
+def test_head_norm_ratio_is_the_frobenius_norm_of_the_whole_head() -> None:
+    rng = np.random.default_rng(10)
+    w_t = rng.normal(size=(3, 8))
+    w_f = rng.normal(size=(3, 8)) * 0.5
+    expected = np.sqrt((w_f**2).sum()) / np.sqrt((w_t**2).sum())  # all classes, all channels
+    assert head_norm_ratio(w_t, w_f) == pytest.approx(expected, rel=1e-12)
+    assert head_norm_ratio(w_t, 2.0 * w_t) == pytest.approx(2.0, rel=1e-12)
+    # not the target row's norm: scaling one class only changes the ratio by less than that scale
+    one_row = w_t.copy()
+    one_row[0] *= 4.0
+    assert 1.0 < head_norm_ratio(w_t, one_row) < 4.0
+    conv = w_t.reshape(3, 8, 1, 1)  # a 1x1-conv classifier (docs/DESIGN.md trap 5)
+    assert head_norm_ratio(conv, 2.0 * conv) == pytest.approx(2.0, rel=1e-12)
+    assert head_norm_ratio(np.zeros((3, 8)), w_f) == 1.0  # an all-zero transfer head maps to zero anyway
+    with pytest.raises(ValueError, match="same shape"):
+        head_norm_ratio(w_t, w_t[:2])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        head_norm_ratio(w_t, np.full((3, 8), np.nan))
+
+
+def test_head_scale_moves_gradcampp_but_never_layercam() -> None:
+    """Two channels, one with a large gradient (linear regime), one with a small gradient and larger
+    activations (eps regime): scaling the head by 10 swaps which one dominates GradCAM++ (different top
+    region), while LayerCAM, linear in ReLU(g), is unchanged."""
+    feats = np.zeros((1, 2, 4, 4))
+    feats[0, 0, :2, :2] = 1.0  # top left
+    feats[0, 1, 2:, 2:] = 20.0  # bottom right
+    # g = 1e-3 and 2e-4 on the 4x4 grid; by hand, weights x activations: 5.3e-3 vs 2.4e-3 at scale 1,
+    # 0.078 vs 0.27 at scale 10
+    weight = np.array([[16e-3, 3.2e-3]])
+    maps = {
+        (method, scale): closed_form_cams(feats, scale * weight, [0], method=method, input_size=16)
+        for method in METHODS
+        for scale in (1.0, 10.0)
+    }
+    np.testing.assert_allclose(maps[("layercam", 1.0)].maps, maps[("layercam", 10.0)].maps, atol=1e-6)
+    before, after = maps[("gradcampp", 1.0)].native[0], maps[("gradcampp", 10.0)].native[0]
+    assert before[:2, :2].min() > 0.99 and before[2:, 2:].max() < 0.5  # the top-left channel dominates
+    assert after[2:, 2:].min() > 0.99 and after[:2, :2].max() < 0.5  # the bottom-right channel dominates
+    control = head_scale_control(feats, weight, 10.0 * weight, [0], input_size=16)
+    np.testing.assert_allclose(control.maps, maps[("gradcampp", 10.0)].maps, atol=1e-6)
 
 
 def test_eps_is_configurable_and_changes_the_regime() -> None:
