@@ -16,10 +16,17 @@ native grid.
 
 Drift score (per method): ``1 - IoU_k``, the top-``topk_percent`` % IoU between the transfer and the
 fine-tuned map, in [0, 1]: 0 when both checkpoints rank the same pixels highest, 1 when their top regions are
-disjoint. Severity: ``high`` if score >= thresholds["high"], ``moderate`` if >= thresholds["moderate"], else
-``low``; ``flagged`` is ``severity == "high"``. Thresholds come from the manifest's ``drift_thresholds``
-(written by ``cxr-drift calibrate``) when present for the same score, else the documented fallback
-:data:`FALLBACK_THRESHOLDS` (``calibrated: false``).
+disjoint. Severity is absolute (:mod:`engine.severity`): ``drift_index`` places the score between the
+pair's noise floor (calibrated: how far the transfer checkpoint's own evidence moves under benign input
+changes) and chance (unrelated maps), and fixed bands of it give ``low``/``moderate``/``high``; ``flagged``
+is ``severity == "high"`` (GradCAM++: and not head-scale dominated, below). ``reference_percentile`` is how
+unusual the score is *for this pair* (among its calibration images of the target class, or pooled) and
+never changes severity. Without a calibration (``cxr-drift calibrate``) the floor is 0, there is no
+percentile, and ``thresholds.calibrated`` is false. ``thresholds`` holds the anchors and bands used.
+
+When the two checkpoints predict different classes, each method entry also carries ``own_prediction``:
+the transfer map for the transfer prediction against the fine-tuned map for the fine-tuned prediction
+(each checkpoint's evidence for what it decided), beside the common-target comparison.
 
 GradCAM++ and head scale (docs/DESIGN.md trap 2). GradCAM++ weights depend on the *magnitude* of the head's
 gradients, so a fine-tuned head that is only larger moves the map without any change in evidence. The
@@ -30,7 +37,7 @@ forward) in ``diagnostics.head_scale_control``: ``norm_ratio``, the control's ``
 drift / real drift clipped to [0, 1] (None when the real drift is below :data:`HEAD_SCALE_MIN_DRIFT`),
 ``residual_drift_score`` = 1 - IoU(control, fine-tuned map) (the drift left once head scale is matched)
 and ``dominated``. The drift is *head-scale dominated* when ``head_scale_explained >=``
-:data:`HEAD_SCALE_EXPLAINED` and the residual drift is below the method's ``high`` threshold; the entry
+:data:`HEAD_SCALE_EXPLAINED` and the residual drift is not ``high`` on the absolute scale; the entry
 then gets the flag :data:`HEAD_SCALE_FLAG`. **``severity`` stays as computed from the drift score (it
 describes how far the maps moved), but ``flagged`` is False for a head-scale dominated entry**: ``flagged``
 means "the evidence moved", and a pure head rescale must not be reported as high drift to a reviewer.
@@ -66,16 +73,16 @@ from engine.cams import (
     head_scale_control,
     postprocess,
 )
-from engine.metrics import DEFAULT_K_GRID, compare_maps, map_flags, topk_iou_grid
+from engine.metrics import DEFAULT_K_GRID, compare_maps, map_flags, topk_iou, topk_iou_grid
 from engine.reference import reference_cams
 from engine.runtime import ModelPair
+from engine.severity import MethodCalibration, assess, calibration_for
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_METRIC_SIZE",
     "EPS_DOMINATED_FRACTION",
-    "FALLBACK_THRESHOLDS",
     "HEAD_SCALE_EXPLAINED",
     "HEAD_SCALE_FLAG",
     "HEAD_SCALE_MIN_DRIFT",
@@ -89,15 +96,9 @@ __all__ = [
     "drift_reports",
     "resolve_target_class",
     "score_name",
-    "severity_of",
-    "thresholds_for",
 ]
 
 DEFAULT_METRIC_SIZE = 64
-# Uncalibrated severity cut-offs for the score 1 - IoU@20%. Two unrelated maps score ~0.9 (random top-20%
-# sets overlap with IoU 0.2 / 1.8 = 0.11); the paper's mean LayerCAM IoU of 0.6-0.8 between checkpoints
-# scores 0.2-0.4. "moderate" starts where less than 60% of the top region is shared, "high" below 40%.
-FALLBACK_THRESHOLDS: dict[str, float] = {"moderate": 0.4, "high": 0.6}
 # GradCAM++ maps whose denominators are mostly eps are cubic in the head weights (docs/DESIGN.md trap 2).
 # Ignoring S g^3, a channel's weight h w g^3 / (2 g^2 + eps) grows like g^(1 + 2r), r = its eps fraction, so
 # r = 0.5 is the middle of the mixed regime (exponent 2), not "eps-dominated"; and r grows with the grid
@@ -154,10 +155,13 @@ class MethodResult(TypedDict):
 
     metrics: dict[str, Any]  # engine.metrics.compare_maps
     drift_score: float
-    severity: str  # "low", "moderate" or "high"
+    drift_index: float  # engine.severity.drift_index: 0 = the model's own noise, 1 = unrelated maps
+    severity: str  # core.vocabulary.SEVERITIES, from the drift index's fixed bands
+    reference_percentile: float | None  # "unusual for this pair"; None without a calibration
     flagged: bool
     flags: list[str]
     diagnostics: dict[str, Any]
+    own_prediction: dict[str, Any] | None  # when the checkpoints disagree (module docstring)
 
 
 @dataclass
@@ -206,49 +210,6 @@ def resolve_target_class(target: int | str | None, class_names: Sequence[str]) -
     if not 0 <= int(target) < len(class_names):
         raise InputError(f"target class index {int(target)} is out of range; valid classes: {valid}")
     return int(target)
-
-
-def thresholds_for(
-    manifest_thresholds: Mapping[str, Any] | None, *, methods: Sequence[str], topk_percent: float
-) -> dict[str, Any]:
-    """Severity thresholds per method: the calibrated ones when the manifest has them for this score."""
-    score = score_name(topk_percent)
-    calibrated: dict[str, dict[str, float]] = {}
-    if manifest_thresholds:
-        per_method = manifest_thresholds.get("methods", {})
-        same_score = manifest_thresholds.get("score") == score
-        if not same_score:
-            log.warning(
-                "manifest drift thresholds are for %r, not %r: using the fallback",
-                manifest_thresholds.get("score"),
-                score,
-            )
-        for method in methods:
-            entry = per_method.get(method) if same_score and isinstance(per_method, Mapping) else None
-            if isinstance(entry, Mapping) and {"moderate", "high"} <= set(entry):
-                calibrated[method] = {"moderate": float(entry["moderate"]), "high": float(entry["high"])}
-    if calibrated and len(calibrated) == len(methods):
-        out: dict[str, Any] = {"calibrated": True, "source": "manifest", "score": score}
-        if manifest_thresholds is not None:
-            out.update(
-                {k: manifest_thresholds[k] for k in ("subset", "n", "created_at") if k in manifest_thresholds}
-            )
-        return {**out, **calibrated}
-    return {
-        "calibrated": False,
-        "source": "fallback",
-        "score": score,
-        **{m: dict(FALLBACK_THRESHOLDS) for m in methods},
-    }
-
-
-def severity_of(score: float, thresholds: Mapping[str, float]) -> str:
-    """``"high"`` if score >= thresholds["high"], ``"moderate"`` if >= thresholds["moderate"], else ``"low"``."""
-    if score >= thresholds["high"]:
-        return "high"
-    if score >= thresholds["moderate"]:
-        return "moderate"
-    return "low"
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -372,7 +333,25 @@ def drift_reports(
     timings["cams"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    thresholds = thresholds_for(pair.drift_thresholds, methods=methods, topk_percent=topk_percent)
+    own_cams: dict[str, tuple[CamResult, CamResult]] = {}
+    disagree = logits["transfer"].argmax(axis=1) != logits["finetuned"].argmax(axis=1)
+    if attribution == "closed_form" and disagree.any():  # each checkpoint's evidence for its own prediction
+        for method in methods:
+            t_cam, f_cam = (
+                closed_form_cams(
+                    outputs[name].features,
+                    pair.head_weights[name],
+                    logits[name].argmax(axis=1),
+                    method=method,
+                    input_size=grid,
+                    eps=eps,
+                )
+                for name in CHECKPOINTS
+            )
+            own_cams[method] = (t_cam, f_cam)
+    thresholds, calibrations = calibration_for(
+        pair.drift_calibration, methods=methods, topk_percent=topk_percent, score=score_name(topk_percent)
+    )
     reports = []
     for i in range(len(grays)):
         per_method = {
@@ -381,9 +360,11 @@ def drift_reports(
                 cams[(method, "finetuned")],
                 i,
                 topk_percent,
-                thresholds[method],
+                calibrations[method],
+                class_name=pair.class_names[int(classes[i])],
                 control=control if method == "gradcampp" else None,
                 norm_ratio=ratio,
+                own=own_cams.get(method) if disagree[i] else None,
             )
             for method in methods
         }
@@ -428,12 +409,15 @@ def _method_entry(
     finetuned: CamResult,
     i: int,
     topk_percent: float,
-    thresholds: Mapping[str, float],
+    calibration: MethodCalibration,
     *,
+    class_name: str,
     control: CamResult | None = None,
     norm_ratio: float | None = None,
+    own: tuple[CamResult, CamResult] | None = None,
 ) -> MethodResult:
-    """One method's entry for image ``i``; ``control`` (GradCAM++ only) is the head-scale control's maps."""
+    """One method's entry for image ``i``; ``control`` (GradCAM++ only) is the head-scale control's maps,
+    ``own`` the two checkpoints' maps for their own predictions (only where those differ: NaN-free rows)."""
     metrics = compare_maps(
         transfer.maps[i],
         finetuned.maps[i],
@@ -441,12 +425,16 @@ def _method_entry(
         q_native=finetuned.native[i],
         topk=topk_percent,
         k_grid=DEFAULT_K_GRID,
+        p_raw=transfer.raw[i],
+        q_raw=finetuned.raw[i],
     )
     score = float(np.clip(1.0 - metrics["iou"], 0.0, 1.0))
     flags: list[str] = []
     for name, res in (("transfer", transfer), ("finetuned", finetuned)):
         # a map without signal normalizes to all zeros; the raw map tells "no mass" from "flat non-zero"
-        kind = next(iter(map_flags(res.raw[i] if res.all_zero[i] else res.maps[i])), None)
+        kind = next(
+            iter(map_flags(res.raw[i] if res.all_zero[i] else res.maps[i], topk_percent=topk_percent)), None
+        )
         if kind:
             flags.append(f"{name}_map_{kind}")
     diagnostics: dict[str, Any] = {
@@ -469,21 +457,35 @@ def _method_entry(
         flags.extend(f"{n}_saturated" for n, v in saturation.items() if v > SATURATED_PRODUCT)
     dominated = False
     if control is not None:
-        block = _head_scale_block(transfer, finetuned, control, i, topk_percent, score, thresholds)
+        block = _head_scale_block(
+            transfer, finetuned, control, i, topk_percent, score, calibration, class_name
+        )
         block["norm_ratio"] = None if norm_ratio is None else float(norm_ratio)
         diagnostics["head_scale_control"] = block
         dominated = bool(block["dominated"])
         if dominated:
             flags.append(HEAD_SCALE_FLAG)
-    severity = severity_of(score, thresholds)
+    assessed = assess(score, calibration, class_name=class_name)
+    diagnostics["reference"] = assessed["reference"]
+    own_prediction = None
+    if own is not None:
+        own_score = 1.0 - topk_iou(own[0].maps[i], own[1].maps[i], percent=topk_percent)
+        own_prediction = {
+            "iou": 1.0 - own_score,
+            "drift_score": own_score,
+            "drift_index": assess(own_score, calibration)["drift_index"],
+        }
     return {
         "metrics": metrics,
         "drift_score": score,
-        "severity": severity,
+        "drift_index": assessed["drift_index"],
+        "severity": assessed["severity"],
+        "reference_percentile": assessed["reference_percentile"],
         # severity describes how far the maps moved; a head-scale dominated move is not flagged (docstring)
-        "flagged": severity == "high" and not dominated,
+        "flagged": assessed["severity"] == "high" and not dominated,
         "flags": flags,
         "diagnostics": diagnostics,
+        "own_prediction": own_prediction,
     }
 
 
@@ -498,7 +500,8 @@ def _head_scale_block(
     i: int,
     topk_percent: float,
     real_score: float,
-    thresholds: Mapping[str, float],
+    calibration: MethodCalibration,
+    class_name: str,
 ) -> dict[str, Any]:
     """The head-scale control against the transfer map (the real drift's metric) and the fine-tuned map."""
     percents = sorted({float(topk_percent), *map(float, DEFAULT_K_GRID)})
@@ -510,7 +513,8 @@ def _head_scale_block(
     explained = (
         float(np.clip(control_score / real_score, 0.0, 1.0)) if real_score >= HEAD_SCALE_MIN_DRIFT else None
     )
-    dominated = explained is not None and explained >= HEAD_SCALE_EXPLAINED and residual < thresholds["high"]
+    residual_high = assess(residual, calibration, class_name=class_name)["severity"] == "high"
+    dominated = explained is not None and explained >= HEAD_SCALE_EXPLAINED and not residual_high
     return {
         "norm": "frobenius",
         "iou": float(iou),

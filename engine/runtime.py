@@ -113,8 +113,9 @@ class ModelPair:
         return cls(folder=root, manifest=manifest, runners=runners, head_weights=heads, backend=backend)
 
     @property
-    def drift_thresholds(self) -> Mapping[str, Any] | None:
-        value = self.manifest.get("drift_thresholds")
+    def drift_calibration(self) -> Mapping[str, Any] | None:
+        """The manifest's ``drift_calibration`` (engine/calibrate.py), if any."""
+        value = self.manifest.get("drift_calibration")
         return value if isinstance(value, Mapping) else None
 
     def forward(self, batch: np.ndarray) -> dict[str, Forward]:

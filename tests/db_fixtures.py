@@ -158,6 +158,9 @@ def make_report(
             "flagged": severity == "high",
             "flags": ["high_drift"] if severity == "high" else [],
             "diagnostics": {"eps_fraction": float(rng.uniform(0.0, 0.1))},
+            "drift_index": float(rng.uniform(0.0, 1.0)),
+            "reference_percentile": float(rng.uniform(0.0, 100.0)),
+            "own_prediction": None,
         }
     return DriftReport(
         model=model,
@@ -170,7 +173,7 @@ def make_report(
             "source": "finetuned_prediction",
         },
         methods=method_results,
-        thresholds={"calibrated": False, "source": "fallback"},
+        thresholds={"calibrated": False},
         timings_ms={"forward": float(rng.uniform(5, 50))},
     )
 

@@ -232,7 +232,7 @@ def export_pair(
         "dataset": dict(dataset or {}),
         "training": dict(training or {}),
         "files": files,
-        "drift_thresholds": None,
+        "drift_calibration": None,
     }
     write_manifest(out_dir, manifest)
     return out_dir

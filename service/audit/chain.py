@@ -85,7 +85,12 @@ DRIFT_CONTENT: tuple[str, ...] = (
     "severity",
     "flagged",
     *METRIC_COLUMNS,
+    "drift_index",
+    "reference_percentile",
 )
+# Columns added after the first release (revision 0002): hashed only when set, so every row written before
+# them verifies exactly as it did, and setting or clearing one later still changes the hash.
+DRIFT_OPTIONAL_CONTENT: tuple[str, ...] = ("drift_index", "reference_percentile")
 
 
 @dataclass
@@ -163,7 +168,14 @@ def compute_row_hash(
     """SHA-256 (hex) of a record's content, its drift rows (sorted by model, method) and ``prev_hash``."""
     content = {name: record[name] for name in RECORD_CONTENT}
     rows = sorted(
-        ({name: row[name] for name in DRIFT_CONTENT} for row in drift_rows),
+        (
+            {
+                name: row[name]
+                for name in DRIFT_CONTENT
+                if name not in DRIFT_OPTIONAL_CONTENT or row.get(name) is not None
+            }
+            for row in drift_rows
+        ),
         key=lambda row: (row["model"], row["method"]),
     )
     document = canonical_json({"record": content, "drift": rows, "prev_hash": prev_hash})
@@ -217,6 +229,8 @@ def drift_rows_from_reports(reports: Sequence[DriftReport]) -> list[dict[str, An
                 "drift_score": _metric(result["drift_score"]),
                 "severity": result["severity"],
                 "flagged": bool(result["flagged"]),
+                "drift_index": _metric(result.get("drift_index")),
+                "reference_percentile": _metric(result.get("reference_percentile")),
             }
             row.update({name: _metric(result["metrics"].get(name)) for name in METRIC_COLUMNS})
             rows.append(row)

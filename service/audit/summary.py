@@ -27,7 +27,7 @@ __all__ = ["GROUP_BY_OPTIONS", "PERCENTILES", "SUMMARY_STATISTICS", "summarize"]
 
 GROUP_BY_OPTIONS: tuple[str, ...] = ("model", "method", "class", "day", "week")
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
-SUMMARY_STATISTICS: tuple[str, ...] = (*METRIC_COLUMNS, "drift_score")
+SUMMARY_STATISTICS: tuple[str, ...] = (*METRIC_COLUMNS, "drift_score", "drift_index", "reference_percentile")
 
 
 def _group_expression(name: str, dialect: str) -> Any:

@@ -123,6 +123,9 @@ class AuditDrift(Base):
     emd: Mapped[float | None] = mapped_column(sa.Double)
     entropy_change: Mapped[float | None] = mapped_column(sa.Double)
     gini_change: Mapped[float | None] = mapped_column(sa.Double)
+    # revision 0002: the absolute drift index and the request's percentile among the pair's reference scores
+    drift_index: Mapped[float | None] = mapped_column(sa.Double)
+    reference_percentile: Mapped[float | None] = mapped_column(sa.Double)
 
 
 class ApiKeyRow(Base):

@@ -41,7 +41,8 @@ def test_demo_prepares_then_reuses(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     folder = tmp_path / "artifacts" / "resnet50v2"
     pair = ModelPair.load(folder, verify=True)
-    assert pair.manifest["drift_thresholds"]["methods"].keys() == {"layercam", "gradcampp"}
+    assert pair.manifest["drift_calibration"]["methods"].keys() == {"layercam", "gradcampp"}
+    assert pair.manifest["drift_calibration"]["version"] == 2
     assert (tmp_path / "sample.png").is_file()
     key = re.search(r"API key \(role admin, shown once\):\s+(\S+)", out)
     assert key, out
@@ -67,14 +68,16 @@ def test_demo_prepares_then_reuses(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_a_tampered_or_uncalibrated_pair_is_not_reused(tmp_path: Path) -> None:
-    from engine.calibrate import write_thresholds
+    from engine.calibrate import write_calibration
     from service.demo import pair_is_usable as _pair_is_usable
     from tests.pairs import export_small_pair
 
     folder = export_small_pair("resnet50v2", tmp_path / "resnet50v2")
     assert _pair_is_usable(tmp_path / "missing") == (False, "not trained yet")
-    assert _pair_is_usable(folder) == (False, "drift thresholds not calibrated")
-    write_thresholds(folder, {"methods": {}})
+    assert _pair_is_usable(folder) == (False, "drift not calibrated (or calibrated by an older version)")
+    write_calibration(folder, {"version": 1, "methods": {}})
+    assert _pair_is_usable(folder)[0] is False, "a calibration of another version is not current"
+    write_calibration(folder, {"version": 2, "methods": {}})
     assert _pair_is_usable(folder) == (True, "ok")
     onnx = folder / "finetuned.onnx"
     onnx.write_bytes(onnx.read_bytes()[:-10] + b"0123456789")

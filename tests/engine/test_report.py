@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import stats
 
-from core.errors import ArtifactError
+from core.errors import ArtifactError, InputError
+from core.preprocess import preprocess_batch
 from core.registry import get_arch, list_archs
-from engine.calibrate import calibrate, write_thresholds
+from engine.calibrate import calibrate, write_calibration
 from engine.cams import closed_form_cams, head_scale_control
+from engine.metrics import topk_iou
 from engine.overlay import overlay_png
 from engine.report import (
-    FALLBACK_THRESHOLDS,
     HEAD_SCALE_EXPLAINED,
     HEAD_SCALE_FLAG,
     METHODS,
@@ -28,10 +30,12 @@ from engine.report import (
     drift_reports,
 )
 from engine.runtime import ModelPair
+from engine.severity import MethodCalibration, chance_drift, drift_index, severity_of_index
 from tests.pairs import GRID3_SIZE, export_head_scaled_pair, export_small_pair
 from training.export import export_pair
 from training.models import build_model
 
+UNCALIBRATED = MethodCalibration(calibrated=False, noise_floor=0.0, chance=chance_drift(20.0))
 ARCH, SIZE = "resnet50v2", 96  # 3x3 feature grid
 CLASSES = ["normal", "consolidation", "nodules"]
 
@@ -107,7 +111,17 @@ def test_report_has_the_contract_json_shape(pair: ModelPair) -> None:
         "iou_k",
     }
     for entry in d["methods"].values():
-        assert set(entry) == {"metrics", "drift_score", "severity", "flagged", "flags", "diagnostics"}
+        assert set(entry) == {
+            "metrics",
+            "drift_score",
+            "drift_index",
+            "severity",
+            "reference_percentile",
+            "flagged",
+            "flags",
+            "diagnostics",
+            "own_prediction",
+        }
         assert set(entry["metrics"]) == expected_metrics
         assert entry["drift_score"] == pytest.approx(1 - entry["metrics"]["iou"])
         assert entry["severity"] in ("low", "moderate", "high")
@@ -135,8 +149,17 @@ def test_report_has_the_contract_json_shape(pair: ModelPair) -> None:
     assert not {"saturation", "head_scale_control", "eps_fraction"} & set(
         d["methods"]["layercam"]["diagnostics"]
     )
-    assert d["thresholds"]["calibrated"] is False and d["thresholds"]["source"] == "fallback"
-    assert d["thresholds"]["layercam"] == FALLBACK_THRESHOLDS
+    assert d["thresholds"]["calibrated"] is False and d["thresholds"]["chance"] == pytest.approx(
+        chance_drift(20)
+    )
+    for entry in d["methods"].values():  # uncalibrated: a noise floor of 0, no percentile
+        assert entry["drift_index"] == pytest.approx(
+            drift_index(entry["drift_score"], noise_floor=0.0, chance=chance_drift(20))
+        )
+        assert (
+            entry["severity"] == severity_of_index(entry["drift_index"])
+            and entry["reference_percentile"] is None
+        )
     assert set(d["timings_ms"]) == {"preprocess", "forward", "cams", "metrics"}
 
 
@@ -157,7 +180,9 @@ def test_fast_report_equals_pytorch_grad_cam_report(pair_dir: Path, pair: ModelP
     for method in METHODS:
         a, b = fast["methods"][method]["metrics"], slow["methods"][method]["metrics"]
         for key in a:
-            if key != "iou_k":
+            # concentration is measured on the raw maps, which only the closed form has (the library
+            # returns min-max normalized maps): entropy and Gini are not comparable across the two paths
+            if key not in ("iou_k", "entropy_change", "gini_change"):
                 assert a[key] == pytest.approx(b[key], abs=2e-3), (method, key)
     # the head-scale control: closed form on the transfer features vs the library on a rescaled head
     fast_control = fast["methods"]["gradcampp"]["diagnostics"]["head_scale_control"]
@@ -229,8 +254,8 @@ def test_batched_reports_equal_single_reports_and_maps(pair: ModelPair) -> None:
 
 def test_batched_reports_do_not_share_mutable_blocks(pair: ModelPair) -> None:
     first, second = drift_reports(pair, _grays(2, seed=6))
-    first.thresholds["layercam"]["high"] = 0.0  # e.g. a caller annotating one report
-    assert second.thresholds["layercam"] == FALLBACK_THRESHOLDS
+    first.thresholds["bands"]["high"] = 0.0  # e.g. a caller annotating one report
+    assert second.thresholds["bands"]["high"] == pytest.approx(2 / 3)
 
 
 def test_flags_tell_an_all_zero_map_from_a_flat_one() -> None:
@@ -241,11 +266,11 @@ def test_flags_tell_an_all_zero_map_from_a_flat_one() -> None:
     healthy = closed_form_cams(
         np.arange(36.0).reshape(1, 4, 3, 3).repeat(2, 0), weight, [0, 0], method="gradcampp", input_size=12
     )
-    t = FALLBACK_THRESHOLDS
-    assert _method_entry(res, healthy, 0, 20.0, t)["flags"] == ["transfer_map_constant"]
-    assert _method_entry(res, healthy, 1, 20.0, t)["flags"] == ["transfer_map_all_zero"]
-    assert _method_entry(healthy, res, 0, 20.0, t)["flags"] == ["finetuned_map_constant"]
-    assert _method_entry(healthy, healthy, 0, 20.0, t)["flags"] == []
+    t = UNCALIBRATED
+    assert _method_entry(res, healthy, 0, 20.0, t, class_name="a")["flags"] == ["transfer_map_constant"]
+    assert _method_entry(res, healthy, 1, 20.0, t, class_name="a")["flags"] == ["transfer_map_all_zero"]
+    assert _method_entry(healthy, res, 0, 20.0, t, class_name="a")["flags"] == ["finetuned_map_constant"]
+    assert _method_entry(healthy, healthy, 0, 20.0, t, class_name="a")["flags"] == []
 
 
 def _two_channel_case(moved: bool) -> tuple[Any, Any, Any]:
@@ -268,9 +293,11 @@ def _two_channel_case(moved: bool) -> tuple[Any, Any, Any]:
 
 def test_high_drift_from_head_scale_alone_keeps_severity_but_is_not_flagged() -> None:
     transfer, finetuned, control = _two_channel_case(moved=False)
-    t = FALLBACK_THRESHOLDS
-    before = _method_entry(transfer, finetuned, 0, 20.0, t)  # without the control: the plain drift score
-    after = _method_entry(transfer, finetuned, 0, 20.0, t, control=control, norm_ratio=10.0)
+    t = UNCALIBRATED
+    before = _method_entry(
+        transfer, finetuned, 0, 20.0, t, class_name="a"
+    )  # without the control: the plain drift score
+    after = _method_entry(transfer, finetuned, 0, 20.0, t, class_name="a", control=control, norm_ratio=10.0)
     assert before["drift_score"] == after["drift_score"] == 1.0  # disjoint top regions
     assert before["severity"] == after["severity"] == "high"
     assert before["flagged"] and HEAD_SCALE_FLAG not in before["flags"]
@@ -286,13 +313,17 @@ def test_drift_beyond_head_scale_stays_flagged() -> None:
     """Head x10 *and* moved evidence: the rescale alone moves the map as far (explained = 1), but elsewhere
     than the fine-tuned map went, so the residual is high and the entry stays flagged."""
     transfer, finetuned, control = _two_channel_case(moved=True)
-    entry = _method_entry(transfer, finetuned, 0, 20.0, FALLBACK_THRESHOLDS, control=control, norm_ratio=10.0)
+    entry = _method_entry(
+        transfer, finetuned, 0, 20.0, UNCALIBRATED, class_name="a", control=control, norm_ratio=10.0
+    )
     block = entry["diagnostics"]["head_scale_control"]
     assert block["head_scale_explained"] == 1.0 >= HEAD_SCALE_EXPLAINED
     assert block["residual_drift_score"] == 1.0 and not block["dominated"]
     assert entry["severity"] == "high" and entry["flagged"] and HEAD_SCALE_FLAG not in entry["flags"]
     # no real drift at all: the ratio is undefined, never "dominated"
-    still = _method_entry(transfer, transfer, 0, 20.0, FALLBACK_THRESHOLDS, control=transfer, norm_ratio=1.0)
+    still = _method_entry(
+        transfer, transfer, 0, 20.0, UNCALIBRATED, class_name="a", control=transfer, norm_ratio=1.0
+    )
     assert still["diagnostics"]["head_scale_control"]["head_scale_explained"] is None
     assert HEAD_SCALE_FLAG not in still["flags"] and not still["flagged"]
 
@@ -334,7 +365,8 @@ def test_a_fine_tune_like_pair_is_not_all_head_scale(tmp_path: Path) -> None:
     assert all(b["norm_ratio"] == pytest.approx(3.0, rel=0.01) for b in blocks)
     assert any(HEAD_SCALE_FLAG not in e["flags"] for e in entries)  # not raised everywhere
     assert any(e["flagged"] for e in entries)  # real drift survives the control
-    assert any(b["residual_drift_score"] >= FALLBACK_THRESHOLDS["high"] for b in blocks)
+    high = chance_drift(20) * 2 / 3  # the uncalibrated "high" band: index 2/3 with a noise floor of 0
+    assert any(b["residual_drift_score"] >= high for b in blocks)
     assert all("transfer_saturated" in e["flags"] for e in entries)  # the regime the issue describes
 
 
@@ -401,26 +433,50 @@ def test_runtime_reads_manifest_and_head_weights(pair: ModelPair) -> None:
     assert np.ptp(bias, axis=0) == pytest.approx(np.zeros(3), abs=1e-3)
 
 
-def test_calibration_writes_thresholds_the_report_uses(pair_dir: Path, tmp_path: Path) -> None:
+def test_calibration_is_what_the_report_uses(pair_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "pair"
     shutil.copytree(pair_dir, copy)
     pair = ModelPair.load(copy, threads=1)
     grays = _grays(6, seed=7)
-    thresholds = calibrate(pair, grays, labels=[0] * 6, batch_size=4, min_true_positives=50)
-    assert thresholds["subset"] == "all" and thresholds["n"] == 6
-    scores = [r.methods["layercam"]["drift_score"] for r in drift_reports(pair, grays)]
-    assert thresholds["methods"]["layercam"]["high"] == pytest.approx(np.percentile(scores, 99))
-    assert thresholds["methods"]["layercam"]["moderate"] <= thresholds["methods"]["layercam"]["high"]
-    write_thresholds(copy, thresholds)
+    with pytest.raises(InputError, match=r"only 6 of 6 reference images are in subset 'all'.*at least 100"):
+        calibrate(pair, grays, labels=[0] * 6, subset="all")
+    with pytest.raises(InputError, match="needs a label per image"):
+        calibrate(pair, grays, subset="both_correct", min_reference=1)
+    reports = drift_reports(pair, grays)
+    both = [
+        i
+        for i, r in enumerate(reports)
+        if r.predictions["transfer"]["index"] == r.predictions["finetuned"]["index"] == 0
+    ]
+    if both:
+        chosen = calibrate(pair, grays, labels=[0] * 6, batch_size=4, min_reference=1)
+        assert chosen["subset"] == "both_correct" and chosen["n"] == len(both)
+    calibration = calibrate(pair, grays, labels=[0] * 6, subset="all", batch_size=4, min_reference=6)
+    assert (
+        calibration["version"] == 2
+        and calibration["n"] == 6
+        and calibration["chance"] == pytest.approx(chance_drift(20))
+    )
+    for method in ("layercam", "gradcampp"):
+        block = calibration["methods"][method]
+        assert block["reference"] == sorted(r.methods[method]["drift_score"] for r in reports)
+        assert block["noise"]["n"] == 3 * 6 and 0.0 <= block["noise_floor"] <= 1.0
+        assert block["classes"] == {}  # no class reaches MIN_CLASS_REFERENCE
+    write_calibration(copy, calibration)
     reloaded = ModelPair.load(copy)  # manifest.json is not hashed: still verifies
     report = drift_report(reloaded, grays[0])
-    assert report.thresholds["calibrated"] is True and report.thresholds["source"] == "manifest"
-    assert report.thresholds["layercam"]["high"] == thresholds["methods"]["layercam"]["high"]
-    # the image with the largest score is at or above p99 only if it is the max: severity follows the rule
-    entry = report.methods["layercam"]
-    expected = "high" if entry["drift_score"] >= thresholds["methods"]["layercam"]["high"] else None
-    if expected:
-        assert entry["severity"] == "high" and entry["flagged"]
+    assert report.thresholds["calibrated"] is True and report.thresholds["subset"] == "all"
+    for method, entry in report.methods.items():
+        block = calibration["methods"][method]
+        expected_index = drift_index(
+            entry["drift_score"], noise_floor=block["noise_floor"], chance=chance_drift(20)
+        )
+        assert entry["drift_index"] == pytest.approx(expected_index)
+        assert entry["severity"] == severity_of_index(expected_index)
+        expected_pct = stats.percentileofscore(block["reference"], entry["drift_score"], kind="weak")
+        assert entry["reference_percentile"] == pytest.approx(expected_pct)
+        assert entry["diagnostics"]["reference"] == "pooled"
+        assert entry["flagged"] == (entry["severity"] == "high" and HEAD_SCALE_FLAG not in entry["flags"])
 
 
 def test_overlay_png_is_a_png_of_the_radiograph_size() -> None:
@@ -436,3 +492,55 @@ def test_overlay_png_is_a_png_of_the_radiograph_size() -> None:
     assert hot[0] > hot[2] and cold[2] > cold[0]  # red where the map is high, blue where it is low
     with pytest.raises(ValueError, match="alpha must be in"):
         overlay_png(gray, cam, alpha=2.0)
+
+
+class _Relabelled:
+    """The same pair with the fine-tuned checkpoint's outputs relabelled (logit columns and head rows rolled by
+    one class): still a consistent network, but it now disagrees with the transfer checkpoint."""
+
+    def __init__(self, pair: ModelPair) -> None:
+        self._pair = pair
+        self.head_weights = {
+            **pair.head_weights,
+            "finetuned": np.roll(pair.head_weights["finetuned"], 1, axis=0),
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pair, name)
+
+    def forward(self, batch: np.ndarray) -> dict[str, Any]:
+        out = dict(self._pair.forward(batch))
+        finetuned = out["finetuned"]
+        out["finetuned"] = type(finetuned)(
+            logits=np.roll(finetuned.logits, 1, axis=1), features=finetuned.features
+        )
+        return out
+
+
+def test_disagreeing_checkpoints_also_compare_their_own_predictions(pair: ModelPair) -> None:
+    """Where the checkpoints predict different classes, each method also compares each checkpoint's map of
+    its own prediction (computed here from the forward outputs with the closed form); elsewhere nothing."""
+    grays = _grays(12, seed=11)
+    pair = _Relabelled(pair)  # type: ignore[assignment]
+    reports = drift_reports(pair, grays)
+    batch = preprocess_batch(grays, input_size=pair.input_size, mean=pair.mean, std=pair.std)
+    outputs = pair.forward(batch)
+    for i, report in enumerate(reports):
+        for method, entry in report.methods.items():
+            own = entry["own_prediction"]
+            assert (own is None) == report.agreement
+            if own is None:
+                continue
+            maps = [
+                closed_form_cams(
+                    outputs[name].features[i : i + 1],
+                    pair.head_weights[name],
+                    [report.predictions[name]["index"]],
+                    method=method,
+                    input_size=64,
+                ).maps[0]
+                for name in ("transfer", "finetuned")
+            ]
+            assert own["iou"] == pytest.approx(topk_iou(maps[0], maps[1], percent=20.0), abs=1e-6)
+            assert own["drift_score"] == pytest.approx(1 - own["iou"], abs=1e-9)
+    assert any(not r.agreement for r in reports), "the test pair must disagree on some image"

@@ -128,6 +128,8 @@ def test_stored_hash_recomputes_from_the_stored_columns(db_engine: sa.Engine) ->
         ("audit_records", "api_key_name", "'someone_else'"),
         ("audit_drift", "iou", "iou + 0.000001"),
         ("audit_drift", "flagged", "NOT flagged"),
+        ("audit_drift", "drift_index", "drift_index + 0.01"),
+        ("audit_drift", "reference_percentile", "NULL"),
     ],
 )
 def test_verify_names_the_tampered_row(db_engine: sa.Engine, table: str, column: str, new_value: str) -> None:
@@ -146,6 +148,34 @@ def test_verify_names_the_tampered_row(db_engine: sa.Engine, table: str, column:
     assert outcome.first_bad_id == victim
     assert outcome.checked == 2
     assert outcome.reason is not None and outcome.reason.startswith("content hash mismatch")
+
+
+def test_rows_without_the_revision_0002_columns_hash_as_before(db_engine: sa.Engine) -> None:
+    """A row written before drift_index/reference_percentile existed (both NULL) keeps its original hash:
+    the content is the first release's column set, nothing more."""
+    rng = np.random.default_rng(11)
+    entry = make_entry(rng)
+    for report in entry.reports:
+        for method_result in report.methods.values():
+            cast(dict[str, Any], method_result).pop("drift_index")
+            cast(dict[str, Any], method_result).pop("reference_percentile")
+    first_release = [n for n in chain.DRIFT_CONTENT if n not in chain.DRIFT_OPTIONAL_CONTENT]
+    appended = chain.append(db_engine, entry)
+    record = queries.get_record(db_engine, appended.id)
+    assert record is not None
+    rows = chain.drift_rows_from_reports(entry.reports)
+    assert all(row["drift_index"] is None and row["reference_percentile"] is None for row in rows)
+    content = {name: f"value of {name}" for name in chain.RECORD_CONTENT}
+    old_rows = [{name: row[name] for name in first_release} for row in rows]
+    assert chain.compute_row_hash(content, rows, "0" * 64) == chain.compute_row_hash(
+        content, old_rows, "0" * 64
+    )
+    with_index = [{**row, "drift_index": 0.5} for row in rows]
+    assert chain.compute_row_hash(content, with_index, "0" * 64) != chain.compute_row_hash(
+        content, rows, "0" * 64
+    )
+    assert all(row["drift_index"] is None for row in record["drift"])
+    assert chain.verify(db_engine).ok
 
 
 def test_verify_names_the_row_after_a_deleted_one(db_engine: sa.Engine) -> None:

@@ -49,7 +49,7 @@ def test_folder_holds_the_contract_files(pair_dir: Path) -> None:
         "grid": [2, 2],
         "taken_after": "non-inplace ReLU after the backbone's forward_features",
     }
-    assert manifest["drift_thresholds"] is None
+    assert manifest["drift_calibration"] is None
     assert manifest["checkpoints"]["finetuned"]["metrics"] == {"accuracy": 0.6}
     for name in ("transfer", "finetuned"):
         assert manifest["checkpoints"][name]["onnx_parity_max_abs_diff"] <= 1e-4

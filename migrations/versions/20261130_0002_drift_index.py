@@ -1,0 +1,36 @@
+"""Absolute drift index and reference percentile on audit_drift rows (engine.severity).
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-30 12:00:00+00:00
+
+Rows written before this revision keep NULL in both columns; the hash chain leaves NULL values of these
+columns out of a row's content (service/audit/chain.py), so those rows verify unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+COLUMNS = ("drift_index", "reference_percentile")
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("audit_drift", recreate="never") as batch:
+        for name in COLUMNS:
+            batch.add_column(sa.Column(name, sa.Double(), nullable=True))
+
+
+def downgrade() -> None:
+    # SQLite cannot drop a column of a table with triggers without rebuilding it; both dialects support
+    # DROP COLUMN for a plain nullable column (SQLite >= 3.35).
+    for name in reversed(COLUMNS):
+        op.drop_column("audit_drift", name)
