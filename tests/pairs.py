@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import getpass
 import hashlib
+import importlib.metadata
 import shutil
 import tempfile
 from pathlib import Path
@@ -113,8 +114,15 @@ _PAIR_SOURCES = (
     "training/models.py",
     "core/registry.py",
     "core/manifest.py",
+    "core/vocabulary.py",
     "tests/pairs.py",
 )
+
+
+def _versions() -> list[str]:
+    return [
+        f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "timm", "onnx", "onnxruntime")
+    ]
 
 
 def cached_pairs(config: pytest.Config) -> Path:
@@ -124,7 +132,7 @@ def cached_pairs(config: pytest.Config) -> Path:
     Read-only: a test that changes a pair copies it first.
     """
     repo = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256(torch.__version__.encode())
+    digest = hashlib.sha256(" ".join(_versions()).encode())
     for rel in _PAIR_SOURCES:
         path = repo / rel
         digest.update(path.read_bytes() if path.is_file() else b"-")

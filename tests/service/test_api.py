@@ -6,8 +6,6 @@ that dies mid-run) start their own.
 
 from __future__ import annotations
 
-from core.vocabulary import METHODS
-
 import asyncio
 import base64
 import csv
@@ -25,6 +23,7 @@ import sqlalchemy as sa
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.vocabulary import METHODS
 from tests.api_fixtures import (
     KEYS,
     PAIR_ARCHS,
@@ -41,7 +40,6 @@ from tests.api_fixtures import (
     upload,
 )
 from tests.images import dicom_from_gray
-
 
 # every route that needs a key: (method, route template, a concrete path, roles allowed besides admin)
 PROTECTED = [
