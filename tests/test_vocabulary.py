@@ -45,3 +45,11 @@ def test_no_package_spells_out_a_vocabulary_tuple() -> None:
                     if len(values) > 1 and values in vocab:
                         copies.append(f"{path.relative_to(ROOT)}:{node.lineno} {values}")
     assert copies == []
+
+
+def test_response_severity_literal_is_the_severities() -> None:
+    from service.app.schemas import MethodReport
+
+    annotation = MethodReport.model_fields["severity"].annotation
+    literal = next(a for a in get_args(annotation) if a is not type(None))
+    assert get_args(literal) == vocabulary.SEVERITIES

@@ -50,7 +50,21 @@ class TargetClass(_Open):
 class MethodReport(_Open):
     metrics: dict[str, float | dict[str, float | None] | None]
     drift_score: float | None = None
-    severity: str | None = None
+    drift_index: float | None = Field(
+        default=None,
+        description="0 = no more than the transfer checkpoint moves under benign input changes (calibrated "
+        "noise floor), 1 = as different as unrelated maps; severity is a fixed band of it",
+    )
+    severity: Literal["low", "moderate", "high"] | None = None
+    reference_percentile: float | None = Field(
+        default=None,
+        description="percent of this pair's calibration images (of the target class when it has its own "
+        "reference) with a drift score at or below this one: how unusual the request is for this pair",
+    )
+    own_prediction: dict[str, Any] | None = Field(
+        default=None,
+        description="when the checkpoints disagree: each checkpoint's map of its own prediction compared",
+    )
     flagged: bool = False
     flags: list[str] = Field(default_factory=list)
     diagnostics: dict[str, Any] = Field(default_factory=dict)

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import func
 from sqlalchemy.dialects import postgresql
 
+from core.errors import InputError
 from engine.ranking import DEFAULT_ALPHA, DEFAULT_N_BOOT, method_tables, rank_models, reversal_test
 from service.audit.db import translate_errors
 from service.audit.queries import AuditFilters, drift_conditions, time_conditions
@@ -25,7 +26,7 @@ from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
 __all__ = ["GROUP_BY_OPTIONS", "PERCENTILES", "SUMMARY_STATISTICS", "summarize"]
 
-GROUP_BY_OPTIONS: tuple[str, ...] = ("model", "method", "class", "day", "week")
+GROUP_BY_OPTIONS: tuple[str, ...] = ("model", "method", "class", "agreement", "day", "week")
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
 SUMMARY_STATISTICS: tuple[str, ...] = (*METRIC_COLUMNS, "drift_score", "drift_index", "reference_percentile")
 
@@ -37,6 +38,8 @@ def _group_expression(name: str, dialect: str) -> Any:
         return AuditDrift.method
     if name == "class":
         return AuditDrift.target_class
+    if name == "agreement":  # keep requests where the checkpoints agree apart from those where they do not
+        return AuditDrift.agreement
     created = AuditRecord.created_at
     if dialect == "postgresql":
         utc = func.timezone("UTC", created)
@@ -56,13 +59,15 @@ def _check_group_by(group_by: Sequence[str]) -> list[str]:
     names = list(group_by)
     for name in names:
         if name not in GROUP_BY_OPTIONS:
-            raise ValueError(
-                f"group_by: unknown value {name!r}; valid options: {', '.join(GROUP_BY_OPTIONS)}"
+            raise InputError(
+                f"group_by: unknown value {name!r}; valid options: {', '.join(GROUP_BY_OPTIONS)}",
+                code="validation_error",
+                details={"valid": list(GROUP_BY_OPTIONS)},
             )
     if len(set(names)) != len(names):
-        raise ValueError(f"group_by: each value at most once, got {names}")
+        raise InputError(f"group_by: each value at most once, got {names}", code="validation_error")
     if "day" in names and "week" in names:
-        raise ValueError("group_by: choose one of 'day' and 'week', not both")
+        raise InputError("group_by: choose one of 'day' and 'week', not both", code="validation_error")
     return names
 
 

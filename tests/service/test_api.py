@@ -310,7 +310,7 @@ def test_audit_routes_agree_with_each_other(api: ApiClient) -> None:
     assert summary.status_code == 200, summary.text
     assert summary.json()["group_by"] == ["model", "method"]
     bad = api.get("/audit/summary", params={"group_by": "planet"}, headers=audit)
-    assert bad.status_code == 422 and "model, method, class, day, week" in error_of(bad)["message"]
+    assert bad.status_code == 422 and "model, method, class, agreement, day, week" in error_of(bad)["message"]
 
     verify = api.get("/audit/verify", headers=audit).json()
     assert verify["ok"] is True and verify["checked"] == len(every) and verify["first_bad_id"] is None

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from scipy.stats import kendalltau, wilcoxon
 
+from core.errors import InputError
 from core.vocabulary import METHODS
 from engine.ranking import method_tables, reversal_test
 from service.audit import chain, queries
@@ -25,7 +26,7 @@ from service.audit.summary import summarize
 from service.audit.tables import METRIC_COLUMNS
 from tests.db_fixtures import MODELS, make_entry
 
-STATISTICS = (*METRIC_COLUMNS, "drift_score")
+STATISTICS = (*METRIC_COLUMNS, "drift_score", "drift_index", "reference_percentile")
 
 
 def disable_append_only(engine: sa.Engine) -> None:
@@ -58,6 +59,8 @@ def drift_rows_of(entries: list[AuditEntry]) -> list[dict[str, Any]]:
                     "severity": result["severity"],
                     "flagged": result["flagged"],
                     "drift_score": result["drift_score"],
+                    "drift_index": result["drift_index"],
+                    "reference_percentile": result["reference_percentile"],
                 }
                 row.update({name: result["metrics"][name] for name in METRIC_COLUMNS})
                 rows.append(row)
@@ -469,8 +472,31 @@ def test_grouping_by_day_and_week_uses_utc_dates(db_engine: sa.Engine, unit: str
 
 
 def test_group_by_rejects_unknown_values(db_engine: sa.Engine) -> None:
-    with pytest.raises(ValueError, match="valid options: model, method, class, day, week"):
+    with pytest.raises(InputError, match="valid options: model, method, class, agreement, day, week") as info:
         summarize(db_engine, filters=AuditFilters(), group_by=["hour"])
+    assert info.value.code == "validation_error"
+
+
+def test_agreeing_and_disagreeing_requests_are_summarized_apart(
+    populated: tuple[sa.Engine, list[AuditEntry]],
+) -> None:
+    engine, entries = populated
+    rows = drift_rows_of(entries)
+    summary = summarize(engine, filters=AuditFilters(), group_by=["agreement", "method"])
+    assert {(g["key"]["agreement"], g["key"]["method"]) for g in summary["groups"]} == {
+        (bool(r["agreement"]), r["method"]) for r in rows
+    }
+    for group in summary["groups"]:
+        members = [
+            r
+            for r in rows
+            if bool(r["agreement"]) == group["key"]["agreement"] and r["method"] == group["key"]["method"]
+        ]
+        assert group["count"] == len(members)
+        assert group["agreement_rate"] == float(group["key"]["agreement"])
+        assert_stats_close(
+            group["metrics"]["drift_index"], expected_stats([r["drift_index"] for r in members])
+        )
 
 
 def _with_iou(entries: list[AuditEntry], iou: Any) -> list[AuditEntry]:
