@@ -38,9 +38,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=SPLITS, help="split (default test)")
     p.add_argument(
         "--subset",
-        default="true_positive",
+        default="both_correct",
         choices=SUBSETS,
-        help="images the statistics use: true_positive (fine-tuned prediction == label; the paper) or all",
+        help="images the statistics use: both_correct (both checkpoints right; primary), true_positive "
+        "(fine-tuned right; the paper; sensitivity) or all",
     )
     p.add_argument(
         "--target",

@@ -50,6 +50,7 @@ from engine.metrics import topk_iou
 from engine.report import DEFAULT_METRIC_SIZE, DriftReport, drift_reports, score_name
 from engine.runtime import ModelPair
 from engine.severity import CALIBRATION_VERSION, SEVERITY_BANDS, benign_perturbations, chance_drift
+from engine.subsets import SUBSET_DEFINITIONS, SUBSETS, in_subset
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +64,12 @@ __all__ = [
     "write_calibration",
 ]
 
-SUBSETS: tuple[str, ...] = ("both_correct", "finetuned_correct", "all")
-SUBSET_DEFINITIONS = {
-    "both_correct": "both checkpoints predict the label (primary)",
-    "finetuned_correct": "the fine-tuned checkpoint predicts the label (the paper's true positives; sensitivity)",
-    "all": "every reference image, the fine-tuned prediction as target (sensitivity)",
-}
 MIN_REFERENCE = 100
 MIN_CLASS_REFERENCE = 30
 PERTURBATIONS = (
     "transfer checkpoint vs itself on each reference image under three benign changes: a shift of 1% of the "
     "side, Gaussian noise (SD 0.01), an exposure change (gamma 0.9/1.1 x gain 0.97/1.03)"
 )
-
-
-def _included(report: DriftReport, label: int | None, subset: str) -> bool:
-    if subset == "all":
-        return True
-    assert label is not None
-    finetuned_right = report.predictions["finetuned"]["index"] == label
-    if subset == "finetuned_correct":
-        return finetuned_right
-    return finetuned_right and report.predictions["transfer"]["index"] == label
 
 
 def _noise_scores(
@@ -149,7 +134,16 @@ def calibrate(
         reports.extend(drift_reports(pair, chunk, methods=methods, topk_percent=topk_percent))
         bar.update(len(chunk))
     labels_or_none: list[int | None] = [None] * len(grays) if labels is None else [int(y) for y in labels]
-    chosen = [i for i, (r, y) in enumerate(zip(reports, labels_or_none, strict=True)) if _included(r, y, subset)]
+    chosen = [
+        i
+        for i, (r, y) in enumerate(zip(reports, labels_or_none, strict=True))
+        if in_subset(
+            subset,
+            label=y,
+            transfer=r.predictions["transfer"]["index"],
+            finetuned=r.predictions["finetuned"]["index"],
+        )
+    ]
     if len(chosen) < min_reference:
         bar.close()
         raise InputError(
@@ -174,7 +168,11 @@ def calibrate(
         floor = np.array(noise[method])
         per_method[method] = {
             "noise_floor": float(np.median(floor)),
-            "noise": {"n": int(floor.size), "p50": float(np.median(floor)), "p90": float(np.percentile(floor, 90))},
+            "noise": {
+                "n": int(floor.size),
+                "p50": float(np.median(floor)),
+                "p90": float(np.percentile(floor, 90)),
+            },
             "reference": sorted(float(v) for v in scores),
             "reference_percentiles": {str(p): float(np.percentile(scores, p)) for p in (50, 90, 95, 99)},
             "classes": {

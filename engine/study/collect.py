@@ -26,6 +26,8 @@ from core.imageio import read_image
 from engine.report import DriftReport, drift_reports
 from engine.runtime import ModelPair
 from engine.study.lesion import lesion_columns
+from engine.subsets import SUBSET_ALIASES, in_subset
+from engine.subsets import SUBSETS as SUBSETS_CANONICAL
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ __all__ = [
 ]
 
 # Images the statistics use: fine-tuned prediction == label (the paper), or every image.
-SUBSETS: tuple[str, ...] = ("true_positive", "all")
+SUBSETS: tuple[str, ...] = (*SUBSETS_CANONICAL, *SUBSET_ALIASES)
 # Class whose evidence is compared: the true label, or the fine-tuned model's prediction (as the service).
 TARGETS: tuple[str, ...] = ("label", "prediction")
 
@@ -228,7 +230,7 @@ def _row(
         "transfer_correct": transfer["index"] == label,
         "finetuned_correct": finetuned["index"] == label,
         "agreement": report.agreement,
-        "included": subset == "all" or finetuned["index"] == label,
+        "included": in_subset(subset, label=label, transfer=transfer["index"], finetuned=finetuned["index"]),
         "transfer_p_target": transfer["probabilities"][target],
         "finetuned_p_target": finetuned["probabilities"][target],
     }
@@ -248,7 +250,7 @@ def collect(
     samples: Sequence[Sample],
     root: Path,
     *,
-    subset: str = "true_positive",
+    subset: str = "both_correct",
     target: str = "label",
     topk: float = 20.0,
     batch_size: int = 16,

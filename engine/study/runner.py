@@ -27,6 +27,7 @@ from engine.study.html import render_html
 from engine.study.lesion import LESION_COLUMNS
 from engine.study.markdown import render_markdown, study_preamble
 from engine.study.statistics import DEFAULT_STUDY_METRICS, summarize
+from engine.subsets import SUBSET_DEFINITIONS, resolve_subset
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def run_study(
     artifacts: Path | None = None,
     model_dirs: Sequence[Path] = (),
     split: str = "test",
-    subset: str = "true_positive",
+    subset: str = "both_correct",
     target: str = "label",
     topk: float = 20.0,
     limit: int | None = None,
@@ -106,8 +107,9 @@ def run_study(
     included = [r for r in rows if r["included"]]
     if not included:
         raise UsageError(
-            f"no true-positive images (fine-tuned prediction == label) among the {len(samples)} images of "
-            f"split {split!r}; the per-image table is in {out / 'per_image.csv'}; rerun with --subset all"
+            f"no image in subset {subset!r} ({SUBSET_DEFINITIONS[resolve_subset(subset)]}) among the "
+            f"{len(samples)} images of split {split!r}; the per-image table is in {out / 'per_image.csv'}; "
+            "rerun with another --subset (a sensitivity analysis)"
         )
     metrics = [*DEFAULT_STUDY_METRICS, *(LESION_COLUMNS if has_masks else ())]
     summary = summarize(included, metrics=metrics, n_boot=n_boot, seed=seed)
@@ -115,7 +117,7 @@ def run_study(
         "data": str(data),
         "split": split,
         "subset": subset,
-        "subset_definition": "fine-tuned prediction == label" if subset == "true_positive" else "all images",
+        "subset_definition": SUBSET_DEFINITIONS[resolve_subset(subset)],
         "target": "true label" if target == "label" else "fine-tuned prediction",
         "topk_percent": topk,
         "n_images": len(samples),

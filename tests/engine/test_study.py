@@ -416,7 +416,12 @@ def test_study_cli_true_positive_subset(study_inputs: tuple[Path, Path], tmp_pat
     artifacts, data = study_inputs
     out = tmp_path / "tp"
     argv = ["study", "--model-dir", str(artifacts / "resnet50v2"), "--data", str(data), "--no-plots"]
-    code = main([*argv, "--bootstrap", "50", "--no-progress", "--out", str(out)])
+    default = main([*argv, "--bootstrap", "50", "--no-progress", "--out", str(tmp_path / "both")])
+    rows = _read_csv(tmp_path / "both" / "per_image.csv")  # the primary subset: both checkpoints right
+    both = [r["finetuned_correct"] == r["transfer_correct"] == "True" for r in rows]
+    assert rows and [r["included"] == "True" for r in rows] == both
+    assert default == (0 if any(both) else 2)
+    code = main([*argv, "--subset", "true_positive", "--bootstrap", "50", "--no-progress", "--out", str(out)])
     rows = _read_csv(out / "per_image.csv")
     assert rows and all(r["included"] == r["finetuned_correct"] for r in rows)
     true_positives = sum(r["included"] == "True" for r in rows if r["method"] == "layercam")
