@@ -303,12 +303,14 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def zone_masses(m: Any, *, lung_mask: Any = None) -> np.ndarray:
-    """Share of the attribution mass in 6 zones, shape (3, 2): rows upper/middle/lower thirds, columns the
-    image's left/right halves (in a PA radiograph, image-left is the patient's right).
+    """Share of the attribution mass in 6 zones, shape (3, 2): rows upper/middle/lower thirds, columns
+    left/right halves (in a PA radiograph, image-left is the patient's right).
 
-    The zones split the whole image, or the bounding box of ``lung_mask`` (same shape, non-zero = lung) when
-    given; mass outside the box is ignored. Row/column boundaries are ``round(start + i * extent / n)``.
-    A map with no mass in the box gives the uniform distribution (1/6 each). Sums to 1.
+    Without ``lung_mask`` these are *image zones*: thirds and halves of the whole image, not anatomy. With
+    ``lung_mask`` (same shape, non-zero = lung) they are *lung zones*: thirds and halves of the lungs'
+    bounding box, and only mass on lung pixels counts. Row/column boundaries are
+    ``round(start + i * extent / n)``. No mass in the zones gives the uniform distribution (1/6 each).
+    Sums to 1.
     """
     a = _non_negative(_as_map(m, "map"), "map")
     r0, r1, c0, c1 = 0, a.shape[0], 0, a.shape[1]
@@ -319,6 +321,7 @@ def zone_masses(m: Any, *, lung_mask: Any = None) -> np.ndarray:
         if not mask.any():
             raise ValueError("lung_mask is empty; expected at least one non-zero (lung) pixel")
         r0, r1, c0, c1 = _bbox(mask != 0)
+        a = np.where(mask != 0, a, 0.0)
     if r1 - r0 < 3 or c1 - c0 < 2:
         raise ValueError(f"zones need a region of at least 3x2 pixels, got {(r1 - r0, c1 - c0)}")
     rb = [round(r0 + i * (r1 - r0) / 3) for i in range(4)]

@@ -438,6 +438,7 @@ def _method_entry(
         if kind:
             flags.append(f"{name}_map_{kind}")
     diagnostics: dict[str, Any] = {
+        "zones": "image",  # zone_shift's zones: thirds/halves of the image (no lung mask at request time)
         "native_grid": list(transfer.native.shape[1:]),
         "metric_grid": list(transfer.maps.shape[1:]),
     }

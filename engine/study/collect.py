@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from core.dataset import Sample
 from core.errors import ArtifactError, UsageError
 from core.imageio import read_image
+from engine.metrics import zone_shift
 from engine.report import DriftReport, drift_reports
 from engine.runtime import ModelPair
 from engine.study.lesion import lesion_columns
@@ -110,9 +111,10 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def read_mask(sample: Sample, root: Path) -> np.ndarray | None:
-    """The lesion mask (bool, image resolution) of a synthetic sample; None when it is empty or absent."""
-    name = sample.extra.get("lesion_mask", "")
+def read_mask(sample: Sample, root: Path, *, kind: str = "lesion_mask") -> np.ndarray | None:
+    """A mask (bool, image resolution) of a synthetic sample, ``kind`` "lesion_mask" or "lung_mask"; None
+    when it is empty or absent."""
+    name = sample.extra.get(kind, "")
     if not name:
         return None
     path = Path(name) if Path(name).is_absolute() else root / name
@@ -238,10 +240,16 @@ def _row(
     row.update({f"iou_at_{k}": v for k, v in metrics.get("iou_k", {}).items()})
     row.update(
         drift_score=entry["drift_score"],
+        drift_index=entry["drift_index"],
         severity=entry["severity"],
         flagged=entry["flagged"],
         flags=";".join(entry["flags"]),
     )
+    control = entry["diagnostics"].get("head_scale_control")
+    if control is not None:
+        # GradCAM++ with the transfer head matched to the fine-tuned head's norm: the IoU that remains
+        # between the control map and the fine-tuned map (the ranking's head-scale control)
+        row["head_scale_control_iou"] = 1.0 - control["residual_drift_score"]
     return row
 
 
@@ -260,6 +268,7 @@ def collect(
     data has lesion masks."""
     class_names = next(iter(pairs.values())).class_names
     has_masks = any("lesion_mask" in s.extra for s in samples)
+    has_lungs = any("lung_mask" in s.extra for s in samples)
     # target = label needs one class per drift_reports call: batch the images of each label together
     order = (
         sorted(range(len(samples)), key=lambda i: (samples[i].label, i))
@@ -283,13 +292,14 @@ def collect(
         for batch in batches:
             grays = [read_image(samples[i].path) for i in batch]
             masks = [read_mask(samples[i], root) for i in batch] if has_masks else [None] * len(batch)
+            lungs = [read_mask(samples[i], root, kind="lung_mask") if has_lungs else None for i in batch]
             for model, pair in pairs.items():
                 reports = drift_reports(
                     pair,
                     grays,
                     target_class=samples[batch[0]].label if target == "label" else None,
                     topk_percent=topk,
-                    include_maps=has_masks,
+                    include_maps=has_masks or has_lungs,
                 )
                 resized: dict[int, np.ndarray] = {}
                 for j, (i, report) in enumerate(zip(batch, reports, strict=True)):
@@ -309,6 +319,15 @@ def collect(
                         )
                         if has_masks:
                             row.update(lesion_columns(report, method, resized.get(j), topk))
+                        row["zones"] = "image"
+                        lung = lungs[j]
+                        if lung is not None and report.maps is not None:  # lung zones, not image thirds
+                            on_grid = resize_mask(lung, pair.input_size) > 0.5
+                            maps = report.maps[method]
+                            row["zone_shift"] = zone_shift(
+                                maps["transfer"], maps["finetuned"], lung_mask=on_grid
+                            )
+                            row["zones"] = "lung"
                         keyed.append(((model, method, i), row))
                 bar.update(len(batch))
     finally:

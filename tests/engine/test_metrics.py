@@ -221,6 +221,15 @@ def test_zone_shift_hand_worked_and_lung_mask() -> None:
     np.testing.assert_allclose(
         m.zone_masses(top_band, lung_mask=mask), np.array([[0.5, 0.5], [0.0, 0.0], [0.0, 0.0]])
     )
+    # lung zones count lung pixels only: two lungs with a mediastinum between them
+    lungs = np.zeros((30, 20), dtype=bool)
+    lungs[3:27, 2:8] = lungs[3:27, 12:18] = True
+    mediastinum = np.zeros((30, 20))
+    mediastinum[3:27, 9:11] = 5.0  # between the lungs, inside their bounding box: not on a lung
+    mediastinum[3:11, 3:5] = 1.0  # upper part of the image-left lung
+    np.testing.assert_allclose(
+        m.zone_masses(mediastinum, lung_mask=lungs), np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    )
 
 
 def test_entropy_and_gini_extremes() -> None:

@@ -400,8 +400,13 @@ def test_study_cli_writes_every_output(study_inputs: tuple[Path, Path], tmp_path
             change = float(row["finetuned_topk_in_lesion"]) - float(row["transfer_topk_in_lesion"])
             assert float(row["topk_in_lesion_change"]) == pytest.approx(change, abs=1e-5)
 
+    assert {r["zones"] for r in rows} == {"lung"}  # synthetic data has lung masks: lung zones, not thirds
+    control = [r for r in rows if r["method"] == "gradcampp"]
+    assert all(0.0 <= float(r["head_scale_control_iou"]) <= 1.0 for r in control)
+
     summary = json.loads((out / "summary.json").read_text())
     assert summary["models"] == ["densenet201", "resnet50v2"]
+    assert summary["rankings"]["comparisons"][0]["control"]["column"] == "head_scale_control_iou"
     assert summary["methods"] == ["layercam", "gradcampp"]
     assert summary["study"]["synthetic_lesion_masks"] is True
     assert summary["rankings"]["comparisons"][0]["n"] == 2
