@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.dataset import load_index
+from core.dataset import load_index, load_split
 from core.errors import ArtifactError, InputError
 from core.manifest import read_manifest, verify_files
 from core.registry import get_arch, list_archs
@@ -86,11 +86,13 @@ def pair_is_usable(folder: Path) -> tuple[bool, str]:
 
 def calibrate_demo_pair(folder: Path, data: Path, *, say: Callable[[str], None]) -> dict[str, Any]:
     """Calibrate on the validation split: both checkpoints right if at least :data:`DEMO_MIN_REFERENCE`
-    images qualify, else the next sensitivity subset, said out loud (a demo's 90 validation images and its
-    weak random-init transfer checkpoints can leave too few)."""
+    images (or the whole split, when smaller) qualify, else the next sensitivity subset, said out loud (a
+    demo's 90 validation images and its weak random-init transfer checkpoints can leave too few)."""
+    n_val = len(load_split(data, class_names=read_manifest(folder)["class_names"], split="val")[0])
+    minimum = min(DEMO_MIN_REFERENCE, n_val)
     for subset in SUBSETS:
         try:
-            return calibrate_folder(folder, data, split="val", subset=subset, min_reference=DEMO_MIN_REFERENCE)
+            return calibrate_folder(folder, data, split="val", subset=subset, min_reference=minimum)
         except InputError as exc:
             if subset == SUBSETS[-1]:
                 raise
@@ -129,7 +131,9 @@ def prepare_demo(
             continue
         if not retrain and _trained(folder)[0]:
             calibration = calibrate_demo_pair(folder, data, say=say)
-            say(f"[demo] {arch}: recalibrated on {calibration['n']} validation images ({calibration['subset']})")
+            say(
+                f"[demo] {arch}: recalibrated on {calibration['n']} validation images ({calibration['subset']})"
+            )
             continue
         say(f"[demo] {arch}: training a demo model pair ({why}) ...")
         started = time.perf_counter()

@@ -25,6 +25,7 @@ from engine.report import (
     HEAD_SCALE_EXPLAINED,
     HEAD_SCALE_FLAG,
     METHODS,
+    SATURATED_PRODUCT,
     _method_entry,
     drift_report,
     drift_reports,
@@ -364,10 +365,10 @@ def test_a_fine_tune_like_pair_is_not_all_head_scale(tmp_path: Path) -> None:
     blocks = [e["diagnostics"]["head_scale_control"] for e in entries]
     assert all(b["norm_ratio"] == pytest.approx(3.0, rel=0.01) for b in blocks)
     assert any(HEAD_SCALE_FLAG not in e["flags"] for e in entries)  # not raised everywhere
-    assert any(e["flagged"] for e in entries)  # real drift survives the control
-    high = chance_drift(20) * 2 / 3  # the uncalibrated "high" band: index 2/3 with a noise floor of 0
-    assert any(b["residual_drift_score"] >= high for b in blocks)
-    assert all("transfer_saturated" in e["flags"] for e in entries)  # the regime the issue describes
+    assert any(not b["dominated"] and b["residual_drift_score"] >= 0.15 for b in blocks)  # real drift remains
+    for entry in entries:  # the regime flags say what the diagnostics measured
+        saturation = entry["diagnostics"]["saturation"]["transfer"]
+        assert ("transfer_saturated" in entry["flags"]) == (saturation > SATURATED_PRODUCT)
 
 
 @pytest.mark.parametrize(

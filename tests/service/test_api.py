@@ -40,6 +40,7 @@ from tests.api_fixtures import (
     upload,
 )
 from tests.images import dicom_from_gray
+from tests.pairs import SMALL_SIZE
 
 # every route that needs a key: (method, route template, a concrete path, roles allowed besides admin)
 PROTECTED = [
@@ -118,7 +119,7 @@ def test_models_lists_loaded_pairs_with_manifests(api: ApiClient, api_artifacts:
     for model in body["ready"]:
         manifest = json.loads((api_artifacts / model["name"] / "manifest.json").read_text())
         assert model["class_names"] == manifest["class_names"]
-        assert model["input_size"] == manifest["input_size"] == 64
+        assert model["input_size"] == manifest["input_size"] == SMALL_SIZE[model["name"]]
         assert model["manifest"]["files"] == manifest["files"]
 
 
@@ -244,7 +245,8 @@ def test_predict_options_raw_maps_and_requested_class(api: ApiClient) -> None:
     )
     for checkpoint in ("transfer", "finetuned"):
         cam = np.asarray(result["maps"]["layercam"][checkpoint])
-        assert cam.shape == (64, 64) and cam.min() >= 0 and cam.max() <= 1
+        size = SMALL_SIZE["resnet50v2"]
+        assert cam.shape == (size, size) and cam.min() >= 0 and cam.max() <= 1
 
 
 def test_predict_options_as_query_parameters(api: ApiClient) -> None:

@@ -39,14 +39,14 @@ def test_folder_holds_the_contract_files(pair_dir: Path) -> None:
     assert manifest["schema_version"] == 1
     assert manifest["architecture"] == "densenet201"
     assert manifest["class_names"] == CLASS_NAMES
-    assert manifest["input_size"] == 64
+    assert manifest["input_size"] == SMALL_SIZE["densenet201"]
     assert manifest["mean"] == list(spec.mean) and manifest["std"] == list(spec.std)
     assert manifest["target_layer"] == "feature_act"
     assert manifest["features"] == {
         "onnx_output": "features",
         "post_relu": True,
         "channels": 1920,
-        "grid": [2, 2],
+        "grid": [3, 3],
         "taken_after": "non-inplace ReLU after the backbone's forward_features",
     }
     assert manifest["drift_calibration"] is None
@@ -75,11 +75,11 @@ def test_onnx_matches_torch_for_any_batch(pair_dir: Path) -> None:
     for name, model in (("transfer", transfer), ("finetuned", finetuned)):
         session = ort.InferenceSession(str(pair_dir / f"{name}.onnx"), providers=["CPUExecutionProvider"])
         for batch in (1, 5):
-            x = torch.randn(batch, 3, 64, 64)
+            x = torch.randn(batch, 3, SMALL_SIZE["densenet201"], SMALL_SIZE["densenet201"])
             with torch.no_grad():
                 ref_logits, ref_feats = LogitsAndFeatures(model)(x)
             logits, feats = session.run(["logits", "features"], {"input": x.numpy()})
-            assert logits.shape == (batch, 5) and feats.shape == (batch, 1920, 2, 2)
+            assert logits.shape == (batch, 5) and feats.shape == (batch, 1920, 3, 3)
             np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4)
             np.testing.assert_allclose(feats, ref_feats.numpy(), atol=1e-4)
 
