@@ -6,7 +6,10 @@ on ``--reference`` synthetic-like images and scored on ``--new`` others. Percent
 90% of *any* pair's new traffic "low" by construction, however far its evidence moved; the absolute scale
 says how far it moved.
 
-    python bench/severity_scale.py [--arch inceptionv3] [--reference 90] [--new 60]
+    python bench/severity_scale.py [--arch inceptionv3] [--reference 90] [--new 60] [--pair fine-tune|unrelated]
+
+``--pair unrelated`` makes the "fine-tuned" checkpoint an independent random init: evidence that moved as far
+as it can, which percentile thresholds still call mostly "low".
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.calibrate import calibrate, write_calibration
 from engine.report import drift_reports
 from engine.runtime import ModelPair
-from tests.pairs import SMALL_SIZE, export_small_pair
+from tests.pairs import SMALL_SIZE, export_models, export_small_pair, make_pair
 
 
 def images(n: int, seed: int) -> list[np.ndarray]:
@@ -43,9 +46,14 @@ def main() -> None:
     parser.add_argument("--arch", default="inceptionv3")
     parser.add_argument("--reference", type=int, default=90)
     parser.add_argument("--new", type=int, default=60)
+    parser.add_argument("--pair", choices=("fine-tune", "unrelated"), default="fine-tune")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = export_small_pair(args.arch, Path(tmp) / args.arch, input_size=SMALL_SIZE[args.arch])
+        if args.pair == "fine-tune":
+            folder = export_small_pair(args.arch, Path(tmp) / args.arch, input_size=SMALL_SIZE[args.arch])
+        else:
+            first, second = make_pair(args.arch, seed=0)[0], make_pair(args.arch, seed=7)[0]
+            folder = export_models(first, second, Path(tmp) / args.arch, input_size=SMALL_SIZE[args.arch])
         pair = ModelPair.load(folder, threads=2)
         reference = images(args.reference, seed=1)
         calibration = calibrate(pair, reference, subset="all", min_reference=args.reference, batch_size=16)
