@@ -21,11 +21,9 @@ from engine.calibrate import calibrate, write_calibration
 from engine.cams import closed_form_cams, head_scale_control
 from engine.metrics import topk_iou
 from engine.overlay import overlay_png
+from engine.regime import HEAD_SCALE_EXPLAINED, HEAD_SCALE_FLAG, SATURATED_PRODUCT
 from engine.report import (
-    HEAD_SCALE_EXPLAINED,
-    HEAD_SCALE_FLAG,
     METHODS,
-    SATURATED_PRODUCT,
     _method_entry,
     drift_report,
     drift_reports,
