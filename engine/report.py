@@ -55,7 +55,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -317,6 +317,11 @@ def drift_reports(
                 for name in CHECKPOINTS
             )
             own_cams[method] = (t_cam, f_cam)
+    own_display: dict[tuple[str, str], np.ndarray] = {}
+    if include_maps:
+        for method, pair_of in own_cams.items():
+            for name, res in zip(CHECKPOINTS, pair_of, strict=True):
+                own_display[(method, name)] = res.maps if grid == size else postprocess(res.raw, size)[0]
     thresholds, calibrations = calibration_for(
         pair.drift_calibration, methods=methods, topk_percent=topk_percent, score=score_name(topk_percent)
     )
@@ -350,7 +355,7 @@ def drift_reports(
                 methods=per_method,
                 thresholds=copy.deepcopy(thresholds),  # each report owns its dicts, as a single report does
                 timings_ms={},
-                maps={m: {n: display[(m, n)][i] for n in CHECKPOINTS} for m in methods}
+                maps={m: _maps_of(display, own_display, m, i, disagree[i]) for m in methods}
                 if include_maps
                 else None,
             )
@@ -360,6 +365,21 @@ def drift_reports(
     for report in reports:
         report.timings_ms = dict(per_image)
     return reports
+
+
+def _maps_of(
+    display: Mapping[tuple[str, str], np.ndarray],
+    own_display: Mapping[tuple[str, str], np.ndarray],
+    method: str,
+    i: int,
+    disagree: bool,
+) -> dict[str, np.ndarray]:
+    """Image ``i``'s maps of ``method``: both checkpoints for the common target, and, where they disagree,
+    ``transfer_own``/``finetuned_own``: each checkpoint's map for its own prediction."""
+    maps = {name: display[(method, name)][i] for name in CHECKPOINTS}
+    if disagree and own_display:
+        maps.update({f"{name}_own": own_display[(method, name)][i] for name in CHECKPOINTS})
+    return maps
 
 
 def _prediction(logits: np.ndarray, class_names: Sequence[str]) -> Prediction:

@@ -75,6 +75,12 @@ class MethodMaps(BaseModel):
 
     transfer: str | list[list[float]]
     finetuned: str | list[list[float]]
+    transfer_own: str | list[list[float]] | None = Field(
+        default=None, description="when the checkpoints disagree: the transfer map for its own prediction"
+    )
+    finetuned_own: str | list[list[float]] | None = Field(
+        default=None, description="when the checkpoints disagree: the fine-tuned map for its own prediction"
+    )
 
 
 class ModelReport(_Open):

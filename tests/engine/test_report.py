@@ -521,7 +521,7 @@ def test_disagreeing_checkpoints_also_compare_their_own_predictions(pair: ModelP
     its own prediction (computed here from the forward outputs with the closed form); elsewhere nothing."""
     grays = _grays(12, seed=11)
     pair = _Relabelled(pair)  # type: ignore[assignment]
-    reports = drift_reports(pair, grays)
+    reports = drift_reports(pair, grays, include_maps=True)
     batch = preprocess_batch(grays, input_size=pair.input_size, mean=pair.mean, std=pair.std)
     outputs = pair.forward(batch)
     for i, report in enumerate(reports):
@@ -541,5 +541,13 @@ def test_disagreeing_checkpoints_also_compare_their_own_predictions(pair: ModelP
                 for name in ("transfer", "finetuned")
             ]
             assert own["iou"] == pytest.approx(topk_iou(maps[0], maps[1], percent=20.0), abs=1e-6)
+            assert report.maps is not None and set(report.maps[method]) == {
+                "transfer",
+                "finetuned",
+                "transfer_own",
+                "finetuned_own",
+            }
+            shown = report.maps[method]["transfer_own"]
+            assert shown.shape == (pair.input_size, pair.input_size) and 0 <= shown.min() <= shown.max() <= 1
             assert own["drift_score"] == pytest.approx(1 - own["iou"], abs=1e-9)
     assert any(not r.agreement for r in reports), "the test pair must disagree on some image"
