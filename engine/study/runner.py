@@ -130,15 +130,18 @@ def run_study(
     markdown = render_markdown(summary, title="Drift study", preamble=study_preamble(summary["study"]))
     (out / "summary.md").write_text(markdown, encoding="utf-8")
     written = ["per_image.csv", "summary.json", "summary.md"]
+    plotted: list[str] = []
     if plots:
         from engine.study import plots as figures  # matplotlib: only when plotting
 
         example = build_example(pairs, samples, rows, root, target=target, topk=topk)
-        written += figures.write_plots(included, summary, example, out, note=note, has_masks=has_masks)
+        plotted = figures.write_plots(included, summary, example, out, note=note, has_masks=has_masks)
+        written += plotted
         if figure is not None:
             figures.write_combined_figure(included, summary, example, figure, note=note, has_masks=has_masks)
             written.append(str(figure))
-    pngs = {Path(name).stem.replace("_", " "): out / name for name in written if name.endswith(".png")}
+    # the figures written into ``out`` (the combined --figure lives wherever the caller put it)
+    pngs = {Path(name).stem.replace("_", " "): out / name for name in plotted}
     (out / "report.html").write_text(
         render_html(markdown, title="Drift study", figures=pngs), encoding="utf-8"
     )

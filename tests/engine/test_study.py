@@ -363,9 +363,12 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_study_cli_writes_every_output(study_inputs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_study_cli_writes_every_output(
+    study_inputs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     artifacts, data = study_inputs
-    out, figure = tmp_path / "out", tmp_path / "fig" / "example.png"
+    monkeypatch.chdir(tmp_path)  # a --figure path relative to the working folder, not to --out
+    out, figure = tmp_path / "out", Path("fig") / "example.png"
     argv = ["study", "--artifacts", str(artifacts), "--data", str(data), "--subset", "all"]
     argv += ["--bootstrap", "200", "--no-progress", "--out", str(out), "--figure", str(figure)]
     assert main([*argv, "--note", "random-init test models"]) == 0
