@@ -106,11 +106,12 @@ def _draw_ranking(ax: Axes, summary: Mapping[str, Any]) -> None:
     ax.set_ylabel(
         f"mean top-{summary['study']['topk_percent']:g}% IoU (95% CI)" if "study" in summary else "mean IoU"
     )
-    taus = [c for c in summary["rankings"]["comparisons"]]
-    tau_text = "; ".join(
-        f"Kendall tau = {'-' if c['tau'] is None else format(c['tau'], '.2f')}" for c in taus
+    verdicts = {True: "yes", False: "no", None: "undecided"}
+    verdict_text = "; ".join(
+        f"reversal: {verdicts[c['reversal']]} (tau {'-' if c['tau'] is None else format(c['tau'], '.2f')})"
+        for c in summary["rankings"]["comparisons"]
     )
-    ax.set_title(f"Stability ranking (mean IoU)\n{tau_text}; crossing = reversal", fontsize=9)
+    ax.set_title(f"Stability ranking (mean IoU, common images)\n{verdict_text}", fontsize=9)
     ax.legend(fontsize=7, loc="best")
 
 
