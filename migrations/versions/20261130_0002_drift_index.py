@@ -1,10 +1,10 @@
-"""Absolute drift index and reference percentile on audit_drift rows (engine.severity).
+"""Absolute drift index, reference percentile and the GradCAM++ head-scale control on audit_drift rows.
 
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-30 12:00:00+00:00
 
-Rows written before this revision keep NULL in both columns; the hash chain leaves NULL values of these
+Rows written before this revision keep NULL in these columns; the hash chain leaves NULL values of these
 columns out of a row's content (service/audit/chain.py), so those rows verify unchanged.
 """
 
@@ -20,7 +20,7 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-COLUMNS = ("drift_index", "reference_percentile")
+COLUMNS = ("drift_index", "reference_percentile", "head_scale_control_iou")
 
 
 def upgrade() -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc, func
 
-from engine.report import DriftReport
+from engine.report import DriftReport, MethodResult
 from service.audit.db import SQLITE_IMMEDIATE, translate_errors
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
@@ -87,10 +87,11 @@ DRIFT_CONTENT: tuple[str, ...] = (
     *METRIC_COLUMNS,
     "drift_index",
     "reference_percentile",
+    "head_scale_control_iou",
 )
 # Columns added after the first release (revision 0002): hashed only when set, so every row written before
 # them verifies exactly as it did, and setting or clearing one later still changes the hash.
-DRIFT_OPTIONAL_CONTENT: tuple[str, ...] = ("drift_index", "reference_percentile")
+DRIFT_OPTIONAL_CONTENT: tuple[str, ...] = ("drift_index", "reference_percentile", "head_scale_control_iou")
 
 
 @dataclass
@@ -214,6 +215,12 @@ def _metric(value: Any) -> float | None:
     return number + 0.0 if math.isfinite(number) else None
 
 
+def _control_iou(result: MethodResult) -> float | None:
+    """GradCAM++'s head-scale control as an IoU with the fine-tuned map (1 - residual drift), if reported."""
+    control = result["diagnostics"].get("head_scale_control")
+    return None if not control else _metric(1.0 - float(control["residual_drift_score"]))
+
+
 def drift_rows_from_reports(reports: Sequence[DriftReport]) -> list[dict[str, Any]]:
     """One ``audit_drift`` row (without ids) per report x method."""
     rows: list[dict[str, Any]] = []
@@ -231,6 +238,7 @@ def drift_rows_from_reports(reports: Sequence[DriftReport]) -> list[dict[str, An
                 "flagged": bool(result["flagged"]),
                 "drift_index": _metric(result.get("drift_index")),
                 "reference_percentile": _metric(result.get("reference_percentile")),
+                "head_scale_control_iou": _control_iou(result),
             }
             row.update({name: _metric(result["metrics"].get(name)) for name in METRIC_COLUMNS})
             rows.append(row)

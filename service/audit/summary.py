@@ -26,6 +26,7 @@ from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
 __all__ = ["GROUP_BY_OPTIONS", "PERCENTILES", "SUMMARY_STATISTICS", "summarize"]
 
+CONTROL_METHOD = "gradcampp"  # the method whose head-scale control the audit rows carry
 GROUP_BY_OPTIONS: tuple[str, ...] = ("model", "method", "class", "agreement", "day", "week")
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
 SUMMARY_STATISTICS: tuple[str, ...] = (*METRIC_COLUMNS, "drift_score", "drift_index", "reference_percentile")
@@ -239,7 +240,13 @@ def summarize(
             .group_by(AuditDrift.method, AuditDrift.model)
         ).all()
         per_record = connection.execute(
-            sa.select(AuditDrift.record_id, AuditDrift.model, AuditDrift.method, AuditDrift.iou)
+            sa.select(
+                AuditDrift.record_id,
+                AuditDrift.model,
+                AuditDrift.method,
+                AuditDrift.iou,
+                AuditDrift.head_scale_control_iou,
+            )
             .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
             .where(*conditions)
         ).all()
@@ -292,12 +299,24 @@ def _ranking(
         per_method[method] = [
             {**by_model[model], "rank": rank} for rank, model in enumerate(order, start=1)
         ] + [{**by_model[model], "rank": None} for model in unranked]
-    tables = method_tables((record_id, model, method, iou) for record_id, model, method, iou in per_record)
+    tables = method_tables((record_id, model, method, iou) for record_id, model, method, iou, _ in per_record)
+    # GradCAM++ under the head-scale control (docs/DESIGN.md section 3): the same test with it in place
+    controls = method_tables(
+        (record_id, model, method, control)
+        for record_id, model, method, _, control in per_record
+        if method == CONTROL_METHOD and control is not None
+    ).get(CONTROL_METHOD)
     comparisons = []
     for first, second in itertools.combinations(sorted(entries), 2):
+        options: dict[str, Any] = {"n_boot": n_boot, "seed": seed, "alpha": alpha}
         test = reversal_test(
-            tables.get(first, {}), tables.get(second, {}), n_boot=n_boot, seed=seed, alpha=alpha
+            tables.get(first, {}),
+            tables.get(second, {}),
+            control=controls if second == CONTROL_METHOD else None,
+            **options,
         )
+        if controls and first == CONTROL_METHOD:
+            test["control"] = reversal_test(controls, tables.get(second, {}), **options)
         comparisons.append(
             {
                 "methods": [first, second],
@@ -320,6 +339,18 @@ def _ranking(
                 "significant_pairs": test["significant_pairs"],
                 "reversal": test["reversal"],
                 "note": test["note"],
+                "head_scale_control": None
+                if test["control"] is None
+                else {
+                    "replaces": CONTROL_METHOD,
+                    "reversal": test["control"]["reversal"],
+                    "reversal_descriptive": test["control"]["reversal_descriptive"],
+                    "n_images": test["control"]["n_images"],
+                    "order": test["control"]["order_b" if second == CONTROL_METHOD else "order_a"],
+                    "interaction_tests": test["control"]["interaction_tests"],
+                    "bootstrap": test["control"]["bootstrap"],
+                    "note": test["control"]["note"],
+                },
             }
         )
     return {

@@ -126,6 +126,8 @@ class AuditDrift(Base):
     # revision 0002: the absolute drift index and the request's percentile among the pair's reference scores
     drift_index: Mapped[float | None] = mapped_column(sa.Double)
     reference_percentile: Mapped[float | None] = mapped_column(sa.Double)
+    # GradCAM++ only: IoU of the head-scale control map with the fine-tuned map (1 - residual drift)
+    head_scale_control_iou: Mapped[float | None] = mapped_column(sa.Double)
 
 
 class ApiKeyRow(Base):

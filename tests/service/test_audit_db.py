@@ -566,6 +566,59 @@ def test_ranking_and_its_reversal_between_methods(db_engine: sa.Engine) -> None:
     assert comparison["bootstrap"] == expected["bootstrap"]
 
 
+def test_the_verdict_is_repeated_under_the_head_scale_control(db_engine: sa.Engine) -> None:
+    """GradCAM++ reverses LayerCAM's order, but with the head scale matched (the control) it ranks like
+    LayerCAM: the reversal is head scale, and the summary says so, as engine.ranking does on the same values."""
+    rng = np.random.default_rng(17)
+    base_iou = {
+        "layercam": {"inceptionv3": 0.78, "densenet201": 0.70, "resnet50v2": 0.55},
+        "gradcampp": {"densenet201": 0.75, "resnet50v2": 0.66, "inceptionv3": 0.60},
+    }
+    entries = _with_iou(
+        [make_entry(rng) for _ in range(10)],
+        lambda _, model, method: base_iou[method][model] + float(rng.uniform(-0.02, 0.02)),
+    )
+    for entry in entries:
+        for report in entry.reports:
+            control_iou = report.methods["layercam"]["metrics"]["iou"] + float(rng.uniform(-0.01, 0.01))
+            report.methods["gradcampp"]["diagnostics"]["head_scale_control"] = {
+                "residual_drift_score": 1.0 - control_iou
+            }
+    ids = [result.id for result in append_many(db_engine, entries)]
+    (comparison,) = summarize(db_engine, filters=AuditFilters(), group_by=[], n_boot=300)["ranking"][
+        "comparisons"
+    ]
+    assert comparison["methods"] == ["gradcampp", "layercam"] and comparison["reversal"] is True
+    control = comparison["head_scale_control"]
+    assert control["replaces"] == "gradcampp" and control["n_images"] == 10
+    assert control["reversal"] is False and control["reversal_descriptive"] is False
+    records = [
+        (record_id, report.model, method, result["metrics"]["iou"])
+        for record_id, entry in zip(ids, entries, strict=True)
+        for report in entry.reports
+        for method, result in report.methods.items()
+    ]
+    controls = [
+        (
+            record_id,
+            report.model,
+            "gradcampp",
+            1.0 - report.methods["gradcampp"]["diagnostics"]["head_scale_control"]["residual_drift_score"],
+        )
+        for record_id, entry in zip(ids, entries, strict=True)
+        for report in entry.reports
+    ]
+    expected = reversal_test(
+        method_tables(controls)["gradcampp"], method_tables(records)["layercam"], n_boot=300
+    )
+    assert control["interaction_tests"] == expected["interaction_tests"]
+    assert control["bootstrap"] == expected["bootstrap"] and control["reversal"] == expected["reversal"]
+    rows = queries.list_records(db_engine, filters=AuditFilters(), limit=1).items[0]["drift"]
+    layercam_rows = [d for d in rows if d["method"] == "layercam"]
+    assert all(d["head_scale_control_iou"] is None for d in layercam_rows)
+    assert chain.verify(db_engine).ok
+
+
 def test_reversal_verdict_on_per_record_values_equals_the_engines(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(31)
     # no interaction: the same architecture effects under both methods, small and close, plus noise
