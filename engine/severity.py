@@ -114,6 +114,23 @@ class MethodCalibration:
     classes: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _method_block_ok(block: Any) -> bool:
+    """A method's calibration has a finite noise floor and numeric reference lists (a hand-edited or damaged
+    manifest is treated as uncalibrated, never as a crash on every request)."""
+    if not isinstance(block, Mapping) or not _finite_number(block.get("noise_floor")):
+        return False
+    references = [block.get("reference", [])]
+    classes = block.get("classes", {})
+    if not isinstance(classes, Mapping):
+        return False
+    references += [c.get("reference", []) if isinstance(c, Mapping) else None for c in classes.values()]
+    return all(isinstance(r, list) and all(_finite_number(v) for v in r) for r in references)
+
+
 def calibration_for(
     manifest_calibration: Mapping[str, Any] | None, *, methods: Sequence[str], topk_percent: float, score: str
 ) -> tuple[dict[str, Any], dict[str, MethodCalibration]]:
@@ -127,7 +144,7 @@ def calibration_for(
         and entry.get("version") == CALIBRATION_VERSION
         and entry.get("score") == score
         and isinstance(entry.get("methods"), Mapping)
-        and all(isinstance(entry["methods"].get(m), Mapping) for m in methods)
+        and all(_method_block_ok(entry["methods"].get(m)) for m in methods)
     )
     summary: dict[str, Any] = {
         "score": score,
@@ -160,8 +177,10 @@ def calibration_for(
             calibrated=True,
             noise_floor=float(block["noise_floor"]),
             chance=chance,
-            reference=tuple(float(v) for v in block.get("reference", ())),
-            classes={name: tuple(float(v) for v in c.get("reference", ())) for name, c in classes.items()},
+            reference=tuple(sorted(float(v) for v in block.get("reference", ()))),
+            classes={
+                name: tuple(sorted(float(v) for v in c.get("reference", ()))) for name, c in classes.items()
+            },
         )
     return summary, out
 

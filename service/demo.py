@@ -20,8 +20,11 @@ from core.dataset import load_index, load_split
 from core.errors import ArtifactError, InputError
 from core.manifest import read_manifest, verify_files
 from core.registry import get_arch, list_archs
-from core.vocabulary import CHECKPOINTS
-from engine.calibrate import CALIBRATION_VERSION, SUBSETS, calibrate_folder
+from core.vocabulary import CHECKPOINTS, METHODS
+from engine.calibrate import SUBSETS, calibrate_folder
+from engine.predict import DEFAULT_TOPK
+from engine.report import score_name
+from engine.severity import calibration_for
 from service.app.keys import create_key
 from service.audit.db import make_engine, upgrade
 from training.config import TrainConfig
@@ -70,8 +73,14 @@ def _trained(folder: Path) -> tuple[bool, str]:
 
 
 def _calibrated(folder: Path) -> bool:
-    calibration = read_manifest(folder).get("drift_calibration")
-    return isinstance(calibration, dict) and calibration.get("version") == CALIBRATION_VERSION
+    """Whether the manifest's calibration is one the report will use (engine.severity.calibration_for)."""
+    summary, _ = calibration_for(
+        read_manifest(folder).get("drift_calibration"),
+        methods=METHODS,
+        topk_percent=DEFAULT_TOPK,
+        score=score_name(DEFAULT_TOPK),
+    )
+    return bool(summary["calibrated"])
 
 
 def pair_is_usable(folder: Path) -> tuple[bool, str]:

@@ -30,7 +30,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # SQLite cannot drop a column of a table with triggers without rebuilding it; both dialects support
-    # DROP COLUMN for a plain nullable column (SQLite >= 3.35).
+    # Values in these columns are part of their rows' hashes: dropping them would make every such row fail
+    # verification for good. Refuse unless no row holds one.
+    filled = " OR ".join(f"{name} IS NOT NULL" for name in COLUMNS)
+    if op.get_bind().execute(sa.text(f"SELECT 1 FROM audit_drift WHERE {filled} LIMIT 1")).first():
+        raise RuntimeError(
+            "refusing to downgrade below 0002: audit_drift rows hold drift_index, reference_percentile or "
+            "head_scale_control_iou values that their hash chain covers; dropping them would break it"
+        )
+    # both dialects support DROP COLUMN for a plain nullable column (SQLite >= 3.35)
     for name in reversed(COLUMNS):
         op.drop_column("audit_drift", name)

@@ -77,7 +77,12 @@ def test_a_tampered_or_uncalibrated_pair_is_not_reused(tmp_path: Path) -> None:
     assert _pair_is_usable(folder) == (False, "drift not calibrated (or calibrated by an older version)")
     write_calibration(folder, {"version": 1, "methods": {}})
     assert _pair_is_usable(folder)[0] is False, "a calibration of another version is not current"
-    write_calibration(folder, {"version": 2, "methods": {}})
+    write_calibration(folder, {"version": 2, "score": "1 - top-20% IoU", "methods": {}})
+    assert _pair_is_usable(folder)[0] is False, "a calibration without every method is not used"
+    block = {"noise_floor": 0.1, "reference": [0.2, 0.3]}
+    write_calibration(
+        folder, {"version": 2, "score": "1 - top-20% IoU", "methods": {"layercam": block, "gradcampp": block}}
+    )
     assert _pair_is_usable(folder) == (True, "ok")
     onnx = folder / "finetuned.onnx"
     onnx.write_bytes(onnx.read_bytes()[:-10] + b"0123456789")

@@ -98,6 +98,10 @@ def test_calibration_is_read_only_when_it_fits() -> None:
         {**_calibration(layercam=block, gradcampp=block), "score": "1 - top-10% IoU"},
         _calibration(layercam=block),  # a method missing
         {"methods": {"layercam": {"moderate": 0.2, "high": 0.4}}},  # the percentile thresholds of before
+        _calibration(layercam={**block, "noise_floor": "0.2"}, gradcampp=block),  # damaged by hand
+        _calibration(layercam={"reference": [0.1]}, gradcampp=block),  # no noise floor
+        _calibration(layercam={**block, "reference": [0.1, None]}, gradcampp=block),
+        _calibration(layercam={**block, "classes": {"normal": {"reference": "x"}}}, gradcampp=block),
     ):
         summary, cal = calibration_for(
             bad, methods=("layercam", "gradcampp"), topk_percent=20.0, score="1 - top-20% IoU"

@@ -7,6 +7,7 @@ import multiprocessing
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -14,8 +15,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from cli import db as commands_db
-from service.audit import db
+from service.audit import chain, db
 from service.audit.tables import metadata
+from tests.db_fixtures import make_entry
 
 REPO = Path(__file__).resolve().parents[2]
 APP_TABLES = {"audit_records", "audit_drift", "api_keys"}
@@ -102,6 +104,20 @@ def test_alembic_cli_reads_the_url_from_the_environment(
     engine = db.make_engine(sqlite_url)
     try:
         assert db.current_revision(engine) == db.head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_below_0002_refuses_to_drop_hashed_values(sqlite_url: str) -> None:
+    """Rows written since 0002 hash their drift_index etc.: dropping the columns would break the chain."""
+    db.upgrade(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    try:
+        chain.append(engine, make_entry(np.random.default_rng(0)))
+        with pytest.raises(Exception, match="refusing to downgrade below 0002"):
+            db.downgrade(sqlite_url, "0001")
+        assert db.current_revision(engine) == db.head_revision()
+        assert chain.verify(engine).ok
     finally:
         engine.dispose()
 
