@@ -88,7 +88,7 @@ def _noise_scores(
     for i, (gray, cls) in enumerate(zip(grays, classes, strict=True)):
         images = [gray, *benign_perturbations(gray, seed=seed + i)]
         batch = preprocess_batch(images, input_size=pair.input_size, mean=pair.mean, std=pair.std)
-        features = pair.forward(batch)["transfer"].features
+        features = pair.forward(batch, checkpoints=("transfer",))["transfer"].features
         for method in methods:
             maps = closed_form_cams(
                 features,

@@ -102,9 +102,6 @@ def score_name(topk_percent: float) -> str:
     return f"1 - top-{topk_percent:g}% IoU"
 
 
-_score_name = score_name  # the former private name
-
-
 # One checkpoint's prediction: the arg-max class and the softmax probabilities (display only). Functional
 # form because "class" is a keyword.
 Prediction = TypedDict("Prediction", {"index": int, "class": str, "probabilities": dict[str, float]})

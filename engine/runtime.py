@@ -10,7 +10,7 @@ available). Either way ``pair.forward(batch)`` returns logits and target-layer f
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,8 +118,8 @@ class ModelPair:
         value = self.manifest.get("drift_calibration")
         return value if isinstance(value, Mapping) else None
 
-    def forward(self, batch: np.ndarray) -> dict[str, Forward]:
-        """Both checkpoints on ``batch`` (B, 3, S, S) float32: ``{"transfer": Forward, "finetuned": Forward}``."""
+    def forward(self, batch: np.ndarray, checkpoints: Sequence[str] = CHECKPOINTS) -> dict[str, Forward]:
+        """``checkpoints`` (default both) on ``batch`` (B, 3, S, S) float32: ``{"transfer": Forward, ...}``."""
         x = np.asarray(batch)
         expected = (3, self.input_size, self.input_size)
         if x.ndim != 4 or x.shape[1:] != expected:
@@ -127,7 +127,7 @@ class ModelPair:
         if not np.isfinite(x).all():
             raise ValueError("batch contains NaN or infinite values")
         x = np.ascontiguousarray(x, dtype=np.float32)
-        return {name: self._runners[name](x) for name in CHECKPOINTS}
+        return {name: self._runners[name](x) for name in checkpoints}
 
     def torch_model(self, checkpoint: str) -> Any:
         """The ``CxrClassifier`` of ``checkpoint`` (torch backend only)."""
