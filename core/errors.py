@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ArtifactError", "ConfigError", "DomainError", "InputError", "UsageError"]
+__all__ = ["ArtifactError", "ConfigError", "DomainError", "InputError", "Overloaded", "UsageError"]
 
 
 class DomainError(Exception):
@@ -42,3 +42,14 @@ class ConfigError(DomainError, ValueError):
 
 class UsageError(DomainError):
     """A command was asked for something it cannot do as asked (paths, flags, combinations)."""
+
+
+class Overloaded(DomainError):
+    """The work cannot start now (every decode or inference slot busy, the queue full); try again later.
+
+    ``retry_after`` is the number of seconds a client should wait; the service sends it as ``Retry-After``.
+    """
+
+    def __init__(self, message: str, *, retry_after: int = 1, code: str | None = None, details: Any = None) -> None:
+        super().__init__(message, code=code or "overloaded", details=details)
+        self.retry_after = max(1, int(retry_after))

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.errors import ArtifactError, DomainError
+from core.errors import ArtifactError, DomainError, Overloaded
 from core.imageio import ImageTooLargeError, UnsupportedFormatError
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ _DOMAIN_STATUS: tuple[tuple[type[DomainError], int, str], ...] = (
     (ImageTooLargeError, 413, "image_too_large"),
     (UnsupportedFormatError, 415, "unsupported_media_type"),
     (ArtifactError, 503, "artifact_unavailable"),
+    (Overloaded, 503, "overloaded"),
     (DomainError, 422, "invalid_input"),
 )
 
@@ -147,7 +148,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
     status, code = next((s, c) for cls, s, c in _DOMAIN_STATUS if isinstance(exc, cls))
-    return error_json(status, exc.code or code, str(exc), exc.details)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+    return error_json(status, exc.code or code, str(exc), exc.details, headers)
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
