@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from core.manifest import manifest_key_from_env
 from core.vocabulary import SPLITS
 from engine.calibrate import MIN_REFERENCE, SUBSETS, calibrate_folder
 
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         threads=args.threads,
         progress=args.progress,
+        manifest_key=manifest_key_from_env(),
     )
     path = Path(args.model_dir) / "manifest.json"
     print(

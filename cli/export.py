@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ArtifactError, UsageError
+from core.manifest import manifest_key_from_env
 from core.registry import get_arch
 from core.vocabulary import CHECKPOINTS
 from training.export import export_pair, load_checkpoint
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         dataset=old.get("dataset"),
         training=old.get("training"),
+        manifest_key=manifest_key_from_env(),
     )
     print(f"exported {arch} model pair to {folder}")
     return 0

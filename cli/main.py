@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("cli.train", "two-stage training (transfer, then fine-tuning) and export of a model pair"),
     "export": ("cli.export", "export a trained model pair to the artifact folder (ONNX + manifest)"),
     "calibrate": ("cli.calibrate", "learn drift thresholds from a reference split and store them"),
+    "seal": ("cli.seal", "check or (re-)seal a model pair's manifest after reviewing it"),
     "study": (
         "cli.study",
         "offline drift study over model pairs and a data split: tables, statistics, plots",

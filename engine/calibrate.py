@@ -25,15 +25,14 @@ how many there were, never a silent switch to another subset.
                               "classes": {"normal": {"n": 40, "reference": [...]}}},
                  "gradcampp": {...}}}
 
-``manifest.json`` is not in its own hash list, so writing this keeps the artifact verifiable.
+``manifest.json`` is not in its own hash list; :func:`write_calibration` checks the manifest's seal first (an
+edited manifest is never re-sealed) and re-seals it with the calibration (core.manifest).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from tqdm import tqdm
 from core.dataset import load_split
 from core.errors import InputError
 from core.imageio import read_image
+from core.manifest import read_manifest, verify_seal, write_manifest
 from core.preprocess import preprocess_batch
 from engine.cams import METHODS, closed_form_cams
 from engine.metrics import topk_iou
@@ -203,17 +203,17 @@ def calibrate(
     }
 
 
-def write_calibration(folder: str | Path, calibration: dict[str, Any]) -> Path:
-    """Store ``calibration`` as ``drift_calibration`` in ``folder/manifest.json`` (atomic replace); a
-    calibration of the old kind (``drift_thresholds``, percentile thresholds) is removed."""
-    path = Path(folder) / "manifest.json"
-    manifest = json.loads(path.read_text())
+def write_calibration(
+    folder: str | Path, calibration: dict[str, Any], *, manifest_key: bytes | None = None
+) -> Path:
+    """Store ``calibration`` as ``drift_calibration`` in ``folder/manifest.json`` and re-seal it (atomic
+    replace; with ``manifest_key``, an HMAC seal). The seal is checked first, so an edited or unsealed manifest
+    is refused, never laundered. A calibration of the old kind (``drift_thresholds``) is removed."""
+    manifest = read_manifest(Path(folder))
+    verify_seal(Path(folder), manifest, key=manifest_key)
     manifest.pop("drift_thresholds", None)
     manifest["drift_calibration"] = calibration
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_manifest(Path(folder), manifest, key=manifest_key)
 
 
 def calibrate_folder(
@@ -228,9 +228,11 @@ def calibrate_folder(
     batch_size: int = 8,
     threads: int | None = None,
     progress: bool = False,
+    manifest_key: bytes | None = None,
 ) -> dict[str, Any]:
-    """Calibrate the pair in ``model_dir`` on ``split`` of ``data`` and store the result in its manifest."""
-    pair = ModelPair.load(model_dir, threads=threads)
+    """Calibrate the pair in ``model_dir`` on ``split`` of ``data`` and store the result in its manifest
+    (verified before, re-sealed after, with ``manifest_key`` when given)."""
+    pair = ModelPair.load(model_dir, threads=threads, manifest_key=manifest_key)
     samples, _ = load_split(data, class_names=pair.class_names, split=split, limit=limit)
     grays = [read_image(s.path) for s in samples]
     calibration = calibrate(
@@ -243,5 +245,5 @@ def calibrate_folder(
         batch_size=batch_size,
         progress=progress,
     )
-    write_calibration(model_dir, calibration)
+    write_calibration(model_dir, calibration, manifest_key=manifest_key)
     return calibration

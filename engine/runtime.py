@@ -1,7 +1,8 @@
 """Load a model-pair artifact folder (docs/CONTRACTS.md) and run both checkpoints.
 
-``ModelPair.load(folder)`` reads ``manifest.json``, verifies the SHA-256 of every file it lists (a missing
-or altered file is an :class:`ArtifactError` naming it), opens one ONNX Runtime session per checkpoint and
+``ModelPair.load(folder)`` reads ``manifest.json``, checks its seal (an edited or unsealed manifest is an
+:class:`ArtifactError`; with ``manifest_key`` its HMAC too), verifies the SHA-256 of every file it lists (a
+missing or altered file is an :class:`ArtifactError` naming it), opens one ONNX Runtime session per checkpoint and
 reads each checkpoint's head weight (C, K) with ``safetensors.numpy`` for the closed-form CAMs.
 ``backend="torch"`` builds the ``CxrClassifier`` instead (torch imported lazily; CUDA when asked for and
 available). Either way ``pair.forward(batch)`` returns logits and target-layer features per checkpoint.
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import ArtifactError, ConfigError
-from core.manifest import read_manifest, verify_files
+from core.manifest import read_manifest, verify_manifest
 from core.vocabulary import BACKENDS, CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class ModelPair:
         backend: str = "onnx",
         device: str = "cpu",
         threads: int | None = None,
+        manifest_key: bytes | None = None,
     ) -> ModelPair:
         """Open the model pair in ``folder``; see the module docstring."""
         if backend not in BACKENDS:
@@ -83,7 +85,7 @@ class ModelPair:
         root = Path(folder)
         manifest = read_manifest(root)
         if verify:
-            verify_files(root, manifest)
+            verify_manifest(root, manifest, key=manifest_key)
         _check_closed_form_contract(manifest)
         checkpoints = manifest["checkpoints"]
         heads: dict[str, np.ndarray] = {}

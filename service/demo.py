@@ -18,7 +18,7 @@ from typing import Any
 
 from core.dataset import load_index, load_split
 from core.errors import ArtifactError, InputError
-from core.manifest import read_manifest, verify_files
+from core.manifest import UnsealedManifest, manifest_key_from_env, read_manifest, reseal, verify_manifest
 from core.registry import get_arch, list_archs
 from core.vocabulary import CHECKPOINTS, METHODS
 from engine.calibrate import SUBSETS, calibrate_folder
@@ -66,10 +66,29 @@ def _trained(folder: Path) -> tuple[bool, str]:
     if not (folder / "manifest.json").is_file():
         return False, "not trained yet"
     try:
-        verify_files(folder, read_manifest(folder))
+        verify_manifest(folder, read_manifest(folder), key=manifest_key_from_env())
     except (ArtifactError, OSError) as exc:
         return False, str(exc)
     return True, "ok"
+
+
+def _reseal_own_artifact(folder: Path, *, say: Callable[[str], None]) -> None:
+    """A demo pair written before manifests were sealed is the demo's own output: seal it (its files are
+    checked against their hashes first) instead of retraining. An edited (sealed, mismatching) one is not."""
+    if not (folder / "manifest.json").is_file():
+        return
+    key = manifest_key_from_env()
+    try:
+        verify_manifest(folder, read_manifest(folder), key=key)
+    except UnsealedManifest:
+        try:
+            reseal(folder, key=key)
+        except (ArtifactError, OSError) as exc:
+            say(f"[demo] {folder.name}: cannot seal the earlier demo pair: {exc}")
+            return
+        say(f"[demo] {folder.name}: sealed the manifest of the earlier demo pair (files verified)")
+    except (ArtifactError, OSError):
+        return  # _trained says why
 
 
 def _calibrated(folder: Path) -> bool:
@@ -101,7 +120,14 @@ def calibrate_demo_pair(folder: Path, data: Path, *, say: Callable[[str], None])
     minimum = min(DEMO_MIN_REFERENCE, n_val)
     for subset in SUBSETS:
         try:
-            return calibrate_folder(folder, data, split="val", subset=subset, min_reference=minimum)
+            return calibrate_folder(
+                folder,
+                data,
+                split="val",
+                subset=subset,
+                min_reference=minimum,
+                manifest_key=manifest_key_from_env(),
+            )
         except InputError as exc:
             if subset == SUBSETS[-1]:
                 raise
@@ -134,6 +160,8 @@ def prepare_demo(
 
     for arch in archs:
         folder = artifacts / arch
+        if not retrain:
+            _reseal_own_artifact(folder, say=say)
         usable, why = (False, "--retrain") if retrain else pair_is_usable(folder)
         if usable:
             say(f"[demo] {arch}: reusing verified model pair in {folder}")

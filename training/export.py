@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.errors import ArtifactError
-from core.manifest import MANIFEST_SCHEMA_VERSION, sha256_file, write_manifest
+from core.manifest import MANIFEST_SCHEMA_VERSION, check_class_names, sha256_file, write_manifest
 from core.registry import get_arch
 from core.vocabulary import CHECKPOINTS
 from training.models import CxrClassifier, LogitsAndFeatures, build_model
@@ -137,6 +137,7 @@ def check_onnx_parity(
 
 
 def _check_pair(transfer: CxrClassifier, finetuned: CxrClassifier, class_names: list[str]) -> None:
+    check_class_names(list(class_names))
     if transfer.arch != finetuned.arch:
         raise ExportError(f"a model pair needs one architecture, got {transfer.arch} and {finetuned.arch}")
     if transfer.num_classes != finetuned.num_classes:
@@ -160,12 +161,13 @@ def export_pair(
     dataset: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     sample_inputs: np.ndarray | None = None,
+    manifest_key: bytes | None = None,
 ) -> Path:
     """Write the model-pair folder: two safetensors, two ONNX files, ``manifest.json``. Returns its path.
 
     ``metrics`` maps checkpoint name ("transfer"/"finetuned") to that checkpoint's evaluation metrics.
     ``sample_inputs`` (B, 3, S, S): preprocessed real images for the ONNX parity check (random inputs
-    otherwise).
+    otherwise). The manifest is sealed (core.manifest), with an HMAC when ``manifest_key`` is given.
     """
     _check_pair(transfer, finetuned, class_names)
     spec = get_arch(transfer.arch)
@@ -234,7 +236,7 @@ def export_pair(
         "files": files,
         "drift_calibration": None,
     }
-    write_manifest(out_dir, manifest)
+    write_manifest(out_dir, manifest, key=manifest_key)
     return out_dir
 
 

@@ -58,6 +58,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from core.errors import InputError
+from core.manifest import manifest_key_from_env
 from core.registry import ArchSpec, get_arch
 from core.vocabulary import CHECKPOINTS
 from training.checkpoint import (
@@ -294,6 +295,7 @@ def _write_outputs(
             dataset={"fingerprint": data.fingerprint, "source": data.source, "counts": data.counts},
             training=_training_summary(config, metrics),
             sample_inputs=parity_inputs(data, spec=spec, input_size=config.input_size),
+            manifest_key=manifest_key_from_env(),
         )
     _log_summary(spec.name, metrics)
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from core.dataset import Sample
 from core.errors import ArtifactError, UsageError
 from core.imageio import read_image
+from core.manifest import manifest_key_from_env
 from engine.metrics import zone_shift
 from engine.report import DriftReport, drift_reports
 from engine.runtime import ModelPair
@@ -86,7 +87,7 @@ def load_pairs(folders: Sequence[Path], threads: int | None) -> dict[str, ModelP
     pairs: list[ModelPair] = []
     for folder in folders:
         try:
-            pairs.append(ModelPair.load(folder, threads=threads))
+            pairs.append(ModelPair.load(folder, threads=threads, manifest_key=manifest_key_from_env()))
         except ArtifactError as exc:
             raise UsageError(f"cannot load the model pair in {str(folder)!r}: {exc}") from exc
     names = [p.name for p in pairs]

@@ -52,7 +52,7 @@ class AppState:
 
 
 def load_pairs(
-    artifacts_dir: Path, *, backend: str, ort_threads: int | None = None
+    artifacts_dir: Path, *, backend: str, ort_threads: int | None = None, manifest_key: bytes | None = None
 ) -> tuple[dict[str, ModelPair], dict[str, str], list[FailedPair]]:
     """Load every model pair under ``artifacts_dir`` (each sub-folder holding a ``manifest.json``).
 
@@ -66,7 +66,7 @@ def load_pairs(
             FailedPair(name="*", folder=str(artifacts_dir), reason="artifacts directory does not exist")
         )
         return pairs, folders, failed
-    kwargs: dict[str, Any] = {"verify": True, "backend": backend}
+    kwargs: dict[str, Any] = {"verify": True, "backend": backend, "manifest_key": manifest_key}
     thread_param = _thread_parameter(ModelPair.load)
     if ort_threads is not None and thread_param is not None:
         kwargs[thread_param] = ort_threads
@@ -109,7 +109,10 @@ def load_state(settings: Settings, *, metrics: Metrics) -> AppState:
         db.upgrade(settings.database_url)
     engine = db.make_engine(settings.database_url)
     pairs, folders, failed = load_pairs(
-        Path(settings.artifacts_dir), backend=settings.backend, ort_threads=settings.ort_threads
+        Path(settings.artifacts_dir),
+        backend=settings.backend,
+        ort_threads=settings.ort_threads,
+        manifest_key=settings.manifest_key_bytes(),
     )
     return AppState(
         settings=settings, engine=engine, metrics=metrics, pairs=pairs, folders=folders, failed=failed
