@@ -29,6 +29,7 @@ __all__ = [
     "ROLES",
     "ApiKey",
     "authenticate",
+    "check_key_name",
     "create_key",
     "hash_key",
     "list_keys",
@@ -69,8 +70,11 @@ def _check_role(role: str) -> str:
     return role
 
 
-def _check_name(name: str) -> str:
-    if not _NAME.match(name):
+def check_key_name(name: str) -> str:
+    """The one rule for API key names, wherever they come from (``cxr-drift keys create``, the database,
+    ``CXR_DRIFT_API_KEYS``): 1-100 letters, digits and ``_ . @ -``, starting with a letter or digit (so a
+    name is never a spreadsheet formula). Raises :class:`InputError` (a ``ValueError``) otherwise."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InputError(
             f"invalid key name {name!r}: expected 1-100 characters, letters, digits and _ . @ -, "
             "starting with a letter or digit"
@@ -80,7 +84,7 @@ def _check_name(name: str) -> str:
 
 def create_key(engine: sa.Engine, *, name: str, role: str) -> str:
     """Store a new key named ``name`` with ``role`` and return its plaintext (shown this one time only)."""
-    _check_name(name)
+    check_key_name(name)
     _check_role(role)
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     with translate_errors("create an API key"):

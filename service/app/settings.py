@@ -14,10 +14,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.vocabulary import BACKENDS, ROLES
+from service.app.keys import check_key_name
 
 __all__ = ["ROLES", "Settings", "SettingsKey", "get_settings"]
 
@@ -59,6 +60,8 @@ class Settings(BaseSettings):
     backend: Literal["onnx", "torch"] = "onnx"
     migrate_on_start: bool = True
     ort_threads: int | None = None
+    # the manifest HMAC key (core.manifest.MANIFEST_KEY_ENV): set, every pair's manifest must carry its HMAC
+    manifest_key: SecretStr | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -150,6 +153,11 @@ class Settings(BaseSettings):
             )
         return self
 
+    def manifest_key_bytes(self) -> bytes | None:
+        """The manifest HMAC key as bytes, or None when unset or empty."""
+        value = self.manifest_key.get_secret_value() if self.manifest_key is not None else ""
+        return value.encode("utf-8") if value else None
+
     def settings_keys(self) -> list[SettingsKey]:
         """The API keys given in the settings, parsed."""
         return [_parse_key(entry) for entry in self.api_keys]
@@ -160,6 +168,10 @@ def _parse_key(entry: str) -> SettingsKey:
     if len(parts) != 3 or not parts[0]:
         raise ValueError(f"api_keys entries must look like 'name:role:sha256hex', got {entry!r}")
     name, role, digest = parts[0], parts[1].lower(), parts[2].lower()
+    try:
+        check_key_name(name)
+    except ValueError as exc:
+        raise ValueError(f"api_keys: {exc}") from None
     if role not in ROLES:
         raise ValueError(f"api key {name!r}: unknown role {parts[1]!r}; valid options: {', '.join(ROLES)}")
     if not _SHA256_HEX.match(digest):

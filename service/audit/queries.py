@@ -23,8 +23,10 @@ from service.audit.tables import AuditDrift, AuditRecord
 
 __all__ = [
     "CSV_COLUMNS",
+    "FORMULA_PREFIXES",
     "AuditFilters",
     "RecordPage",
+    "csv_cell",
     "drift_conditions",
     "export_csv",
     "get_record",
@@ -192,9 +194,21 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 
 
+# OWASP "CSV injection": a text cell starting with one of these is read as a formula by spreadsheets.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as a CSV cell: a string that starts with ``= + - @``, tab or CR gets a leading ``'`` so that a
+    spreadsheet shows it as text instead of running it; numbers (negative ones too) stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
 def _csv_line(values: Sequence[Any]) -> str:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(values)
+    csv.writer(buffer, lineterminator="\n").writerow([csv_cell(v) for v in values])
     return buffer.getvalue()
 
 
