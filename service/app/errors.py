@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ArtifactError, DomainError, Overloaded
 from core.imageio import ImageTooLargeError, UnsupportedFormatError
+from service.app.headers import headers_for
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         "internal_error",
         f"internal server error; the event was logged under request id {request_id}",
         {"request_id": request_id},
-        {REQUEST_ID_HEADER: request_id},
+        # this answer is made outside the middleware stack: give it the security headers here
+        {REQUEST_ID_HEADER: request_id, **dict(headers_for(request.url.path))},
     )
 
 

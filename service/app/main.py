@@ -1,7 +1,9 @@
 """The FastAPI application: ``create_app(settings=None)`` builds it; the lifespan loads what it serves.
 
-Middleware, outermost first: metrics (counts every answer, 413s included), then the body cap, then the
-upload-route authentication (401/403 before a multipart body is read), then the routes. Every route except ``/healthz`` and ``/readyz`` needs an API key (see ``service.app.deps``).
+Middleware, outermost first: security headers (service.app.headers: CSP, nosniff, no-store... per path),
+the request id, metrics (counts every answer, 413s included), then the body cap, then the upload-route
+authentication (401/403 before a multipart body is read), then the routes. ``/docs`` is Swagger UI served
+from local assets (service.app.docs); ReDoc is off. Every route except ``/healthz`` and ``/readyz`` needs an API key (see ``service.app.deps``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 
+from service.app.docs import install_docs
 from service.app.errors import RequestIdMiddleware, install_error_handlers
+from service.app.headers import SecurityHeadersMiddleware
 from service.app.limits import BodySizeLimitMiddleware
 from service.app.metrics import Metrics, MetricsMiddleware
 from service.app.routes import include_routers
@@ -75,13 +79,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         generate_unique_id_function=operation_id,
+        docs_url=None,  # served from local assets by install_docs (no CDN)
+        redoc_url=None,
     )
     app.state.cxr = None
     app.state.metrics = metrics
     install_error_handlers(app)
     include_routers(app)
+    install_docs(app)
     app.add_middleware(UploadAuthMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(RequestIdMiddleware)  # added last: runs first, so every answer carries the id
+    app.add_middleware(RequestIdMiddleware)  # runs before the rest, so every answer carries the id
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: every answer, 413 and 401 included
     return app

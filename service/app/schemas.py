@@ -171,7 +171,7 @@ class AuditVerifyResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    folder: str
+    folder: str | None = Field(None, description="the pair's folder on the server (admin role only)")
     architecture: str | None
     class_names: list[str]
     input_size: int
@@ -180,7 +180,7 @@ class ModelInfo(BaseModel):
 
 class NotReadyModel(BaseModel):
     name: str
-    folder: str
+    folder: str | None = Field(None, description="the folder on the server (admin role only)")
     reason: str
 
 
