@@ -137,7 +137,6 @@ def check_onnx_parity(
 
 
 def _check_pair(transfer: CxrClassifier, finetuned: CxrClassifier, class_names: list[str]) -> None:
-    check_class_names(list(class_names))
     if transfer.arch != finetuned.arch:
         raise ExportError(f"a model pair needs one architecture, got {transfer.arch} and {finetuned.arch}")
     if transfer.num_classes != finetuned.num_classes:
@@ -148,6 +147,7 @@ def _check_pair(transfer: CxrClassifier, finetuned: CxrClassifier, class_names: 
         raise ExportError(
             f"expected {transfer.num_classes} unique class names, got {len(class_names)}: {class_names}"
         )
+    check_class_names(list(class_names))  # names the service shows and exports: never formula-like
 
 
 def export_pair(
