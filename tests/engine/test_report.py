@@ -463,7 +463,7 @@ def test_calibration_is_what_the_report_uses(pair_dir: Path, tmp_path: Path) -> 
         assert block["noise"]["n"] == 3 * 6 and 0.0 <= block["noise_floor"] <= 1.0
         assert block["classes"] == {}  # no class reaches MIN_CLASS_REFERENCE
     write_calibration(copy, calibration)
-    reloaded = ModelPair.load(copy)  # manifest.json is not hashed: still verifies
+    reloaded = ModelPair.load(copy)  # write_calibration re-sealed the manifest: it still verifies
     report = drift_report(reloaded, grays[0])
     assert report.thresholds["calibrated"] is True and report.thresholds["subset"] == "all"
     for method, entry in report.methods.items():
@@ -552,3 +552,17 @@ def test_disagreeing_checkpoints_also_compare_their_own_predictions(pair: ModelP
             assert shown.shape == (pair.input_size, pair.input_size) and 0 <= shown.min() <= shown.max() <= 1
             assert own["drift_score"] == pytest.approx(1 - own["iou"], abs=1e-9)
     assert any(not r.agreement for r in reports), "the test pair must disagree on some image"
+
+
+def test_calibration_never_reseals_an_edited_manifest(pair_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(pair_dir, copy)
+    path = copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["class_names"][:2] = manifest["class_names"][1::-1]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"edited after it was sealed"):
+        write_calibration(copy, {"version": 2, "methods": {}})
+    assert json.loads(path.read_text()) == manifest
+    with pytest.raises(ArtifactError, match=r"edited after it was sealed"):
+        ModelPair.load(copy)
