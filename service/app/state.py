@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import sqlalchemy
 
 from engine.runtime import ModelPair
+from service.app.inference import Inference
 from service.app.metrics import Metrics
 from service.app.settings import Settings
 from service.audit import db
@@ -43,16 +45,24 @@ class AppState:
     folders: dict[str, str] = field(default_factory=dict)
     failed: list[FailedPair] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
+    inference: Inference | None = None  # admission + batching (service/app/inference.py)
 
     def ready_names(self) -> list[str]:
         return sorted(self.pairs)
 
+    def admit_inference(self) -> AbstractContextManager[None]:
+        """One inference slot (:meth:`Inference.admit`: Overloaded at once when all are taken)."""
+        return self.inference.admit() if self.inference is not None else nullcontext()
+
     def close(self) -> None:
+        if self.inference is not None:
+            for pair in self.pairs.values():
+                self.inference.detach(pair)
         self.engine.dispose()
 
 
 def load_pairs(
-    artifacts_dir: Path, *, backend: str, ort_threads: int | None = None
+    artifacts_dir: Path, *, backend: str, ort_threads: int | None = None, device: str = "cpu"
 ) -> tuple[dict[str, ModelPair], dict[str, str], list[FailedPair]]:
     """Load every model pair under ``artifacts_dir`` (each sub-folder holding a ``manifest.json``).
 
@@ -66,7 +76,7 @@ def load_pairs(
             FailedPair(name="*", folder=str(artifacts_dir), reason="artifacts directory does not exist")
         )
         return pairs, folders, failed
-    kwargs: dict[str, Any] = {"verify": True, "backend": backend}
+    kwargs: dict[str, Any] = {"verify": True, "backend": backend, "device": device}
     thread_param = _thread_parameter(ModelPair.load)
     if ort_threads is not None and thread_param is not None:
         kwargs[thread_param] = ort_threads
@@ -109,8 +119,19 @@ def load_state(settings: Settings, *, metrics: Metrics) -> AppState:
         db.upgrade(settings.database_url)
     engine = db.make_engine(settings.database_url)
     pairs, folders, failed = load_pairs(
-        Path(settings.artifacts_dir), backend=settings.backend, ort_threads=settings.ort_threads
+        Path(settings.artifacts_dir),
+        backend=settings.backend,
+        ort_threads=settings.ort_threads,
+        device=settings.device,
     )
+    inference = Inference(settings, metrics)
+    pairs = {name: inference.attach(pair) for name, pair in pairs.items()}
     return AppState(
-        settings=settings, engine=engine, metrics=metrics, pairs=pairs, folders=folders, failed=failed
+        settings=settings,
+        engine=engine,
+        metrics=metrics,
+        pairs=pairs,
+        folders=folders,
+        failed=failed,
+        inference=inference,
     )

@@ -102,7 +102,10 @@ async def predict(
     image = await run_in_threadpool(decode_image, await file.read(), max_pixels=state.settings.max_pixels)
     timings["decode_ms"] = _ms(t)
 
-    results: Sequence[PairResult] = await run_in_threadpool(predict_pairs, state.pairs, image.gray, options)
+    with state.admit_inference():  # 503 overloaded at once when the inference bound is reached
+        results: Sequence[PairResult] = await run_in_threadpool(
+            predict_pairs, state.pairs, image.gray, options
+        )
     timings.update({f"{r.report.model}_ms": r.elapsed_ms for r in results})
     reports = [r.report for r in results]
 
@@ -124,6 +127,7 @@ async def predict(
         timings_ms=dict(timings),
     )
     timings["audit_ms"] = _ms(t)
+    state.metrics.record_stages(timings)
     for report in reports:
         state.metrics.record_report(report)
     timings["total_ms"] = _ms(started)
