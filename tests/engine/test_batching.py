@@ -294,7 +294,6 @@ def test_onnx_pair_on_cuda_without_one_is_a_clear_error_and_auto_falls_back(api_
     with pytest.raises(ConfigError, match="CUDAExecutionProvider"):
         ModelPair.load(folder, device="cuda")
     assert ModelPair.load(folder, device="auto", threads=1).device == "cpu"
-    assert ModelPair.load(folder, threads=1).device == "cpu"
 
 
 def test_torch_pair_on_cuda_without_a_gpu_is_a_clear_error(api_artifacts: Path) -> None:
@@ -305,4 +304,3 @@ def test_torch_pair_on_cuda_without_a_gpu_is_a_clear_error(api_artifacts: Path) 
     folder = api_artifacts / PAIR_ARCHS[1]
     with pytest.raises(ConfigError, match="no usable GPU"):
         ModelPair.load(folder, backend="torch", device="cuda")
-    assert ModelPair.load(folder, backend="torch", device="auto", threads=1).device == "cpu"
