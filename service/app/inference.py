@@ -1,11 +1,12 @@
 """Inference in the service: admission (a bound on requests in inference, 503 at once beyond it) and dynamic
 batching across requests (:mod:`engine.batching`), configured by the settings.
 
-- :meth:`Inference.admit` is entered by ``POST /predict`` on the event loop, before the use case goes to a
-  worker thread: at most ``queue_bound`` requests are in inference (running or waiting for a batch); one
-  more raises :class:`core.errors.Overloaded` (503 with ``Retry-After``) without waiting for anything, so an
-  overloaded service answers in about the time the request took to arrive instead of growing a queue
-  (the threadpool included: a request over the bound never takes a thread).
+- :class:`AdmissionMiddleware` holds one :meth:`Inference.admit` slot for each ``POST /predict`` from its
+  headers to its last byte: at most ``queue_bound`` predictions are in the service at once (decoding,
+  waiting for a batch, running, writing the audit row); one more is answered 503 ``overloaded`` with
+  ``Retry-After`` before its body is read or parsed and without taking a worker thread, so an overloaded
+  service answers in about the time the request took to arrive instead of growing a queue. It runs after
+  the upload authentication (an unauthenticated flood gets 401s and takes no slot).
 - :meth:`Inference.attach` turns a loaded :class:`ModelPair` into the pair the request path uses: with
   ``batching`` on, a :class:`engine.batching.BatchedPair` (one batcher per checkpoint, a window of
   ``batch_window_ms``, ``max_batch`` images, each queue bounded by ``queue_bound`` as an engine-level guard);
@@ -21,17 +22,21 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from core.errors import Overloaded
 from engine.batching import BatchConfig, BatchedPair
 from engine.runtime import ModelPair
+from service.app.errors import error_json
 from service.app.metrics import Metrics
 from service.app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Inference"]
+__all__ = ["ADMITTED_ROUTES", "AdmissionMiddleware", "Inference"]
 
 RETRY_AFTER_S = 1
+ADMITTED_ROUTES: frozenset[tuple[str, str]] = frozenset({("POST", "/predict")})
 
 
 class Inference:
@@ -91,3 +96,34 @@ class Inference:
         """Stop ``pair``'s batchers, if it has any (queued work is finished first)."""
         if isinstance(pair, BatchedPair):
             pair.close(timeout)
+
+
+class AdmissionMiddleware:
+    """One inference slot per request to :data:`ADMITTED_ROUTES`, held until the answer is sent; 503 at once
+    when none is free (module docstring)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope.get("method", ""), scope.get("path", "")) not in ADMITTED_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        cxr = getattr(getattr(scope.get("app"), "state", None), "cxr", None)
+        inference = getattr(cxr, "inference", None)
+        if inference is None:  # not started: the route answers 503 not_started
+            await self.app(scope, receive, send)
+            return
+        try:
+            slot = inference.admit()
+            slot.__enter__()
+        except Overloaded as exc:
+            response = error_json(
+                503, exc.code or "overloaded", str(exc), exc.details, {"Retry-After": str(exc.retry_after)}
+            )
+            await response(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            slot.__exit__(None, None, None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,6 @@ class AppState:
 
     def ready_names(self) -> list[str]:
         return sorted(self.pairs)
-
-    def admit_inference(self) -> AbstractContextManager[None]:
-        """One inference slot (:meth:`Inference.admit`: Overloaded at once when all are taken)."""
-        return self.inference.admit() if self.inference is not None else nullcontext()
 
     def close(self) -> None:
         if self.inference is not None:

@@ -20,7 +20,7 @@ from engine.batching import BatchedPair
 from engine.predict import decode_image
 from engine.report import drift_report
 from engine.runtime import ModelPair
-from service.app.inference import Inference
+from service.app.inference import AdmissionMiddleware, Inference
 from service.app.metrics import Metrics
 from service.audit import chain
 from tests.api_fixtures import (
@@ -132,12 +132,42 @@ def test_at_the_inference_bound_the_answer_is_503_overloaded_and_nothing_is_audi
         assert error["code"] == "overloaded"
         assert error["details"] == {"in_flight": BOUND, "bound": BOUND}
         assert "results" not in response.text
+        # authentication comes first: a request without a key gets its 401, not a 503
+        assert api.post("/predict", files=upload(data)).status_code == 401
     assert chain.verify(state.engine).checked == before  # no audit row for a refused request
     text = api.get("/metrics", headers=headers("audit")).text
     assert _metric(text, "cxr_drift_overloaded_total", where="admission") >= 1
     assert _metric(text, "cxr_drift_inference_in_flight") == 0
     # the slots are back: the same request goes through
     assert api.post("/predict", files=upload(data), headers=headers("predict")).status_code == 200
+
+
+def test_overload_is_answered_from_the_headers_without_reading_the_body(api: ApiClient) -> None:
+    state = api.app.state.cxr
+    sent: list[dict[str, Any]] = []
+    inner_called = False
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal inner_called
+        inner_called = True
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("the body was read")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [], "app": api.app}
+    with contextlib.ExitStack() as held:
+        for _ in range(BOUND):
+            held.enter_context(state.inference.admit())
+        api.run(AdmissionMiddleware(inner)(scope, receive, send))
+    assert not inner_called
+    assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+    assert b'"overloaded"' in sent[1]["body"]
+    # with a free slot the request goes on to the route, and the slot is back afterwards
+    api.run(AdmissionMiddleware(inner)(scope, receive, send))
+    assert inner_called and state.inference.in_flight == 0
 
 
 def test_metrics_expose_queue_depth_batch_sizes_and_stage_latencies(api: ApiClient) -> None:

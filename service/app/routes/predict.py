@@ -102,10 +102,7 @@ async def predict(
     image = await run_in_threadpool(decode_image, await file.read(), max_pixels=state.settings.max_pixels)
     timings["decode_ms"] = _ms(t)
 
-    with state.admit_inference():  # 503 overloaded at once when the inference bound is reached
-        results: Sequence[PairResult] = await run_in_threadpool(
-            predict_pairs, state.pairs, image.gray, options
-        )
+    results: Sequence[PairResult] = await run_in_threadpool(predict_pairs, state.pairs, image.gray, options)
     timings.update({f"{r.report.model}_ms": r.elapsed_ms for r in results})
     reports = [r.report for r in results]
 
