@@ -5,8 +5,10 @@ batching across requests (:mod:`engine.batching`), configured by the settings.
   headers to its last byte: at most ``queue_bound`` predictions are in the service at once (decoding,
   waiting for a batch, running, writing the audit row); one more is answered 503 ``overloaded`` with
   ``Retry-After`` before its body is read or parsed and without taking a worker thread, so an overloaded
-  service answers in about the time the request took to arrive instead of growing a queue. It runs after
-  the upload authentication (an unauthenticated flood gets 401s and takes no slot).
+  service answers in about the time the request took to arrive instead of growing a queue. It runs before
+  the upload authentication, whose key lookup needs a worker thread (and a database read for stored keys):
+  shedding must cost less than the work it sheds. A request that then fails authentication gives its slot
+  back at once.
 - :meth:`Inference.attach` turns a loaded :class:`ModelPair` into the pair the request path uses: with
   ``batching`` on, a :class:`engine.batching.BatchedPair` (one batcher per checkpoint, a window of
   ``batch_window_ms``, ``max_batch`` images, each queue bounded by ``queue_bound`` as an engine-level guard);

@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(settings=None)`` builds it; the lifespan loads what it serves.
 
 Middleware, outermost first: metrics (counts every answer, 413s included), then the body cap, then the
-upload-route authentication (401/403 before a multipart body is read), then the inference admission (503
-overloaded before a body is read when ``queue_bound`` predictions are in flight), then the routes. Every route except ``/healthz`` and ``/readyz`` needs an API key (see ``service.app.deps``).
+inference admission (503 overloaded from the headers alone when ``queue_bound`` predictions are in flight:
+the cheapest possible refusal, no worker thread, no key lookup), then the upload-route authentication
+(401/403 before a multipart body is read), then the routes. Every route except ``/healthz`` and ``/readyz`` needs an API key (see ``service.app.deps``).
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
     include_routers(app)
-    app.add_middleware(AdmissionMiddleware)
     app.add_middleware(UploadAuthMiddleware)
+    app.add_middleware(AdmissionMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)  # added last: runs first, so every answer carries the id

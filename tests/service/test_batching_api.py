@@ -132,13 +132,15 @@ def test_at_the_inference_bound_the_answer_is_503_overloaded_and_nothing_is_audi
         assert error["code"] == "overloaded"
         assert error["details"] == {"in_flight": BOUND, "bound": BOUND}
         assert "results" not in response.text
-        # authentication comes first: a request without a key gets its 401, not a 503
-        assert api.post("/predict", files=upload(data)).status_code == 401
+        # shedding comes before the key lookup (which needs a worker thread): no key, still 503
+        assert api.post("/predict", files=upload(data)).status_code == 503
     assert chain.verify(state.engine).checked == before  # no audit row for a refused request
     text = api.get("/metrics", headers=headers("audit")).text
     assert _metric(text, "cxr_drift_overloaded_total", where="admission") >= 1
     assert _metric(text, "cxr_drift_inference_in_flight") == 0
-    # the slots are back: the same request goes through
+    # the slots are back: a request without a key gets its 401 and gives its slot back, a good one goes through
+    assert api.post("/predict", files=upload(data)).status_code == 401
+    assert state.inference.in_flight == 0
     assert api.post("/predict", files=upload(data), headers=headers("predict")).status_code == 200
 
 
