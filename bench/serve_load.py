@@ -10,7 +10,8 @@ an overloaded service says so. One run, one machine, side by side.
    every client, the 200s completed in ``--seconds``: throughput and p50/p95/p99; 503s counted; mean images
    per batched forward (from /metrics).
 4. Overload: batching on, ``queue_bound = --overload-bound``, ``--overload-clients`` clients (a refused
-   client waits 50 ms, then retries): latency of the 503 answers and p99/p50 of the admitted ones.
+   client waits 50 ms, then retries) keep every slot taken, plus one probe client sending a request every
+   20 ms: latency of the 503 answers (all clients, and the probe's alone) and p99/p50 of the admitted ones.
 
 Goals (issue 12): 16-client throughput >= offline batched throughput; p99 <= 3 x p50 at the queue bound;
 503 in under 50 ms when overloaded. The clients run on the same cores as the service.
@@ -150,15 +151,20 @@ class Server:
             self.proc.wait()
 
 
-async def _load(url: str, pngs: list[bytes], clients: int, seconds: float, warmup: float) -> dict[str, Any]:
+async def _load(
+    url: str, pngs: list[bytes], clients: int, seconds: float, warmup: float, *, probe: bool = False
+) -> dict[str, Any]:
     """``clients`` closed-loop clients. The measured window opens once ``warmup`` seconds have passed *and*
     every client has had an answer (the pipeline is full), and lasts ``seconds``; what completes inside it
-    counts. Requests still running when it closes are awaited, not counted."""
+    counts. Requests still running when it closes are awaited, not counted. ``probe``: one more client
+    sends one request every 20 ms inside the window, its answers timed apart (the 503 latency without
+    the load clients' own queueing in this process)."""
     import httpx
 
     ok: list[float] = []
     refused: list[float] = []
     other: dict[int, int] = {}
+    probed: list[tuple[int, float]] = []
     answered: set[int] = set()
     window: list[float] = []  # [start, end] once open
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -187,7 +193,18 @@ async def _load(url: str, pngs: list[bytes], clients: int, seconds: float, warmu
                 if response.status_code == 503:
                     await asyncio.sleep(0.05)  # a client told to back off does, a little
 
-        await asyncio.gather(*[one(k) for k in range(clients)])
+        async def prober() -> None:
+            while not window:
+                await asyncio.sleep(0.02)
+            while time.perf_counter() < window[1]:
+                start = time.perf_counter()
+                files = {"file": ("x.png", pngs[0], "image/png")}
+                response = await client.post("/predict", files=files)
+                probed.append((response.status_code, time.perf_counter() - start))
+                await asyncio.sleep(0.02)
+
+        tasks = [one(k) for k in range(clients)] + ([prober()] if probe else [])
+        await asyncio.gather(*tasks)
         elapsed = seconds
 
     def pct(values: list[float], q: float) -> float | None:
@@ -205,6 +222,11 @@ async def _load(url: str, pngs: list[bytes], clients: int, seconds: float, warmu
         "refused_p99_ms": pct(refused, 99),
         "refused_max_ms": max(refused) * 1000.0 if refused else None,
         "other": other,
+        "probe_503": len([t for c, t in probed if c == 503]),
+        "probe_200": len([t for c, t in probed if c == 200]),
+        "probe_503_p50_ms": pct([t for c, t in probed if c == 503], 50),
+        "probe_503_p99_ms": pct([t for c, t in probed if c == 503], 99),
+        "probe_503_max_ms": max([t for c, t in probed if c == 503], default=0.0) * 1000.0,
     }
 
 
@@ -227,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--queue-bound", type=int, default=32)
     parser.add_argument("--overload-bound", type=int, default=4)
-    parser.add_argument("--overload-clients", type=int, default=16)
+    parser.add_argument("--overload-clients", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="offline repeats (median)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -284,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server.wait_ready()
             results["overload"] = asyncio.run(
-                _load(server.url, pngs, args.overload_clients, args.seconds, args.warmup)
+                _load(server.url, pngs, args.overload_clients, args.seconds, args.warmup, probe=True)
             )
             results["overload"]["queue_bound"] = args.overload_bound
             print(f"overload: {results['overload']}", file=sys.stderr)
@@ -313,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\noverload (queue bound {o['queue_bound']}, {o['clients']} clients): {o['ok']} answered 200 "
         f"({o['rps']:.2f} req/s, p50 {_fmt(o['p50_ms'])} ms, p99 {_fmt(o['p99_ms'])} ms, p99/p50 "
         f"{_fmt(ratio, '.2f')}); {o['refused']} answered 503 in p50 {_fmt(o['refused_p50_ms'], '.1f')} ms, "
-        f"p99 {_fmt(o['refused_p99_ms'], '.1f')} ms, max {_fmt(o['refused_max_ms'], '.1f')} ms"
+        f"p99 {_fmt(o['refused_p99_ms'], '.1f')} ms, max {_fmt(o['refused_max_ms'], '.1f')} ms; probe: "
+        f"{o['probe_503']} answered 503 in p50 {_fmt(o['probe_503_p50_ms'], '.1f')} ms, p99 "
+        f"{_fmt(o['probe_503_p99_ms'], '.1f')} ms, max {o['probe_503_max_ms']:.1f} ms ({o['probe_200']} admitted)"
     )
     print(f"load average before {results['load_before']}, after {results['load_after']}")
     if args.json:
