@@ -11,7 +11,9 @@ an overloaded service says so. One run, one machine, side by side.
    per batched forward (from /metrics).
 4. Overload: batching on, ``queue_bound = --overload-bound``, ``--overload-clients`` clients (a refused
    client waits 50 ms, then retries) keep every slot taken, plus one probe client sending a request every
-   20 ms: latency of the 503 answers (all clients, and the probe's alone) and p99/p50 of the admitted ones.
+   20 ms, alternating with a request for a route that does not exist (a 404 from the router: the floor of
+   what any answer costs on this loaded server): latency of the 503 answers (all clients, and the probe's
+   alone) and p99/p50 of the admitted ones.
 
 Goals (issue 12): 16-client throughput >= offline batched throughput; p99 <= 3 x p50 at the queue bound;
 503 in under 50 ms when overloaded. The clients run on the same cores as the service.
@@ -165,6 +167,7 @@ async def _load(
     refused: list[float] = []
     other: dict[int, int] = {}
     probed: list[tuple[int, float]] = []
+    floor: list[float] = []
     answered: set[int] = set()
     window: list[float] = []  # [start, end] once open
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -201,7 +204,12 @@ async def _load(
                 files = {"file": ("x.png", pngs[0], "image/png")}
                 response = await client.post("/predict", files=files)
                 probed.append((response.status_code, time.perf_counter() - start))
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.01)
+                # the floor: the cheapest answer this server gives (a 404 from the router, no thread)
+                start = time.perf_counter()
+                response = await client.get("/no-such-route")
+                floor.append(time.perf_counter() - start)
+                await asyncio.sleep(0.01)
 
         tasks = [one(k) for k in range(clients)] + ([prober()] if probe else [])
         await asyncio.gather(*tasks)
@@ -227,6 +235,8 @@ async def _load(
         "probe_503_p50_ms": pct([t for c, t in probed if c == 503], 50),
         "probe_503_p99_ms": pct([t for c, t in probed if c == 503], 99),
         "probe_503_max_ms": max([t for c, t in probed if c == 503], default=0.0) * 1000.0,
+        "floor_404_p50_ms": pct(floor, 50),
+        "floor_404_p99_ms": pct(floor, 99),
     }
 
 
@@ -337,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{_fmt(ratio, '.2f')}); {o['refused']} answered 503 in p50 {_fmt(o['refused_p50_ms'], '.1f')} ms, "
         f"p99 {_fmt(o['refused_p99_ms'], '.1f')} ms, max {_fmt(o['refused_max_ms'], '.1f')} ms; probe: "
         f"{o['probe_503']} answered 503 in p50 {_fmt(o['probe_503_p50_ms'], '.1f')} ms, p99 "
-        f"{_fmt(o['probe_503_p99_ms'], '.1f')} ms, max {o['probe_503_max_ms']:.1f} ms ({o['probe_200']} admitted)"
+        f"{_fmt(o['probe_503_p99_ms'], '.1f')} ms, max {o['probe_503_max_ms']:.1f} ms ({o['probe_200']} admitted); "
+        f"floor (a 404 from the same server meanwhile): p50 {_fmt(o['floor_404_p50_ms'], '.1f')} ms, p99 "
+        f"{_fmt(o['floor_404_p99_ms'], '.1f')} ms"
     )
     print(f"load average before {results['load_before']}, after {results['load_after']}")
     if args.json:
