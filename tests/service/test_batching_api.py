@@ -44,7 +44,7 @@ BOUND = 6
 def api(api_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
     folder = tmp_path_factory.mktemp("batch-sqlite")
     settings = make_settings(
-        api_artifacts, sqlite_url(folder), batch_window_ms=300.0, max_batch=4, queue_bound=BOUND
+        api_artifacts, sqlite_url(folder), batch_window_ms=1000.0, max_batch=3, queue_bound=BOUND
     )
     with started(settings) as client:
         yield client
