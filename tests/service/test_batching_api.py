@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,7 @@ def test_at_the_inference_bound_the_answer_is_503_overloaded_and_nothing_is_audi
 
 def test_overload_is_answered_from_the_headers_without_reading_the_body(api: ApiClient) -> None:
     state = api.app.state.cxr
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
     inner_called = False
 
     async def inner(scope: Any, receive: Any, send: Any) -> None:
@@ -156,7 +156,7 @@ def test_overload_is_answered_from_the_headers_without_reading_the_body(api: Api
     async def receive() -> dict[str, Any]:
         raise AssertionError("the body was read")
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [], "app": api.app}
