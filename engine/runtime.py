@@ -4,8 +4,13 @@
 :class:`ArtifactError`; with ``manifest_key`` its HMAC too), verifies the SHA-256 of every file it lists (a
 missing or altered file is an :class:`ArtifactError` naming it), opens one ONNX Runtime session per checkpoint and
 reads each checkpoint's head weight (C, K) with ``safetensors.numpy`` for the closed-form CAMs.
-``backend="torch"`` builds the ``CxrClassifier`` instead (torch imported lazily; CUDA when asked for and
-available). Either way ``pair.forward(batch)`` returns logits and target-layer features per checkpoint.
+``backend="torch"`` builds the ``CxrClassifier`` instead (torch imported lazily). Either way
+``pair.forward(batch)`` returns logits and target-layer features per checkpoint.
+
+``device`` (:data:`DEVICES`): ``"cpu"`` (default); ``"cuda"`` or ``"cuda:N"``: ONNX Runtime's CUDA execution
+provider (``onnxruntime-gpu``) or torch on that GPU, and a :class:`ConfigError` saying what is missing when
+it is not there (never a silent fall-back to the CPU: a service sized for a GPU would not keep up);
+``"auto"``: the GPU when one is usable, else the CPU. ``pair.device`` says what was chosen.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from core.vocabulary import BACKENDS, CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Forward", "ModelPair"]
+__all__ = ["DEVICES", "Forward", "ModelPair", "select_providers"]
+
+DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")  # and "cuda:N" for GPU N
+_CPU_EP = "CPUExecutionProvider"
+_CUDA_EP = "CUDAExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,10 @@ class ModelPair:
         runners: Mapping[str, Any],
         head_weights: Mapping[str, np.ndarray],
         backend: str,
+        device: str = "cpu",
     ) -> None:
         self.folder = folder
+        self.device = device
         self.manifest = manifest
         self.name: str = manifest["architecture"]
         self.class_names: list[str] = list(manifest["class_names"])
@@ -82,6 +93,7 @@ class ModelPair:
         """Open the model pair in ``folder``; see the module docstring."""
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; valid options: {', '.join(BACKENDS)}")
+        _check_device(device)
         root = Path(folder)
         manifest = read_manifest(root)
         if verify:
@@ -108,11 +120,21 @@ class ModelPair:
             weights_path = root / str(entry["safetensors"])
             heads[name] = _head_weight(weights_path, manifest)
             if backend == "onnx":
-                runners[name] = _OnnxRunner(root / str(entry["onnx"]), threads=threads)
+                runners[name] = _OnnxRunner(root / str(entry["onnx"]), threads=threads, device=device)
             else:
                 runners[name] = _TorchRunner(weights_path, manifest, device=device, threads=threads)
-        log.info("loaded %s model pair from %s (%s backend)", manifest["architecture"], root, backend)
-        return cls(folder=root, manifest=manifest, runners=runners, head_weights=heads, backend=backend)
+        chosen = str(next(iter(runners.values())).device)
+        log.info(
+            "loaded %s model pair from %s (%s backend, %s)", manifest["architecture"], root, backend, chosen
+        )
+        return cls(
+            folder=root,
+            manifest=manifest,
+            runners=runners,
+            head_weights=heads,
+            backend=backend,
+            device=chosen,
+        )
 
     @property
     def drift_calibration(self) -> Mapping[str, Any] | None:
@@ -122,14 +144,18 @@ class ModelPair:
 
     def forward(self, batch: np.ndarray, checkpoints: Sequence[str] = CHECKPOINTS) -> dict[str, Forward]:
         """``checkpoints`` (default both) on ``batch`` (B, 3, S, S) float32: ``{"transfer": Forward, ...}``."""
+        x = self.checked_batch(batch)
+        return {name: self._runners[name](x) for name in checkpoints}
+
+    def checked_batch(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` as contiguous float32 (B, 3, S, S); ``ValueError`` for another shape or non-finite values."""
         x = np.asarray(batch)
         expected = (3, self.input_size, self.input_size)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(f"batch must have shape (B, {', '.join(map(str, expected))}), got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("batch contains NaN or infinite values")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return {name: self._runners[name](x) for name in checkpoints}
+        return np.ascontiguousarray(x, dtype=np.float32)
 
     def torch_model(self, checkpoint: str) -> Any:
         """The ``CxrClassifier`` of ``checkpoint`` (torch backend only)."""
@@ -161,9 +187,39 @@ def _head_weight(path: Path, manifest: Mapping[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(weight, dtype=np.float32)
 
 
+def _check_device(device: str) -> None:
+    if device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit()):
+        return
+    raise ConfigError(f"unknown device {device!r}; valid options: {', '.join(DEVICES)} (or cuda:N)")
+
+
+def select_providers(device: str, available: Sequence[str]) -> list[str]:
+    """ONNX Runtime execution providers for ``device`` given the ``available`` ones (most preferred first).
+
+    ``"cpu"``: the CPU provider; ``"cuda"``/``"cuda:N"``: CUDA then CPU (for the few operators CUDA lacks),
+    :class:`ConfigError` when this onnxruntime has no CUDA provider; ``"auto"``: CUDA when available.
+    """
+    _check_device(device)
+    has_cuda = _CUDA_EP in available
+    if device == "cpu" or (device == "auto" and not has_cuda):
+        return [_CPU_EP]
+    if not has_cuda:
+        raise ConfigError(
+            f"device {device!r} needs ONNX Runtime's {_CUDA_EP}, but this onnxruntime offers only "
+            f"{', '.join(available) or 'none'}: install onnxruntime-gpu (and the CUDA/cuDNN libraries it "
+            "needs), or set the device to cpu or auto",
+            code="cuda_unavailable",
+        )
+    return [_CUDA_EP, _CPU_EP]
+
+
 class _OnnxRunner:
-    def __init__(self, path: Path, *, threads: int | None) -> None:
+    def __init__(self, path: Path, *, threads: int | None, device: str = "cpu") -> None:
         import onnxruntime as ort
+
+        providers: list[Any] = list(select_providers(device, ort.get_available_providers()))
+        if providers[0] == _CUDA_EP and device.startswith("cuda:"):
+            providers[0] = (_CUDA_EP, {"device_id": int(device[5:])})
 
         if not path.is_file():
             raise ArtifactError(f"{path.name} is missing from {path.parent}")
@@ -176,9 +232,19 @@ class _OnnxRunner:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for bad models
             raise ArtifactError(f"{path.name} cannot be opened by ONNX Runtime: {exc}") from exc
+        used = self.session.get_providers()
+        on_gpu = bool(used) and used[0] == _CUDA_EP
+        self.device = ("cuda" if device == "auto" else device) if on_gpu else "cpu"
+        if self.device == "cpu" and device.startswith("cuda"):
+            # the CUDA provider is installed but could not start (no driver, no GPU, missing cuDNN...)
+            raise ConfigError(
+                f"device {device!r}: ONNX Runtime could not start {_CUDA_EP} for {path.name} (it fell back "
+                f"to {', '.join(used)}); check the GPU, driver and CUDA/cuDNN libraries, or use cpu or auto",
+                code="cuda_unavailable",
+            )
         outputs = {o.name for o in self.session.get_outputs()}
         if not {"logits", "features"} <= outputs:
             raise ArtifactError(
@@ -200,9 +266,14 @@ class _TorchRunner:
 
         if threads is not None:
             torch.set_num_threads(int(threads))
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            log.warning("CUDA requested but not available; using the CPU")
-            device = "cpu"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r} needs CUDA, but torch {torch.__version__} sees no usable GPU "
+                f"(torch.cuda.is_available() is false); set the device to cpu or auto",
+                code="cuda_unavailable",
+            )
         self.device = torch.device(device)
         model = build_model(manifest["architecture"], len(manifest["class_names"]))
         try:

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     ort_threads: int | None = None
     # the manifest HMAC key (core.manifest.MANIFEST_KEY_ENV): set, every pair's manifest must carry its HMAC
     manifest_key: SecretStr | None = None
+    # where the forwards run (engine.runtime.DEVICES): cpu, cuda (error if unusable), auto (GPU when usable)
+    device: str = "cpu"
+    # dynamic batching across requests (service/app/inference.py): one queue per model pair and checkpoint
+    batching: bool = True
+    batch_window_ms: float = 5.0  # how long the oldest waiting request waits for others to join its batch
+    max_batch: int = 16  # images per batched forward
+    # requests admitted to inference at once (running or waiting); one more is answered 503 at once
+    queue_bound: int = 32
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -114,6 +122,31 @@ class Settings(BaseSettings):
     def _check_threads(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"ort_threads must be >= 1 (or unset for the runtime's default), got {value}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        from engine.runtime import DEVICES
+
+        text = value.strip().lower()
+        if text not in DEVICES and not (text.startswith("cuda:") and text[5:].isdigit()):
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N); got {value!r}")
+        return text
+
+    @field_validator("batch_window_ms")
+    @classmethod
+    def _check_window(cls, value: float) -> float:
+        if not 0.0 <= value <= 1000.0:
+            raise ValueError(f"batch_window_ms must be in 0..1000 (milliseconds), got {value}")
+        return value
+
+    @field_validator("max_batch", "queue_bound")
+    @classmethod
+    def _at_least_one(cls, value: int, info: object) -> int:
+        if value < 1:
+            field = getattr(info, "field_name", "value")
+            raise ValueError(f"{field} must be >= 1, got {value}")
         return value
 
     @field_validator("backend", mode="before")

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy
 
 from engine.runtime import ModelPair
+from service.app.inference import Inference
 from service.app.metrics import Metrics
 from service.app.settings import Settings
 from service.audit import db
@@ -43,16 +44,25 @@ class AppState:
     folders: dict[str, str] = field(default_factory=dict)
     failed: list[FailedPair] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
+    inference: Inference | None = None  # admission + batching (service/app/inference.py)
 
     def ready_names(self) -> list[str]:
         return sorted(self.pairs)
 
     def close(self) -> None:
+        if self.inference is not None:
+            for pair in self.pairs.values():
+                self.inference.detach(pair)
         self.engine.dispose()
 
 
 def load_pairs(
-    artifacts_dir: Path, *, backend: str, ort_threads: int | None = None, manifest_key: bytes | None = None
+    artifacts_dir: Path,
+    *,
+    backend: str,
+    ort_threads: int | None = None,
+    manifest_key: bytes | None = None,
+    device: str = "cpu",
 ) -> tuple[dict[str, ModelPair], dict[str, str], list[FailedPair]]:
     """Load every model pair under ``artifacts_dir`` (each sub-folder holding a ``manifest.json``).
 
@@ -66,7 +76,12 @@ def load_pairs(
             FailedPair(name="*", folder=str(artifacts_dir), reason="artifacts directory does not exist")
         )
         return pairs, folders, failed
-    kwargs: dict[str, Any] = {"verify": True, "backend": backend, "manifest_key": manifest_key}
+    kwargs: dict[str, Any] = {
+        "verify": True,
+        "backend": backend,
+        "manifest_key": manifest_key,
+        "device": device,
+    }
     thread_param = _thread_parameter(ModelPair.load)
     if ort_threads is not None and thread_param is not None:
         kwargs[thread_param] = ort_threads
@@ -113,7 +128,16 @@ def load_state(settings: Settings, *, metrics: Metrics) -> AppState:
         backend=settings.backend,
         ort_threads=settings.ort_threads,
         manifest_key=settings.manifest_key_bytes(),
+        device=settings.device,
     )
+    inference = Inference(settings, metrics)
+    pairs = {name: inference.attach(pair) for name, pair in pairs.items()}
     return AppState(
-        settings=settings, engine=engine, metrics=metrics, pairs=pairs, folders=folders, failed=failed
+        settings=settings,
+        engine=engine,
+        metrics=metrics,
+        pairs=pairs,
+        folders=folders,
+        failed=failed,
+        inference=inference,
     )

@@ -124,6 +124,7 @@ async def predict(
         timings_ms=dict(timings),
     )
     timings["audit_ms"] = _ms(t)
+    state.metrics.record_stages(timings)
     for report in reports:
         state.metrics.record_report(report)
     timings["total_ms"] = _ms(started)

@@ -1,0 +1,131 @@
+"""Inference in the service: admission (a bound on requests in inference, 503 at once beyond it) and dynamic
+batching across requests (:mod:`engine.batching`), configured by the settings.
+
+- :class:`AdmissionMiddleware` holds one :meth:`Inference.admit` slot for each ``POST /predict`` from its
+  headers to its last byte: at most ``queue_bound`` predictions are in the service at once (decoding,
+  waiting for a batch, running, writing the audit row); one more is answered 503 ``overloaded`` with
+  ``Retry-After`` before its body is read or parsed and without taking a worker thread, so an overloaded
+  service answers in about the time the request took to arrive instead of growing a queue. It runs before
+  the upload authentication, whose key lookup needs a worker thread (and a database read for stored keys):
+  shedding must cost less than the work it sheds. A request that then fails authentication gives its slot
+  back at once.
+- :meth:`Inference.attach` turns a loaded :class:`ModelPair` into the pair the request path uses: with
+  ``batching`` on, a :class:`engine.batching.BatchedPair` (one batcher per checkpoint, a window of
+  ``batch_window_ms``, ``max_batch`` images, each queue bounded by ``queue_bound`` as an engine-level guard);
+  off, the pair itself. :meth:`Inference.detach` stops a pair's batchers (finishing what is queued): the
+  registry calls ``attach`` when it loads a pair and ``detach`` when it retires one; :meth:`AppState.close`
+  detaches every pair at the end of the lifespan.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from core.errors import Overloaded
+from engine.batching import BatchConfig, BatchedPair
+from engine.runtime import ModelPair
+from service.app.errors import error_json
+from service.app.metrics import Metrics
+from service.app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ADMITTED_ROUTES", "AdmissionMiddleware", "Inference"]
+
+RETRY_AFTER_S = 1
+ADMITTED_ROUTES: frozenset[tuple[str, str]] = frozenset({("POST", "/predict")})
+
+
+class Inference:
+    """Admission and batching for one app (module docstring)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.limit = int(settings.queue_bound)
+        self.config = BatchConfig(
+            window_s=float(settings.batch_window_ms) / 1000.0,
+            max_batch=int(settings.max_batch),
+            queue_bound=int(settings.queue_bound),
+            retry_after_s=RETRY_AFTER_S,
+        )
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one inference slot; :class:`Overloaded` at once when all ``queue_bound`` are taken."""
+        with self._lock:
+            if self._in_flight >= self.limit:
+                busy = self._in_flight
+            else:
+                busy = -1
+                self._in_flight += 1
+        if busy >= 0:
+            self.metrics.overloaded.labels(where="admission").inc()
+            raise Overloaded(
+                f"the service is at its inference bound ({busy} requests in inference); retry later",
+                retry_after=RETRY_AFTER_S,
+                details={"in_flight": busy, "bound": self.limit},
+            )
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+            self.metrics.in_flight.dec()
+
+    def attach(self, pair: ModelPair) -> ModelPair:
+        """The pair requests should call: batched (batching on) or ``pair`` itself."""
+        if not self.settings.batching or isinstance(pair, BatchedPair):
+            return pair
+        batched = BatchedPair(pair, config=self.config, observer=self.metrics)
+        log.info("batching %s: %s", pair.name, self.config)
+        return batched
+
+    @staticmethod
+    def detach(pair: ModelPair, timeout: float | None = 30.0) -> None:
+        """Stop ``pair``'s batchers, if it has any (queued work is finished first)."""
+        if isinstance(pair, BatchedPair):
+            pair.close(timeout)
+
+
+class AdmissionMiddleware:
+    """One inference slot per request to :data:`ADMITTED_ROUTES`, held until the answer is sent; 503 at once
+    when none is free (module docstring)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope.get("method", ""), scope.get("path", "")) not in ADMITTED_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        cxr = getattr(getattr(scope.get("app"), "state", None), "cxr", None)
+        inference = getattr(cxr, "inference", None)
+        if inference is None:  # not started: the route answers 503 not_started
+            await self.app(scope, receive, send)
+            return
+        try:
+            slot = inference.admit()
+            slot.__enter__()
+        except Overloaded as exc:
+            response = error_json(
+                503, exc.code or "overloaded", str(exc), exc.details, {"Retry-After": str(exc.retry_after)}
+            )
+            await response(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            slot.__exit__(None, None, None)
