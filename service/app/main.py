@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(settings=None)`` builds it; the lifespan loads what it serves.
 
 Middleware, outermost first: metrics (counts every answer, 413s included), then the body cap, then the
-upload-route authentication (401/403 before a multipart body is read), then the routes. Every route except ``/healthz`` and ``/readyz`` needs an API key (see ``service.app.deps``).
+upload-route authentication (401/403 before a multipart body is read), then the routes. Every route except ``/healthz`` and ``/readyz`` needs an API key (see ``service.app.deps``); the
+``/dashboard`` pages need a session cookie obtained with one (see ``service.dashboard``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from service.app.routes import include_routers
 from service.app.settings import Settings, get_settings
 from service.app.state import load_state
 from service.app.upload_auth import UploadAuthMiddleware
+from service.dashboard.routes import install as install_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
     include_routers(app)
+    install_dashboard(app, settings)  # /dashboard: browser pages behind a signed session cookie
     app.add_middleware(UploadAuthMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
