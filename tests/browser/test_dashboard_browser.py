@@ -7,6 +7,7 @@ runs them.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,8 @@ MODELS = ("densenet201", "inceptionv3", "resnet50v2")
 def browser() -> Iterator[Any]:
     reason = chromium_missing()
     if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true requires the browser tests (.ci/run installs Chromium)")
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
