@@ -55,6 +55,13 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def p_value(value: float | None) -> str:
+    """A p-value: 4 decimals, or '< 0.0001'."""
+    if value is None or not math.isfinite(value):
+        return "—"
+    return "< 0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
 def pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f} %"
 
@@ -300,7 +307,9 @@ def _verdict(reversal: bool | None) -> str:
 def ranking(block: Mapping[str, Any], colours: Mapping[str, str], raw: Mapping[str, str]) -> dict[str, Any]:
     """The stability ranking per method and the reversal verdict of each pair of methods (with its tests)."""
     methods = []
-    for method, entries in (block.get("per_method") or {}).items():
+    per_method = block.get("per_method") or {}
+    known = [m for m in METHODS if m in per_method] + sorted(set(per_method) - set(METHODS))
+    for method, entries in ((m, per_method[m]) for m in known):
         methods.append(
             {
                 "method": method,
@@ -327,8 +336,8 @@ def ranking(block: Mapping[str, Any], colours: Mapping[str, str], raw: Mapping[s
         tests = [
             {
                 "pair": f"{t.get('model_a')} vs {t.get('model_b')}",
-                "p": fmt(t.get("p_value"), 4),
-                "p_holm": fmt(t.get("p_holm"), 4),
+                "p": p_value(t.get("p_value")),
+                "p_holm": p_value(t.get("p_holm")),
                 "n": t.get("n"),
             }
             for t in c.get("interaction_tests") or []
@@ -345,7 +354,7 @@ def ranking(block: Mapping[str, Any], colours: Mapping[str, str], raw: Mapping[s
                 "n_images": c.get("n_images"),
                 "n_images_left_out": c.get("n_images_left_out"),
                 "kendall_tau": fmt(c.get("kendall_tau")),
-                "p_value": fmt(c.get("p_value"), 4),
+                "p_value": p_value(c.get("p_value")),
                 "alpha": c.get("alpha"),
                 "p_order_differs": fmt(bootstrap.get("p_order_differs")),
                 "p_top_changes": fmt(bootstrap.get("p_top_changes")),
