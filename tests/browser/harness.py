@@ -64,11 +64,35 @@ def settings_for(folder: Path, url: str, artifacts: Path | None = None, **overri
     return make_settings(artifacts, url, **overrides)
 
 
+# The strictest policy the service may send (a security-headers middleware does in production): the pages
+# must work under it, so the browser tests serve them with it whether or not the app adds its own.
+STRICT_CSP = "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+
+
+class StrictCsp:
+    """ASGI wrapper adding :data:`STRICT_CSP` to every answer that has no Content-Security-Policy."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def send_with_csp(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"content-security-policy" for name, _ in headers):
+                    headers.append((b"content-security-policy", STRICT_CSP.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_csp if scope["type"] == "http" else send)
+
+
 @contextlib.contextmanager
 def serve(settings: Settings, *, timeout: float = 120) -> Iterator[str]:
-    """Serve ``create_app(settings)`` with uvicorn on a free loopback port; yields the base URL."""
+    """Serve ``create_app(settings)`` (under :data:`STRICT_CSP`) with uvicorn on a free loopback port; yields
+    the base URL."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(StrictCsp(create_app(settings)), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

@@ -57,8 +57,24 @@ def page(browser: Any) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     tab = context.new_page()
     tab.set_default_timeout(15_000)
+    problems: list[str] = []
+
+    def on_console(message: Any) -> None:
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            problems.append(message.text)  # e.g. a script or style refused by the CSP
+
+    def on_response(response: Any) -> None:
+        # a stylesheet, script or image that failed (pages themselves may answer 4xx on purpose)
+        failed = response.status >= 400 and response.request.resource_type != "document"
+        if failed and not response.url.endswith("/favicon.ico"):
+            problems.append(f"{response.status} {response.url}")
+
+    tab.on("console", on_console)
+    tab.on("pageerror", lambda error: problems.append(str(error)))
+    tab.on("response", on_response)
     try:
         yield tab
+        assert problems == [], "the pages must load every asset and run under the strict CSP"
     finally:
         context.close()
 
