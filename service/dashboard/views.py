@@ -410,8 +410,10 @@ def record_rows(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def record_detail(record: Mapping[str, Any]) -> dict[str, Any]:
     """A record's page: per model its predictions and per method its metrics, flags and diagnostics.
 
-    ``maps`` per method is read when a report carries low-resolution attribution maps (maps for review);
-    until then it is None and the page says they were not kept."""
+    ``maps`` per method is read when a report carries low-resolution attribution maps (maps for review,
+    not stored yet): a mapping of map name (e.g. "transfer", "finetuned") to the URL of a PNG the
+    dashboard serves (same origin: the CSP allows 'self' only, so no data: URIs). Until then it is None and
+    the page says the maps were not kept."""
     reports = []
     for report in record.get("reports") or []:
         methods = report.get("methods") or {}

@@ -420,3 +420,17 @@ def test_nice_ticks_cover_the_range() -> None:
     for low, high in ((0.0, 1.0), (0.0, 37.0), (0.12, 0.93), (0.0, 0.0)):
         ticks = nice_ticks(low, high)
         assert ticks[0] <= low and ticks[-1] >= high and len(ticks) >= 2
+
+
+def test_auth_disabled_opens_the_dashboard_on_loopback(
+    seeded: tuple[Path, str, list[dict[str, Any]]],
+) -> None:
+    folder, url, _ = seeded
+    settings = make_settings(folder / "artifacts", url, auth_enabled=False, migrate_on_start=False)
+    with started(settings) as client:
+        page = client.get("/dashboard/integrity")
+        assert page.status_code == 200 and "local (auth disabled)" in page.text
+        assert client.get("/dashboard/sign-in").status_code == 303
+        assert client.get("/dashboard/static/dashboard.css").status_code == 200
+        assert client.post("/dashboard/sign-out", data={"csrf": "forged"}).status_code == 403
+        assert client.post("/dashboard/sign-out", data={"csrf": session_csrf(page)}).status_code == 303
