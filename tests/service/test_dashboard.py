@@ -434,3 +434,38 @@ def test_auth_disabled_opens_the_dashboard_on_loopback(
         assert client.get("/dashboard/static/dashboard.css").status_code == 200
         assert client.post("/dashboard/sign-out", data={"csrf": "forged"}).status_code == 403
         assert client.post("/dashboard/sign-out", data={"csrf": session_csrf(page)}).status_code == 303
+
+
+def test_model_rows_read_metrics_and_calibration_from_the_manifest() -> None:
+    manifest = {
+        "architecture": "densenet201",
+        "input_size": 224,
+        "class_names": ["normal", "lobar_consolidation"],
+        "created_at": "2026-11-01T00:00:00Z",
+        "cxr_drift_version": "0.1.0",
+        "checkpoints": {
+            "transfer": {"metrics": {"accuracy": 0.8125, "macro_f1": 0.75}},
+            "finetuned": {"metrics": {"accuracy": 0.9}},
+        },
+        "drift_calibration": {
+            "subset": "both_correct",
+            "n": 120,
+            "score": "1 - top-20% IoU",
+            "severity": {"bands": {"moderate": 0.333, "high": 0.667}},
+            "methods": {"layercam": {"noise_floor": 0.12, "reference_percentiles": {"50": 0.2, "99": 0.61}}},
+        },
+    }
+    uncalibrated = {**manifest, "architecture": "resnet50v2", "drift_calibration": None}
+    rows = views.model_rows({"densenet201": manifest, "resnet50v2": uncalibrated}, {"densenet201": "/a/d"})
+    assert [r["name"] for r in rows] == ["densenet201", "resnet50v2"]
+    first = rows[0]
+    assert dict(first["columns"])["input size"] == "224 px" and first["folder"] == "/a/d"
+    assert first["metrics"][0] == {
+        "checkpoint": "transfer",
+        "cells": {"accuracy": "0.812", "macro_f1": "0.750"},
+    }
+    assert first["calibration"]["n"] == 120
+    assert first["calibration"]["methods"] == [
+        {"label": "LayerCAM", "noise_floor": "0.120", "p50": "0.200", "p99": "0.610"}
+    ]
+    assert rows[1]["calibration"] is None
