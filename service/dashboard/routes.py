@@ -295,7 +295,12 @@ async def overview(
         summarize, engine, filters=parsed.filters, group_by=[window, "model", "method"]
     )
     page = views.overview(
-        raw=parsed.raw, window=window, counts=counts, summary=summary, served_models=state.ready_names()
+        raw=parsed.raw,
+        filters=parsed.filters,
+        window=window,
+        counts=counts,
+        summary=summary,
+        served_models=state.ready_names(),
     )
     context = {**_filter_form_context(state, parsed), "page": page, "window": window}
     return _render(request, "overview.html", context, session=session)

@@ -140,26 +140,22 @@ def _window_bounds(label: str, window: str) -> tuple[datetime, datetime]:
     return start, start + timedelta(days=7 if window == "week" else 1)
 
 
-def _records_link(raw: Mapping[str, str], label: str, window: str, **extra: Any) -> str:
+def _records_link(
+    raw: Mapping[str, str], filters: AuditFilters, label: str, window: str, **extra: Any
+) -> str:
     """The records page for one window (intersected with the current time filters) and ``extra``."""
     start, end = _window_bounds(label, window)
-    params: dict[str, Any] = {**raw, **extra}
-    if raw.get("start"):
-        start = max(start, _parse_time(raw["start"]))
-    if raw.get("end"):
-        end = min(end, _parse_time(raw["end"]))
-    params["start"], params["end"] = start, end
-    return "/dashboard/records" + query_string(params)
-
-
-def _parse_time(text: str) -> datetime:
-    value = datetime.fromisoformat(text)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if filters.start is not None:
+        start = max(start, filters.start)
+    if filters.end is not None:
+        end = min(end, filters.end)
+    return "/dashboard/records" + query_string({**raw, **extra, "start": start, "end": end})
 
 
 def overview(
     *,
     raw: Mapping[str, str],
+    filters: AuditFilters,
     window: str,
     counts: Sequence[Mapping[str, Any]],
     summary: Mapping[str, Any],
@@ -186,7 +182,7 @@ def overview(
             labels=labels,
             values=[float(c["requests"]) for c in counts],
             titles=[f"{c['window']}: {c['requests']} requests, {c['flagged']} flagged" for c in counts],
-            hrefs=[_records_link(raw, str(c["window"]), window) for c in counts],
+            hrefs=[_records_link(raw, filters, str(c["window"]), window) for c in counts],
         ).render()
         flagged_chart = LineChart(
             title="Flagged requests per " + window,
@@ -203,7 +199,7 @@ def overview(
                             y=100.0 * float(c["flagged_rate"] or 0.0),
                             title=f"{c['window']}: {c['flagged']} of {c['requests']} requests flagged "
                             f"({pct(c['flagged_rate'])})",
-                            href=_records_link(raw, str(c["window"]), window, flagged=True),
+                            href=_records_link(raw, filters, str(c["window"]), window, flagged=True),
                         )
                         for c in counts
                     ],
@@ -239,7 +235,7 @@ def overview(
                             title=f"{model} · {method_label(method)} · {label}: mean {fmt(stats['mean'])}, "
                             f"median {fmt(stats.get('p50'))}, p25–p75 {fmt(stats.get('p25'))}–"
                             f"{fmt(stats.get('p75'))}, n = {stats.get('n')}",
-                            href=_records_link(raw, label, window, model=model, method=method),
+                            href=_records_link(raw, filters, label, window, model=model, method=method),
                         )
                     )
                 if points:
@@ -266,7 +262,7 @@ def overview(
                 "iou_mean": fmt(g["metrics"]["iou"].get("mean")),
                 "flagged_rate": pct(g["flagged_rate"]),
                 "href": _records_link(
-                    raw, str(g["key"][window]), window, model=g["key"]["model"], method=method
+                    raw, filters, str(g["key"][window]), window, model=g["key"]["model"], method=method
                 ),
             }
             for g in groups
@@ -282,7 +278,11 @@ def overview(
         "requests_chart": requests_chart,
         "flagged_chart": flagged_chart,
         "counts": [
-            {**c, "flagged_pct": pct(c["flagged_rate"]), "href": _records_link(raw, str(c["window"]), window)}
+            {
+                **c,
+                "flagged_pct": pct(c["flagged_rate"]),
+                "href": _records_link(raw, filters, str(c["window"]), window),
+            }
             for c in counts
         ],
         "legend": [{"model": m, "colour": colours[m]} for m in models],

@@ -344,6 +344,17 @@ def test_overview_plots_one_point_per_window_model_and_method(
     assert api.get(link.group(1).replace("&amp;", "&")).status_code == 200
 
 
+def test_overview_links_stay_inside_the_filtered_time_range(api: ApiClient) -> None:
+    sign_in(api, KEYS["audit"])
+    # the API also takes Unix seconds: 2026-11-03T12:00:00Z, half-way through the second seeded day
+    start = int((SEED_START + timedelta(days=1, hours=12)).timestamp())
+    page = api.get(f"/dashboard?start={start}&window=week")
+    assert page.status_code == 200
+    links = re.findall(r'<a href="(/dashboard/records\?[^"]*)"><rect class="bar"', page.text)
+    assert links and "start=2026-11-03T12%3A00%3A00%2B00%3A00" in links[0]
+    assert api.get(links[0].replace("&amp;", "&")).status_code == 200
+
+
 def test_overview_empty_state_says_why(api: ApiClient) -> None:
     sign_in(api, KEYS["audit"])
     page = api.get("/dashboard?start=2030-01-01")
