@@ -44,6 +44,7 @@ STATIC = HERE / "static"
 ASSETS = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
 DASHBOARD_ROLES = allowed_roles("audit")
 PAGE_SIZES = (25, 50, 100, 200)
+FORM_FIELDS = ("start", "end", "model", "method", "class", "agreement", "severity", "flagged")
 _ANCHOR = re.compile(r"^[0-9a-fA-F]{64}$")
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -278,6 +279,8 @@ def _filter_form_context(state: Any, parsed: views.ParsedFilters) -> dict[str, A
         "models": state.ready_names(),
         "methods": [(m, views.method_label(m)) for m in METHODS],
         "severities": list(SEVERITIES),
+        # filters /audit/records gains later (e.g. a model version) appear as text fields until styled
+        "other_filters": [f for f in views.FILTER_FIELDS if f not in FORM_FIELDS],
     }
 
 

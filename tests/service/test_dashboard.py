@@ -427,6 +427,13 @@ def test_parse_filters_reads_the_api_filters() -> None:
     assert views.parse_filters({"model": "a\x00b"}).errors
 
 
+def test_every_api_filter_has_a_form_field(api: ApiClient) -> None:
+    sign_in(api, KEYS["audit"])
+    page = api.get("/dashboard/records")
+    for name in views.FILTER_FIELDS:
+        assert re.search(rf'<(input|select)[^>]*name="{name}"', page.text), name
+
+
 def test_nice_ticks_cover_the_range() -> None:
     for low, high in ((0.0, 1.0), (0.0, 37.0), (0.12, 0.93), (0.0, 0.0)):
         ticks = nice_ticks(low, high)
