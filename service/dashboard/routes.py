@@ -70,7 +70,28 @@ def install(app: FastAPI, settings: Settings) -> None:
         assert isinstance(exc, SignInRequired)
         return _redirect(f"/dashboard/sign-in?next={quote(exc.next_url, safe='')}")
 
+    api_error_handler = app.exception_handlers.get(ApiError)
+
+    async def api_error_page(request: Request, exc: Exception) -> Response:
+        """Dashboard pages answer errors (database down, CSRF refused, ...) as a page; the API, the
+        dashboard's assets and its CSV keep the JSON error body."""
+        assert isinstance(exc, ApiError)
+        path = request.url.path
+        is_page = path.startswith("/dashboard") and not path.startswith("/dashboard/static/")
+        if not is_page or path.endswith(".csv") or api_error_handler is None:
+            assert api_error_handler is not None
+            return await api_error_handler(request, exc)  # type: ignore[no-any-return]
+        response = _render(
+            request,
+            "error.html",
+            {"title": f"Error {exc.status_code}", "messages": [exc.message], "back": "/dashboard"},
+            status_code=exc.status_code,
+        )
+        response.headers.update(exc.headers or {})
+        return response
+
     app.add_exception_handler(SignInRequired, redirect_to_sign_in)
+    app.add_exception_handler(ApiError, api_error_page)
     app.include_router(router)
 
 

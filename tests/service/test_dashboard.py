@@ -427,6 +427,28 @@ def test_parse_filters_reads_the_api_filters() -> None:
     assert views.parse_filters({"model": "a\x00b"}).errors
 
 
+def test_errors_on_pages_are_pages_and_the_api_keeps_json(tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "db"
+    folder.mkdir()
+    (tmp_path / "artifacts").mkdir()
+    with started(make_settings(tmp_path / "artifacts", sqlite_url(folder))) as client:
+        assert sign_in(client, KEYS["audit"]).status_code == 303
+        refused = client.post("/dashboard/sign-out", data={"csrf": "wrong"})
+        assert refused.status_code == 403 and refused.headers["content-type"].startswith("text/html")
+        client.app.state.cxr.engine.dispose()
+        shutil.rmtree(folder)  # the database is gone: every read fails
+        for path in ("/dashboard", "/dashboard/records", "/dashboard/integrity"):
+            page = client.get(path)
+            assert page.status_code == 503, path
+            assert page.headers["content-type"].startswith("text/html") and "unavailable" in page.text
+        api = client.get("/audit/records", headers=headers("audit"))
+        assert api.status_code == 503 and api.json()["error"]["code"] == "database_unavailable"
+        csv_answer = client.get("/dashboard/records.csv")
+        assert csv_answer.status_code == 503 and csv_answer.json()["error"]["code"] == "database_unavailable"
+
+
 def test_every_api_filter_has_a_form_field(api: ApiClient) -> None:
     sign_in(api, KEYS["audit"])
     page = api.get("/dashboard/records")
