@@ -9,6 +9,7 @@ answer 401), and every state-changing form carries a CSRF token. The key itself 
 
 from __future__ import annotations
 
+import inspect
 import re
 import secrets
 from pathlib import Path
@@ -78,9 +79,10 @@ def install(app: FastAPI, settings: Settings) -> None:
         assert isinstance(exc, ApiError)
         path = request.url.path
         is_page = path.startswith("/dashboard") and not path.startswith("/dashboard/static/")
-        if not is_page or path.endswith(".csv") or api_error_handler is None:
-            assert api_error_handler is not None
-            return await api_error_handler(request, exc)  # type: ignore[no-any-return]
+        if not is_page or path.endswith(".csv"):
+            assert api_error_handler is not None, "install_error_handlers(app) runs first"
+            answer = api_error_handler(request, exc)
+            return await answer if inspect.isawaitable(answer) else answer
         response = _render(
             request,
             "error.html",
