@@ -116,6 +116,29 @@ def test_pages_redirect_to_sign_in_and_assets_answer_401(api: ApiClient) -> None
     assert api.get("/dashboard", headers=headers("admin")).status_code == 303
 
 
+def test_every_dashboard_route_needs_a_session(api: ApiClient) -> None:
+    """A new dashboard route is covered here: without a session it redirects (pages) or answers 401."""
+    from fastapi.routing import APIRoute
+
+    from service.dashboard.routes import router
+
+    api.client.cookies.clear()
+    routes = [r for r in router.routes if isinstance(r, APIRoute)]
+    assert all(r.path.startswith("/dashboard") for r in routes)
+    assert len(routes) >= 9
+    for route in routes:
+        if route.path == "/dashboard/sign-in":
+            continue  # the way in
+        path = route.path.replace("{record_id}", "1").replace("{name}", "dashboard.css")
+        for method in route.methods or ():
+            response = api.request(method, path)
+            if path.startswith("/dashboard/static/"):
+                assert response.status_code == 401, (method, path)
+            else:
+                assert response.status_code == 303, (method, path)
+                assert response.headers["location"].startswith("/dashboard/sign-in?next="), (method, path)
+
+
 def test_sign_in_sets_a_strict_httponly_cookie_and_never_logs_the_key(
     api: ApiClient, caplog: pytest.LogCaptureFixture
 ) -> None:
