@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         f"  curl -s -H 'X-API-Key: {key}' -F file=@{sample} {base}/predict\n"
         f"  curl -s -H 'X-API-Key: {key}' '{base}/audit/summary?group_by=model&group_by=method'\n"
         f"  curl -s -H 'X-API-Key: {key}' {base}/audit/verify\n"
-        f"  open {base}/docs\n",
+        f"  open {base}/docs\n\n"
+        f"Dashboard (sign in with the key above): {base}/dashboard\n",
         flush=True,
     )
     if args.no_serve:

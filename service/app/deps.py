@@ -75,7 +75,11 @@ _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
 
 def authenticate(state: AppState, key: str) -> Principal | None:
     """The principal for ``key``: settings keys first (constant-time), then the database's keys."""
-    digest = keys.hash_key(key)
+    return authenticate_digest(state, keys.hash_key(key))
+
+
+def authenticate_digest(state: AppState, digest: str) -> Principal | None:
+    """The principal whose key has the SHA-256 hex ``digest`` (see :func:`authenticate`)."""
     found: Principal | None = None
     for entry in state.settings.settings_keys():
         # compare against every entry (no early exit), so timing does not tell which prefix matched
@@ -84,7 +88,7 @@ def authenticate(state: AppState, key: str) -> Principal | None:
     if found is not None:
         return found
     try:
-        api_key = keys.authenticate(state.engine, key)
+        api_key = keys.authenticate_digest(state.engine, digest)
     except DatabaseUnavailable as exc:
         raise ApiError(503, "database_unavailable", f"cannot check the API key: {exc}") from exc
     if api_key is None:

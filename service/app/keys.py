@@ -29,6 +29,7 @@ __all__ = [
     "ROLES",
     "ApiKey",
     "authenticate",
+    "authenticate_digest",
     "check_key_name",
     "create_key",
     "hash_key",
@@ -105,7 +106,12 @@ def authenticate(engine: sa.Engine, key: str) -> ApiKey | None:
     """The active (not revoked) key matching ``key``, or None."""
     if not key:
         return None
-    digest = hash_key(key)
+    return authenticate_digest(engine, hash_key(key))
+
+
+def authenticate_digest(engine: sa.Engine, digest: str) -> ApiKey | None:
+    """The active (not revoked) key whose :func:`hash_key` is ``digest``, or None (a dashboard session
+    keeps the digest, never the key, and re-checks it on every page so a revoked key ends the session)."""
     with translate_errors("check an API key"), engine.connect() as connection:
         row = connection.execute(
             sa.select(ApiKeyRow).where(ApiKeyRow.key_hash == digest, ApiKeyRow.revoked_at.is_(None))

@@ -6,7 +6,7 @@ admission (503 overloaded from the headers alone when ``queue_bound`` prediction
 possible refusal, no worker thread, no key lookup), then the upload-route authentication (401/403 before a
 multipart body is read), then the routes. ``/docs`` is Swagger UI served from local assets
 (service.app.docs); ReDoc is off. Every route except ``/healthz`` and ``/readyz`` needs an API key (see
-``service.app.deps``).
+``service.app.deps``); the ``/dashboard`` pages need a session cookie obtained with one (see ``service.dashboard``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from service.app.routes import include_routers
 from service.app.settings import Settings, get_settings
 from service.app.state import load_state
 from service.app.upload_auth import UploadAuthMiddleware
+from service.dashboard.routes import install as install_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     include_routers(app)
     install_docs(app)
+    install_dashboard(app, settings)  # /dashboard: browser pages behind a signed session cookie
     app.add_middleware(UploadAuthMiddleware)
     app.add_middleware(AdmissionMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     max_batch: int = 16  # images per batched forward
     # requests admitted to inference at once (running or waiting); one more is answered 503 at once
     queue_bound: int = 32
+    # The browser dashboard (service/dashboard): the key that signs its session cookies (unset: a random one
+    # per process start, so sessions end at a restart and differ between replicas), the cookie's Secure
+    # flag (set it behind HTTPS) and how long a session lasts.
+    dashboard_secret: SecretStr | None = None
+    dashboard_cookie_secure: bool = False
+    dashboard_session_minutes: int = 480
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -115,6 +121,23 @@ class Settings(BaseSettings):
     def _check_port(cls, value: int) -> int:
         if not 1 <= value <= 65535:
             raise ValueError(f"port must be in 1..65535, got {value}")
+        return value
+
+    @field_validator("dashboard_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "dashboard_secret must be at least 32 characters (e.g. `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`), or unset for a random one per start"
+            )
+        return value
+
+    @field_validator("dashboard_session_minutes")
+    @classmethod
+    def _check_session_minutes(cls, value: int) -> int:
+        if not 1 <= value <= 7 * 24 * 60:
+            raise ValueError(f"dashboard_session_minutes must be in 1..10080 (one week), got {value}")
         return value
 
     @field_validator("ort_threads")

@@ -24,12 +24,20 @@ from service.audit.db import translate_errors
 from service.audit.queries import AuditFilters, drift_conditions, time_conditions
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
-__all__ = ["GROUP_BY_OPTIONS", "PERCENTILES", "SUMMARY_STATISTICS", "summarize"]
+__all__ = [
+    "GROUP_BY_OPTIONS",
+    "PERCENTILES",
+    "SUMMARY_STATISTICS",
+    "WINDOWS",
+    "requests_over_time",
+    "summarize",
+]
 
 CONTROL_METHOD = "gradcampp"  # the method whose head-scale control the audit rows carry
 GROUP_BY_OPTIONS: tuple[str, ...] = ("model", "method", "class", "agreement", "day", "week")
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
 SUMMARY_STATISTICS: tuple[str, ...] = (*METRIC_COLUMNS, "drift_score", "drift_index", "reference_percentile")
+WINDOWS: tuple[str, ...] = ("day", "week")
 
 
 def _group_expression(name: str, dialect: str) -> Any:
@@ -362,3 +370,48 @@ def _ranking(
         "per_method": per_method,
         "comparisons": comparisons,
     }
+
+
+def requests_over_time(
+    engine: sa.Engine, *, filters: AuditFilters, window: str = "day"
+) -> list[dict[str, Any]]:
+    """Requests (records) per UTC ``window`` ("day" or "week", weeks starting on Monday), oldest first.
+
+    A record counts when any of its drift rows matches ``filters`` (as in ``queries.list_records``), and
+    counts as flagged when any of its matching drift rows is flagged. Each item: ``window`` (the window's
+    first date, ``YYYY-MM-DD``), ``requests``, ``flagged`` and ``flagged_rate`` (flagged / requests).
+    """
+    if window not in WINDOWS:
+        raise InputError(
+            f"window: unknown value {window!r}; valid options: {', '.join(WINDOWS)}", code="validation_error"
+        )
+    dialect = engine.dialect.name
+    key = _group_expression(window, dialect)
+    per_record = (
+        sa.select(
+            key.label("w"),
+            AuditRecord.id.label("record_id"),
+            func.max(sa.case((AuditDrift.flagged, 1), else_=0)).label("f"),
+        )
+        .select_from(AuditDrift)
+        .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
+        .where(*time_conditions(filters), *drift_conditions(filters))
+        .group_by(key, AuditRecord.id)
+        .subquery("per_record")
+    )
+    statement = (
+        sa.select(per_record.c.w, func.count(), func.sum(per_record.c.f))
+        .group_by(per_record.c.w)
+        .order_by(per_record.c.w)
+    )
+    with translate_errors("count audit records over time"), engine.connect() as connection:
+        rows = connection.execute(statement).all()
+    return [
+        {
+            "window": str(w),
+            "requests": int(n),
+            "flagged": int(f or 0),
+            "flagged_rate": (int(f or 0) / int(n)) if n else None,
+        }
+        for w, n, f in rows
+    ]

@@ -47,6 +47,7 @@ def test_demo_prepares_then_reuses(tmp_path: Path, capsys: pytest.CaptureFixture
     key = re.search(r"API key \(role admin, shown once\):\s+(\S+)", out)
     assert key, out
     assert f"-F file=@{tmp_path / 'sample.png'} http://127.0.0.1:8000/predict" in out
+    assert "Dashboard (sign in with the key above): http://127.0.0.1:8000/dashboard" in out
 
     stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
     manifest_before = json.loads((folder / "manifest.json").read_text())

@@ -1,0 +1,1 @@
+"""The governance dashboard: server-rendered pages under ``/dashboard`` (see ``routes``)."""
