@@ -94,6 +94,21 @@ _LUT8 = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
 _ADDRESS = re.compile(r"<([^<>]*?) at 0x[0-9a-fA-F]+>")
 
 
+class _DecoderFailureToDebug(logging.Filter):
+    """pydicom logs every plugin that fails on a file at ERROR with a traceback; the failure is the input's,
+    and it reaches the caller as an :class:`ImageDecodeError` naming each plugin's reason. Keep the record,
+    at DEBUG, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_DecoderFailureToDebug())
+
+
 def scrub_reprs(text: str) -> str:
     """``text`` without the memory addresses of default object reprs (``<_io.BytesIO object at 0x7f..>``).
 

@@ -1,6 +1,7 @@
 """The FastAPI application: ``create_app(settings=None)`` builds it; the lifespan loads what it serves.
 
-Middleware, outermost first: metrics (counts every answer, 413s included), then the body cap, then the
+Middleware, outermost first: metrics (counts every answer, 413s included), then the body cap, then the body
+read timeout (408), then the
 upload-route authentication (401/403 before a multipart body is read), then the routes. Every route except ``/healthz`` and ``/readyz`` needs an API key (see ``service.app.deps``).
 """
 
@@ -15,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 
 from service.app.errors import RequestIdMiddleware, install_error_handlers
-from service.app.limits import BodySizeLimitMiddleware
+from service.app.limits import BodyReadTimeoutMiddleware, BodySizeLimitMiddleware
 from service.app.metrics import Metrics, MetricsMiddleware
 from service.app.routes import include_routers
 from service.app.settings import Settings, get_settings
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     include_routers(app)
     app.add_middleware(UploadAuthMiddleware)
+    app.add_middleware(BodyReadTimeoutMiddleware, timeout_s=settings.body_read_timeout_s)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)  # added last: runs first, so every answer carries the id
