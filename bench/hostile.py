@@ -110,7 +110,7 @@ def run_schemathesis(
     ]
     if role is not None:
         cmd += ["-H", f"X-API-Key: {KEYS[role]}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=3600)
     (workdir / f"schemathesis-{role or 'nokey'}.txt").write_text(result.stdout + result.stderr)
     statuses: Counter[int] = Counter()
     if har.exists():
