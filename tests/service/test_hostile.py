@@ -291,3 +291,21 @@ def test_no_object_address_in_a_422(api: ApiClient) -> None:
     response = post(api, b"\x89PNG\r\n\x1a\n")
     assert response.status_code == 422
     assert " at 0x" not in error_of(response)["message"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"max_concurrent_decodes": 0}, "max_concurrent_decodes must be >= 1"),
+        ({"decode_wait_s": 0}, "decode_wait_s must be a positive number of seconds"),
+        ({"body_read_timeout_s": -1}, "body_read_timeout_s must be a positive number of seconds"),
+        ({"max_pixels_per_byte": float("nan")}, "max_pixels_per_byte must be a positive number"),
+    ],
+)
+def test_settings_refuse_bad_limits(values: dict[str, object], message: str) -> None:
+    from pydantic import ValidationError
+
+    from service.app.settings import Settings
+
+    with pytest.raises(ValidationError, match=message):
+        Settings(_env_file=None, **values)  # type: ignore[arg-type,call-arg]
