@@ -151,13 +151,18 @@ def _check_target(model: str, class_names: list[str], target: int | str) -> None
         )
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
-    """Hash and decode an upload; every failure is an :class:`ImageDecodeError` (or a subclass)."""
+def decode_image(data: bytes, *, max_pixels: int, max_pixels_per_byte: float | None = None) -> DecodedImage:
+    """Hash and decode an upload; every failure is an :class:`ImageDecodeError` (or a subclass).
+
+    ``max_pixels_per_byte``: see :func:`core.imageio.read_image_with_info`.
+    """
     if not data:
         raise InputError("the uploaded file is empty; send one PNG, JPEG or DICOM image", code="empty_file")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        gray, info = read_image_with_info(data, max_pixels=max_pixels)
+        gray, info = read_image_with_info(
+            data, max_pixels=max_pixels, max_pixels_per_byte=max_pixels_per_byte
+        )
     except InputError:  # ImageDecodeError and its subclasses: already the client's error, with its code
         raise
     except Exception as exc:

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ArtifactError, DomainError, Overloaded
-from core.imageio import ImageTooLargeError, UnsupportedFormatError
+from core.imageio import ImageTooLargeError, UnsupportedFormatError, scrub_reprs
 from service.app.headers import headers_for
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ _CODES: dict[int, str] = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -111,10 +112,11 @@ _DESCRIPTIONS = {
     401: "missing or invalid API key",
     403: "the API key's role does not allow this route",
     404: "not found",
+    408: "the request body did not arrive within the body read timeout",
     413: "request body or image too large",
     415: "unsupported image format",
     422: "invalid input",
-    503: "a dependency (database, models) is unavailable",
+    503: "a dependency (database, models) is unavailable, or every decode slot is busy (Retry-After)",
 }
 
 
@@ -143,14 +145,23 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         for err in exc.errors()
     ]
     summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
-    return error_json(422, "validation_error", f"invalid request: {summary}", errors)
+    return error_json(422, "validation_error", scrub_reprs(f"invalid request: {summary}"), errors)
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
     status, code = next((s, c) for cls, s, c in _DOMAIN_STATUS if isinstance(exc, cls))
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
-    return error_json(status, exc.code or code, str(exc), exc.details, headers)
+    # The client's error, not the server's: one INFO line, no traceback, no message (it may quote the input).
+    log.info(
+        "request %s: %s %s -> %d %s",
+        request_id_of(request.scope),
+        request.method,
+        request.url.path,
+        status,
+        exc.code or code,
+    )
+    return error_json(status, exc.code or code, scrub_reprs(str(exc)), exc.details, headers)
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:

@@ -1,12 +1,13 @@
 """The FastAPI application: ``create_app(settings=None)`` builds it; the lifespan loads what it serves.
 
 Middleware, outermost first: security headers (service.app.headers: CSP, nosniff, no-store... per path),
-the request id, metrics (counts every answer, 413s included), then the body cap, then the inference
-admission (503 overloaded from the headers alone when ``queue_bound`` predictions are in flight: the cheapest
-possible refusal, no worker thread, no key lookup), then the upload-route authentication (401/403 before a
-multipart body is read), then the routes. ``/docs`` is Swagger UI served from local assets
-(service.app.docs); ReDoc is off. Every route except ``/healthz`` and ``/readyz`` needs an API key (see
-``service.app.deps``); the ``/dashboard`` pages need a session cookie obtained with one (see ``service.dashboard``).
+the request id, metrics (counts every answer, 413s included), then the body cap, then the body read timeout
+(408), then the inference admission (503 overloaded from the headers alone when ``queue_bound`` predictions
+are in flight: the cheapest possible refusal, no worker thread, no key lookup), then the upload-route
+authentication (401/403 before a multipart body is read), then the routes. ``/docs`` is Swagger UI served
+from local assets (service.app.docs); ReDoc is off. Every route except ``/healthz`` and ``/readyz`` needs
+an API key (see ``service.app.deps``); the ``/dashboard`` pages need a session cookie obtained with one (see
+``service.dashboard``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from service.app.docs import install_docs
 from service.app.errors import RequestIdMiddleware, install_error_handlers
 from service.app.headers import SecurityHeadersMiddleware
 from service.app.inference import AdmissionMiddleware
-from service.app.limits import BodySizeLimitMiddleware
+from service.app.limits import BodyReadTimeoutMiddleware, BodySizeLimitMiddleware
 from service.app.metrics import Metrics, MetricsMiddleware
 from service.app.routes import include_routers
 from service.app.settings import Settings, get_settings
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_dashboard(app, settings)  # /dashboard: browser pages behind a signed session cookie
     app.add_middleware(UploadAuthMiddleware)
     app.add_middleware(AdmissionMiddleware)
+    app.add_middleware(BodyReadTimeoutMiddleware, timeout_s=settings.body_read_timeout_s)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)  # runs before the rest, so every answer carries the id

@@ -23,6 +23,11 @@ from service.app.keys import check_key_name
 __all__ = ["ROLES", "Settings", "SettingsKey", "get_settings"]
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_UNITS = {
+    "decode_wait_s": "seconds",
+    "body_read_timeout_s": "seconds",
+    "max_pixels_per_byte": "pixels per byte",
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,13 @@ class Settings(BaseSettings):
     auth_enabled: bool = True
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    # declared pixels per byte of the uploaded file above which an image over 4 Mpx is refused (422)
+    max_pixels_per_byte: float = 100.0
+    # decodes running at once; a request waits at most decode_wait_s for a slot, then gets 503 + Retry-After
+    max_concurrent_decodes: int = 2
+    decode_wait_s: float = 2.0
+    # seconds a request body may take to arrive (each wait for the next chunk, and the whole body): else 408
+    body_read_timeout_s: float = 30.0
     host: str = "127.0.0.1"
     port: int = 8000
     backend: Literal["onnx", "torch"] = "onnx"
@@ -114,6 +126,25 @@ class Settings(BaseSettings):
         if value <= 0:
             field = getattr(info, "field_name", "value")
             raise ValueError(f"{field} must be a positive integer, got {value}")
+        return value
+
+    @field_validator("max_concurrent_decodes")
+    @classmethod
+    def _check_decodes(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"max_concurrent_decodes must be >= 1, got {value}")
+        return value
+
+    @field_validator("max_pixels_per_byte", "decode_wait_s", "body_read_timeout_s")
+    @classmethod
+    def _positive_finite(cls, value: float, info: object) -> float:
+        import math
+
+        if not math.isfinite(value) or value <= 0:
+            field = getattr(info, "field_name", "value")
+            raise ValueError(
+                f"{field} must be a positive number of {_UNITS.get(field, 'units')}, got {value}"
+            )
         return value
 
     @field_validator("port")

@@ -24,6 +24,7 @@ from core.vocabulary import METHODS
 from engine.overlay import overlay_png
 from engine.predict import MapMode, PairResult, PredictOptions, decode_image, predict_pairs, resolve_options
 from engine.report import DriftReport
+from service.app.concurrency import decode_limiter
 from service.app.deps import PredictKeyDep, StateDep
 from service.app.errors import ApiError, error_responses, request_id_of
 from service.app.schemas import ImageInfo, PredictResponse
@@ -61,7 +62,7 @@ def _ms(start: float) -> float:
     "/predict",
     response_model=PredictResponse,
     summary="predict with both checkpoints, compute their attribution maps and the drift report (audited)",
-    responses=error_responses(401, 403, 413, 415, 422, 503),
+    responses=error_responses(401, 403, 408, 413, 415, 422, 503),
 )
 async def predict(
     request: Request,
@@ -98,8 +99,22 @@ async def predict(
     )
     timings: dict[str, float] = {}
 
+    parts = len((await request.form()).getlist("file"))  # FastAPI parsed it already: this is its cache
+    if parts != 1:
+        raise ApiError(
+            422, "validation_error", f"send exactly one file part, got {parts}", details={"file_parts": parts}
+        )
+    data = await file.read()
     t = time.perf_counter()
-    image = await run_in_threadpool(decode_image, await file.read(), max_pixels=state.settings.max_pixels)
+    settings = state.settings
+    async with decode_limiter(request.app, settings).slot():
+        image = await run_in_threadpool(
+            decode_image,
+            data,
+            max_pixels=settings.max_pixels,
+            max_pixels_per_byte=settings.max_pixels_per_byte,
+        )
+    del data
     timings["decode_ms"] = _ms(t)
 
     results: Sequence[PairResult] = await run_in_threadpool(predict_pairs, state.pairs, image.gray, options)
