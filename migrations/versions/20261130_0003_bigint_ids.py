@@ -1,0 +1,74 @@
+"""64-bit ids: every id and foreign-key id column (and its sequence) becomes ``bigint`` on PostgreSQL.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-30 18:00:00+00:00
+
+Revision 0001 created the ids as ``integer`` (int4, at most 2^31-1) while the API accepts ids up to 2^63-1
+(and a busy service would exhaust int4 eventually): an id above 2^31-1 made PostgreSQL answer "integer
+out of range". SQLite's INTEGER PRIMARY KEY is already 64-bit: nothing changes there. The ids are not part
+of a row's hash, so rows verify unchanged. Downgrading refuses while an id does not fit in int4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+# (table, column) pairs holding ids, and the sequences behind the primary keys
+ID_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("audit_records", "id"),
+    ("audit_drift", "id"),
+    ("audit_drift", "record_id"),
+    ("api_keys", "id"),
+)
+INT4_MAX = 2**31 - 1
+
+
+def _sequence(table: str, column: str) -> str | None:
+    name = op.get_bind().execute(sa.text("SELECT pg_get_serial_sequence(:t, :c)"), {"t": table, "c": column})
+    return name.scalar()
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return  # SQLite integers are 64-bit already
+    for table, column in ID_COLUMNS:
+        op.alter_column(
+            table, column, type_=sa.BigInteger(), existing_type=sa.Integer(), existing_nullable=False
+        )
+        sequence = _sequence(table, column)
+        if sequence is not None:
+            op.execute(f"ALTER SEQUENCE {sequence} AS bigint MAXVALUE 9223372036854775807")
+
+
+def downgrade() -> None:
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    for table, column in ID_COLUMNS:
+        too_big = bind.execute(sa.text(f"SELECT max({column}) FROM {table}")).scalar()
+        if too_big is not None and too_big > INT4_MAX:
+            raise RuntimeError(
+                f"refusing to downgrade below 0003: {table}.{column} holds {too_big}, which does not fit in "
+                f"a 32-bit integer"
+            )
+    for table, column in ID_COLUMNS:
+        sequence = _sequence(table, column)
+        if sequence is not None:
+            last = bind.execute(sa.text(f"SELECT last_value FROM {sequence}")).scalar()
+            if last is not None and last > INT4_MAX:
+                raise RuntimeError(
+                    f"refusing to downgrade below 0003: sequence {sequence} is at {last}, beyond 32-bit ids"
+                )
+            op.execute(f"ALTER SEQUENCE {sequence} AS integer MAXVALUE {INT4_MAX}")
+        op.alter_column(
+            table, column, type_=sa.Integer(), existing_type=sa.BigInteger(), existing_nullable=False
+        )

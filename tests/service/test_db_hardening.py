@@ -1,0 +1,144 @@
+"""Issue 11 (database items): 64-bit ids, database errors as clear answers, generic /readyz reasons,
+verification over the stored text."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from service.audit import chain, db, queries
+from tests.api_fixtures import ApiClient, error_of, headers, make_settings, started
+from tests.db_fixtures import make_entry
+
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
+
+
+def column_types(engine: sa.Engine) -> dict[str, str]:
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(
+            "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND (column_name = 'id' OR column_name = 'record_id')"
+        ).all()
+    return {str(name): str(kind) for name, kind in rows}
+
+
+# ------------------------------------------------------------------------------------- 64-bit ids
+
+
+@pytest.mark.postgres
+def test_bigint_migration_keeps_rows_and_takes_ids_beyond_int4(pg_url: str) -> None:
+    rng = np.random.default_rng(11)
+    db.upgrade(pg_url, "0002")
+    engine = db.make_engine(pg_url)
+    try:
+        assert set(column_types(engine).values()) == {"integer"}
+        before = [chain.append(engine, make_entry(rng)) for _ in range(3)]
+        db.upgrade(pg_url, "0003")
+        assert column_types(engine) == {
+            "audit_records.id": "bigint",
+            "audit_drift.id": "bigint",
+            "audit_drift.record_id": "bigint",
+            "api_keys.id": "bigint",
+        }
+        assert chain.verify(engine).ok and chain.verify(engine).checked == 3
+        assert queries.get_record(engine, before[1].id)["row_hash"] == before[1].row_hash  # type: ignore[index]
+        # the sequences go past int4 too
+        with engine.begin() as connection:
+            for table in ("audit_records", "audit_drift"):
+                connection.exec_driver_sql(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {INT4_MAX + 10})"
+                )
+        big = chain.append(engine, make_entry(rng))
+        assert big.id == INT4_MAX + 11
+        assert chain.verify(engine).ok and chain.verify(engine).checked == 4
+        assert queries.get_record(engine, big.id)["drift"]  # type: ignore[index]
+        assert queries.get_record(engine, INT8_MAX) is None
+        page = queries.list_records(engine, filters=queries.AuditFilters(), before_id=INT8_MAX)
+        assert next(item["id"] for item in page.items) == big.id
+        # a downgrade would truncate the id: refused, nothing changed
+        with pytest.raises(RuntimeError, match="refusing to downgrade below 0003"):
+            db.downgrade(pg_url, "0002")
+        assert db.current_revision(engine) == db.head_revision()
+        assert chain.verify(engine).checked == 4
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_bigint_migration_downgrades_with_data(pg_url: str) -> None:
+    rng = np.random.default_rng(12)
+    db.upgrade(pg_url)
+    engine = db.make_engine(pg_url)
+    try:
+        appended = [chain.append(engine, make_entry(rng)) for _ in range(2)]
+        db.downgrade(pg_url, "0002")
+        assert set(column_types(engine).values()) == {"integer"}
+        result = chain.verify(engine)
+        assert result.ok and result.checked == 2 and result.head_hash == appended[-1].row_hash
+        db.upgrade(pg_url)
+        assert set(column_types(engine).values()) == {"bigint"}
+        assert chain.append(engine, make_entry(rng)).id == appended[-1].id + 1
+        assert chain.verify(engine).checked == 3
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def audit_app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ApiClient]:
+    """The app with no model pair (the audit routes need only the database)."""
+    url = (
+        f"sqlite:///{tmp_path / 'audit.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    with started(make_settings(tmp_path / "no-artifacts", url)) as app:
+        chain.append(app.app.state.cxr.engine, make_entry(np.random.default_rng(3)))
+        yield app
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        (f"/audit/records/{INT4_MAX + 1}", 404),
+        (f"/audit/records/{INT8_MAX}", 404),
+        (f"/audit/records?before_id={INT4_MAX + 1}", 200),
+        (f"/audit/records?before_id={INT8_MAX}", 200),
+    ],
+)
+def test_64_bit_ids_are_answered_not_500(audit_app: ApiClient, path: str, status: int) -> None:
+    response = audit_app.get(path, headers=headers("audit"))
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert len(response.json()["items"]) == 1
+
+
+def test_a_database_error_is_answered_by_the_exception_middleware(
+    audit_app: ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A driver error that is not an outage: 422 for a refused value, else a JSON 500 with the request id,
+    answered without re-raising (the ASGI client here raises app exceptions: a re-raise would fail the
+    test, and on a real server it closes the keep-alive connection)."""
+
+    def refuse() -> None:
+        raise sa.exc.DataError("SELECT 1", {}, Exception("integer out of range"))
+
+    def broken() -> None:
+        raise sa.exc.ProgrammingError("SELECT nope", {}, Exception("relation does not exist"))
+
+    audit_app.app.add_api_route("/refuse", refuse, methods=["GET"])
+    audit_app.app.add_api_route("/broken", broken, methods=["GET"])
+    refused = audit_app.get("/refuse")
+    assert refused.status_code == 422 and error_of(refused)["code"] == "invalid_input"
+    with caplog.at_level(logging.ERROR, logger="service.app.errors"):
+        failed = audit_app.get("/broken")
+    assert failed.status_code == 500
+    error = error_of(failed)
+    assert error["code"] == "internal_error" and "relation" not in error["message"]
+    assert error["details"]["request_id"] == failed.headers["x-request-id"]
+    assert any(error["details"]["request_id"] in r.getMessage() for r in caplog.records)
