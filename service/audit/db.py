@@ -47,7 +47,15 @@ _ALEMBIC_LOCK = threading.Lock()
 
 
 class DatabaseUnavailable(RuntimeError):
-    """The audit database cannot be reached or written; the web layer answers 503."""
+    """The audit database cannot be reached or written; the web layer answers 503.
+
+    ``str(error)`` is the detailed reason for the log (it may name the host, port and user); ``public`` is a
+    generic reason that can be shown to anyone (no hosts, ports, credentials or driver messages).
+    """
+
+    def __init__(self, message: str, *, public: str = "unreachable, stalled or not writable") -> None:
+        super().__init__(message)
+        self.public = public
 
 
 @contextmanager
@@ -176,13 +184,18 @@ def check_writable(engine: sa.Engine) -> None:
         with connection.begin() as transaction:
             if backend == "postgresql":
                 if connection.exec_driver_sql("SELECT pg_is_in_recovery()").scalar():
-                    raise DatabaseUnavailable("audit database is a read-only standby (pg_is_in_recovery)")
+                    raise DatabaseUnavailable(
+                        "audit database is a read-only standby (pg_is_in_recovery)", public="read-only"
+                    )
                 if connection.exec_driver_sql("SHOW transaction_read_only").scalar() == "on":
-                    raise DatabaseUnavailable("audit database session is read-only (transaction_read_only)")
+                    raise DatabaseUnavailable(
+                        "audit database session is read-only (transaction_read_only)", public="read-only"
+                    )
             if not sa.inspect(connection).has_table("audit_records"):
                 raise DatabaseUnavailable(
                     "audit database has no audit tables: run 'cxr-drift db upgrade' "
-                    "(or 'alembic upgrade head')"
+                    "(or 'alembic upgrade head')",
+                    public="not migrated",
                 )
             transaction.rollback()
     try:
@@ -192,5 +205,6 @@ def check_writable(engine: sa.Engine) -> None:
     current = current_revision(engine)
     if current != head:
         raise DatabaseUnavailable(
-            f"audit database schema is at revision {current!r}, expected {head!r}: run 'cxr-drift db upgrade'"
+            f"audit database schema is at revision {current!r}, expected {head!r}: run 'cxr-drift db upgrade'",
+            public="not migrated to the newest schema revision",
         )

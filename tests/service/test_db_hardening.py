@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.audit import chain, db, queries
-from tests.api_fixtures import ApiClient, error_of, headers, make_settings, started
+from tests.api_fixtures import ApiClient, error_of, free_port, headers, make_settings, started
 from tests.db_fixtures import make_entry
 
 INT4_MAX = 2**31 - 1
@@ -142,3 +142,23 @@ def test_a_database_error_is_answered_by_the_exception_middleware(
     assert error["code"] == "internal_error" and "relation" not in error["message"]
     assert error["details"]["request_id"] == failed.headers["x-request-id"]
     assert any(error["details"]["request_id"] in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------ /readyz exposure
+
+
+def test_readyz_names_no_host_port_or_credentials_of_a_database_that_is_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()  # nothing listens there
+    url = f"postgresql+psycopg://secret_user:hunter2pw@127.0.0.1:{port}/secret_db"
+    settings = make_settings(tmp_path / "no-artifacts", url, migrate_on_start=False)
+    with started(settings) as app, caplog.at_level(logging.WARNING, logger="service.app.routes.health"):
+        response = app.get("/readyz")
+    assert response.status_code == 503
+    error = error_of(response)
+    assert error["code"] == "not_ready" and "audit database" in error["message"]
+    for secret in ("secret_user", "hunter2pw", "secret_db", str(port), "127.0.0.1", "connection"):
+        assert secret not in response.text, secret
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert str(port) in logged and "hunter2pw" not in logged

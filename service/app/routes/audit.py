@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
@@ -24,6 +25,8 @@ from service.audit import chain, queries
 from service.audit.db import DatabaseUnavailable
 from service.audit.queries import AuditFilters
 from service.audit.summary import GROUP_BY_OPTIONS, summarize
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
@@ -101,7 +104,13 @@ async def _call_db(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return await run_in_threadpool(func, *args, **kwargs)
     except DatabaseUnavailable as exc:
-        raise ApiError(503, "database_unavailable", f"audit database unavailable: {exc}") from exc
+        log.warning("audit database unavailable: %s", exc)  # the details (host, driver error) only here
+        raise ApiError(
+            503,
+            "database_unavailable",
+            f"audit database {exc.public}; retry later",
+            headers={"Retry-After": "5"},
+        ) from exc
 
 
 def _parse_group_by(values: list[str]) -> list[str]:
