@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc, func
 
 from engine.report import DriftReport, MethodResult
-from service.audit.db import SQLITE_IMMEDIATE, translate_errors
+from service.audit.db import SQLITE_IMMEDIATE, stored_json, translate_errors
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
 __all__ = [
@@ -325,14 +325,25 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
     """
     # JSON and timestamp columns are read raw and parsed here, so a tampered value is a bad row, not an
     # exception half-way through the stream (SQLite stores them as text that can be edited into anything).
+    # The JSON columns are read as their stored text on both databases (PostgreSQL `json` keeps the text as
+    # written), and SQLite's drift columns as stored (SQLite does not enforce column types): verification
+    # then checks that what SQL reads is exactly what is hashed (see _parse_stored_record/_parse_stored_drift).
+    sqlite = engine.dialect.name == "sqlite"
     raw = {
-        "options": sa.type_coerce(AuditRecord.options, sa.Text).label("options"),
-        "payload": sa.type_coerce(AuditRecord.payload, sa.Text).label("payload"),
+        "options": (sa.type_coerce if sqlite else sa.cast)(AuditRecord.options, sa.Text).label("options"),
+        "payload": (sa.type_coerce if sqlite else sa.cast)(AuditRecord.payload, sa.Text).label("payload"),
         "created_at": sa.type_coerce(AuditRecord.created_at, sa.String).label("created_at"),
     }
     record_columns = [column.name for column in AuditRecord.__table__.columns]
     selected = [raw.get(name, getattr(AuditRecord, name)) for name in record_columns]
-    drift_columns = [getattr(AuditDrift, name).label(f"d_{name}") for name in DRIFT_CONTENT]
+    drift_columns = [
+        (
+            sa.type_coerce(getattr(AuditDrift, name), sa.types.NullType())
+            if sqlite
+            else getattr(AuditDrift, name)
+        ).label(f"d_{name}")
+        for name in DRIFT_CONTENT
+    ]
     statement = (
         sa.select(*selected, AuditDrift.id.label("d_id"), *drift_columns)
         .outerjoin(AuditDrift, AuditDrift.record_id == AuditRecord.id)
@@ -373,6 +384,8 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
                 )
             try:
                 record = _parse_stored_record(record)
+                if sqlite:
+                    drift = [_parse_stored_drift(row) for row in drift]
                 actual = compute_row_hash(record, drift, record["prev_hash"])
             except (ValueError, TypeError, OverflowError) as error:
                 return bad(record_id, f"unreadable row: {type(error).__name__}: {error}"[:500])
@@ -416,12 +429,59 @@ def _parse_stored_record(record: dict[str, Any]) -> dict[str, Any]:
     parsed = dict(record)
     for name in ("options", "payload"):
         value = parsed[name]
-        if isinstance(value, str | bytes):
-            parsed[name] = json.loads(value)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        if isinstance(value, str):
+            # SQL reads the text (SQLite's json_extract takes a duplicated key's first value, Python its
+            # last): require the text to be exactly what append() wrote for the value that is hashed.
+            parsed[name] = json.loads(value, object_pairs_hook=_no_duplicate_keys)
+            if stored_json(parsed[name]) != value:
+                raise ValueError(f"{name}: the stored JSON text is not the form append() writes")
     created = parsed["created_at"]
     if isinstance(created, str):
-        created = datetime.fromisoformat(created)
+        text = created
+        created = datetime.fromisoformat(text)
+        # SQLite compares and groups the text (time filters, day/week): it must be the one stored form
+        if created.tzinfo is not None or created.strftime(_SQLITE_TIMESTAMP) != text:
+            raise ValueError(f"created_at: stored text {text[:40]!r} is not the form append() writes")
     if not isinstance(created, datetime):
         raise TypeError(f"created_at: expected a timestamp, got {type(created).__name__}")
     parsed["created_at"] = created.replace(tzinfo=UTC) if created.tzinfo is None else created
+    return parsed
+
+
+# how SQLAlchemy stores a naive UTC datetime in SQLite
+_SQLITE_TIMESTAMP = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate JSON key(s) {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
+    return dict(pairs)
+
+
+def _parse_stored_drift(row: dict[str, Any]) -> dict[str, Any]:
+    """A SQLite drift row from its values as stored: each must have its column's storage type (SQLite does
+    not enforce them), so SQL reads what is hashed (e.g. ``agreement`` 2 reads as true in Python but is
+    not ``IS 1`` in a filter; the text '0.5' is not the number 0.5 to an aggregate)."""
+    parsed: dict[str, Any] = {}
+    for name, value in row.items():
+        column_type = AuditDrift.__table__.columns[name].type
+        if value is None:
+            parsed[name] = None
+        elif isinstance(column_type, sa.Boolean):
+            if type(value) is not int or value not in (0, 1):
+                raise ValueError(f"{name}: stored {value!r} is not a boolean 0 or 1")
+            parsed[name] = bool(value)
+        elif isinstance(column_type, sa.Float):
+            if type(value) is not float:
+                raise ValueError(f"{name}: stored {value!r} is not a REAL")
+            parsed[name] = value
+        elif isinstance(column_type, sa.String):
+            if type(value) is not str:
+                raise ValueError(f"{name}: stored {value!r} is not TEXT")
+            parsed[name] = value
+        else:
+            parsed[name] = value
     return parsed

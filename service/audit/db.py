@@ -10,6 +10,7 @@ and a busy timeout so concurrent writers wait instead of failing. PostgreSQL is 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -31,6 +32,7 @@ __all__ = [
     "head_revision",
     "make_engine",
     "migrations_dir",
+    "stored_json",
     "translate_errors",
     "upgrade",
 ]
@@ -68,6 +70,15 @@ def translate_errors(action: str) -> Iterator[None]:
         raise DatabaseUnavailable(f"audit database unavailable while trying to {action}: {reason}") from error
 
 
+def stored_json(value: Any) -> str:
+    """The exact text written to the JSON columns (``json.dumps`` with its defaults, on both databases).
+
+    Verification (``service.audit.chain.verify``) requires a stored JSON text to be exactly this function
+    of its parsed value, so the bytes SQL reads (``json_extract``, ``->>``) are the bytes that are hashed.
+    """
+    return json.dumps(value)
+
+
 def _install_sqlite_pragmas(engine: sa.Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -94,7 +105,9 @@ def make_engine(url: str) -> sa.Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
-        engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+        engine = sa.create_engine(
+            parsed, pool_pre_ping=True, connect_args=connect_args, json_serializer=stored_json
+        )
         _install_sqlite_pragmas(engine)
         return engine
     if backend == "postgresql":

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from service.audit import chain, db, queries
 from tests.api_fixtures import ApiClient, error_of, free_port, headers, make_settings, started
-from tests.db_fixtures import make_entry
+from tests.db_fixtures import MODELS, make_entry, make_report
 
 INT4_MAX = 2**31 - 1
 INT8_MAX = 2**63 - 1
@@ -162,3 +162,95 @@ def test_readyz_names_no_host_port_or_credentials_of_a_database_that_is_down(
         assert secret not in response.text, secret
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert str(port) in logged and "hunter2pw" not in logged
+
+
+# ------------------------------------------------------------------------ verification of stored text
+
+
+def _drop_update_triggers(engine: sa.Engine) -> None:
+    with engine.begin() as connection:
+        for table in ("audit_records", "audit_drift"):
+            if engine.dialect.name == "sqlite":
+                connection.exec_driver_sql(f"DROP TRIGGER {table}_append_only_update")
+            else:
+                connection.exec_driver_sql(f"DROP TRIGGER {table}_append_only_row ON {table}")
+
+
+def test_a_duplicate_json_key_that_sql_reads_fails_verification(db_engine: sa.Engine) -> None:
+    """A key inserted before the real one: SQLite's json_extract reads the first, Python's json the last."""
+    rng = np.random.default_rng(21)
+    ids = [chain.append(db_engine, make_entry(rng)).id for _ in range(3)]
+    assert chain.verify(db_engine).ok
+    sqlite = db_engine.dialect.name == "sqlite"
+    read = (
+        "SELECT json_extract(payload, '$.timings_ms.total') FROM audit_records WHERE id = :id"
+        if sqlite
+        else "SELECT (payload::json -> 'timings_ms' ->> 'total')::float FROM audit_records WHERE id = :id"
+    )
+    with db_engine.connect() as connection:
+        real = connection.execute(sa.text(read), {"id": ids[1]}).scalar()
+    _drop_update_triggers(db_engine)
+    edit = (
+        'UPDATE audit_records SET payload = \'{"timings_ms": {"total": 1.5}, \' || substr(payload, 2) '
+        "WHERE id = :id"
+        if sqlite
+        else 'UPDATE audit_records SET payload = (\'{"timings_ms": {"total": 1.5}, \' || '
+        "substr(payload::text, 2))::json WHERE id = :id"
+    )
+    with db_engine.begin() as connection:
+        connection.execute(sa.text(edit), {"id": ids[1]})
+    with db_engine.connect() as connection:
+        seen = connection.execute(sa.text(read), {"id": ids[1]}).scalar()
+    if sqlite:
+        assert seen == 1.5 != real  # what SQL reads changed ...
+    result = chain.verify(db_engine)  # ... and so must the verdict
+    assert not result.ok and result.first_bad_id == ids[1], result
+    assert "duplicate JSON key" in (result.reason or "")
+
+
+def test_reformatted_json_text_fails_verification(db_engine: sa.Engine) -> None:
+    rng = np.random.default_rng(22)
+    ids = [chain.append(db_engine, make_entry(rng)).id for _ in range(2)]
+    _drop_update_triggers(db_engine)
+    cast = "" if db_engine.dialect.name == "sqlite" else "::text"
+    back = "" if db_engine.dialect.name == "sqlite" else "::json"
+    with db_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                f"UPDATE audit_records SET options = (replace(options{cast}, ': ', ':')){back} WHERE id = :id"
+            ),
+            {"id": ids[0]},
+        )
+    result = chain.verify(db_engine)
+    assert not result.ok and result.first_bad_id == ids[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        ("UPDATE audit_records SET created_at = replace(created_at, ' ', 'T') WHERE id = :id", "created_at"),
+        ("UPDATE audit_drift SET agreement = 2 WHERE record_id = :id AND agreement = 1", "agreement"),
+    ],
+)
+def test_sqlite_values_that_sql_reads_differently_fail_verification(
+    sqlite_url: str, edit: str, why: str
+) -> None:
+    """SQLite does not enforce column types: a value Python reads as the hashed one but SQL does not
+    (a timestamp text with 'T' sorts differently, agreement 2 is not `IS 1`) must fail verification."""
+    db.upgrade(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    try:
+        rng = np.random.default_rng(23)
+        agreeing = make_entry(rng)
+        agreeing.reports = [
+            make_report(rng, model=model, transfer_class="normal", finetuned_class="normal")
+            for model in MODELS
+        ]
+        ids = [chain.append(engine, make_entry(rng)).id, chain.append(engine, agreeing).id]
+        _drop_update_triggers(engine)
+        with engine.begin() as connection:
+            assert connection.execute(sa.text(edit), {"id": ids[1]}).rowcount > 0
+        result = chain.verify(engine)
+        assert not result.ok and result.first_bad_id == ids[1] and why in (result.reason or ""), result
+    finally:
+        engine.dispose()
