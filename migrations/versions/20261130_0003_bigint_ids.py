@@ -47,6 +47,7 @@ def upgrade() -> None:
         sequence = _sequence(table, column)
         if sequence is not None:
             op.execute(f"ALTER SEQUENCE {sequence} AS bigint MAXVALUE 9223372036854775807")
+    create_commit_deadline()
 
 
 def downgrade() -> None:
@@ -69,6 +70,43 @@ def downgrade() -> None:
                     f"refusing to downgrade below 0003: sequence {sequence} is at {last}, beyond 32-bit ids"
                 )
             op.execute(f"ALTER SEQUENCE {sequence} AS integer MAXVALUE {INT4_MAX}")
+    drop_commit_deadline()
+    for table, column in ID_COLUMNS:
         op.alter_column(
             table, column, type_=sa.Integer(), existing_type=sa.BigInteger(), existing_nullable=False
         )
+
+
+# --------------------------------------------------------------------------------- commit deadline
+# The service sets `cxr_drift.commit_deadline` (epoch seconds) in each append transaction, a margin before
+# its client-side watchdog gives up. A deferred constraint trigger checks it when COMMIT runs: a server
+# that stalled (stopped, partitioned) and resumes after the client answered 503 refuses the COMMIT
+# instead of committing a row for a request that was answered with an error.
+COMMIT_DEADLINE_FUNCTION = """
+CREATE FUNCTION cxr_drift_check_commit_deadline() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    deadline text := current_setting('cxr_drift.commit_deadline', true);
+BEGIN
+    IF deadline IS NOT NULL AND deadline <> ''
+            AND extract(epoch FROM clock_timestamp()) > deadline::double precision THEN
+        RAISE EXCEPTION 'audit append reached COMMIT after its deadline: the client has given up'
+            USING ERRCODE = 'query_canceled';
+    END IF;
+    RETURN NULL;
+END;
+$$
+"""
+COMMIT_DEADLINE_TRIGGER = (
+    "CREATE CONSTRAINT TRIGGER audit_records_commit_deadline AFTER INSERT ON audit_records "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION cxr_drift_check_commit_deadline()"
+)
+
+
+def create_commit_deadline() -> None:
+    op.execute(COMMIT_DEADLINE_FUNCTION)
+    op.execute(COMMIT_DEADLINE_TRIGGER)
+
+
+def drop_commit_deadline() -> None:
+    op.execute("DROP TRIGGER IF EXISTS audit_records_commit_deadline ON audit_records")
+    op.execute("DROP FUNCTION IF EXISTS cxr_drift_check_commit_deadline()")

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     backend: Literal["onnx", "torch"] = "onnx"
     migrate_on_start: bool = True
     ort_threads: int | None = None
+    # time limits on the database (service.audit.db.DbTimeouts): one operation of a request (append with its
+    # chain lock, key lookup, readiness check), and the audit reads (summaries, listings, verify, CSV export)
+    db_timeout_s: float = 5.0
+    db_read_timeout_s: float = 120.0
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -97,6 +101,14 @@ class Settings(BaseSettings):
         if value <= 0:
             field = getattr(info, "field_name", "value")
             raise ValueError(f"{field} must be a positive integer, got {value}")
+        return value
+
+    @field_validator("db_timeout_s", "db_read_timeout_s")
+    @classmethod
+    def _check_db_timeout(cls, value: float, info: object) -> float:
+        field = getattr(info, "field_name", "value")
+        if not 0.1 <= value <= 3600:
+            raise ValueError(f"{field} must be in 0.1..3600 seconds, got {value}")
         return value
 
     @field_validator("port")

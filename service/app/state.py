@@ -107,7 +107,10 @@ def load_state(settings: Settings, *, metrics: Metrics) -> AppState:
     """Migrate (if configured), connect, load and verify the model pairs."""
     if settings.migrate_on_start:
         db.upgrade(settings.database_url)
-    engine = db.make_engine(settings.database_url)
+    engine = db.make_engine(
+        settings.database_url,
+        db.DbTimeouts(timeout_s=settings.db_timeout_s, read_timeout_s=settings.db_read_timeout_s),
+    )
     pairs, folders, failed = load_pairs(
         Path(settings.artifacts_dir), backend=settings.backend, ort_threads=settings.ort_threads
     )

@@ -38,6 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc, func
 
 from engine.report import DriftReport, MethodResult
+from service.audit import db
 from service.audit.db import SQLITE_IMMEDIATE, stored_json, translate_errors
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 GENESIS_HASH = "0" * 64
 # Key of the PostgreSQL advisory lock that serialises appends (any constant shared by all replicas).
 CHAIN_LOCK_KEY = 0x0C58_D41F_7A11
+# Transaction setting read by the commit-deadline trigger (revision 0003) on PostgreSQL.
+COMMIT_DEADLINE_SETTING = "cxr_drift.commit_deadline"
 # The hashed columns of a record and of a drift row.
 RECORD_CONTENT: tuple[str, ...] = (
     "request_id",
@@ -284,6 +287,7 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
         try:
             with connection.begin():
                 if dialect == "postgresql":
+                    _limit_transaction(connection)
                     connection.execute(sa.select(func.pg_advisory_xact_lock(CHAIN_LOCK_KEY)))
                 last = connection.execute(
                     sa.select(AuditRecord.row_hash).order_by(AuditRecord.id.desc()).limit(1)
@@ -305,6 +309,29 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
             ) from error
     log.debug("audit record %s appended: id=%d hash=%s", entry.request_id, record_id, row_hash)
     return AppendResult(id=record_id, row_hash=row_hash, prev_hash=prev_hash)
+
+
+def _limit_transaction(connection: sa.Connection) -> None:
+    """PostgreSQL: bound this append on the server too, when the engine has time limits.
+
+    ``statement_timeout`` and ``idle_in_transaction_session_timeout`` abort it if the client stalls or
+    vanishes while holding the chain lock; ``cxr_drift.commit_deadline`` (an epoch time, checked by the
+    deferred trigger of revision 0003 when COMMIT runs) refuses a COMMIT that the server reaches after the
+    client has given up: its deadline is ahead of the client's watchdog by a margin, so a request answered
+    503 because it timed out is not committed later when a stalled server resumes.
+    """
+    limits = db.timeouts_of(connection.engine)
+    deadline = db.client_deadline(connection)
+    if limits is None or deadline is None:
+        return
+    margin = min(1.0, limits.timeout_s / 4)
+    connection.execute(
+        sa.select(
+            func.set_config("statement_timeout", str(int(limits.timeout_s * 1000)), True),
+            func.set_config("idle_in_transaction_session_timeout", str(int(limits.timeout_s * 1000)), True),
+            func.set_config(COMMIT_DEADLINE_SETTING, f"{deadline - margin:.6f}", True),
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------- verifying

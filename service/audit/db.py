@@ -9,13 +9,22 @@ and a busy timeout so concurrent writers wait instead of failing. PostgreSQL is 
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import heapq
+import itertools
 import json
 import logging
+import math
 import os
+import socket
+import sqlite3
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +35,17 @@ from core.errors import ConfigError
 
 __all__ = [
     "DatabaseUnavailable",
+    "DbTimeouts",
     "check_writable",
+    "client_deadline",
     "current_revision",
     "downgrade",
     "head_revision",
     "make_engine",
     "migrations_dir",
+    "read_bound",
     "stored_json",
+    "timeouts_of",
     "translate_errors",
     "upgrade",
 ]
@@ -79,14 +92,14 @@ def stored_json(value: Any) -> str:
     return json.dumps(value)
 
 
-def _install_sqlite_pragmas(engine: sa.Engine) -> None:
+def _install_sqlite_pragmas(engine: sa.Engine, *, busy_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control away from pysqlite so that BEGIN is ours (deferred or IMMEDIATE).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = FULL")
             cursor.execute("PRAGMA foreign_keys = ON")
@@ -99,16 +112,43 @@ def _install_sqlite_pragmas(engine: sa.Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def make_engine(url: str) -> sa.Engine:
-    """Engine for ``url`` (``sqlite:///path.db`` or ``postgresql+psycopg://user@host/db``), pre-ping on."""
+@dataclass(frozen=True)
+class DbTimeouts:
+    """Time limits on everything the service does with the database (seconds).
+
+    ``timeout_s`` bounds one operation of a request (an append with its chain lock, a key lookup, the
+    readiness check): it is the pool checkout wait, the connect timeout, PostgreSQL's ``lock_timeout`` (the
+    chain lock is a lock), and, for appends, ``statement_timeout``, ``idle_in_transaction_session_timeout``
+    and the server-side commit deadline. ``read_timeout_s`` bounds the audit reads (summaries, listings,
+    verification, a CSV export from its first to its last row) and is the session's ``statement_timeout``.
+    Both are also enforced on the client: a connection held longer than its bound is aborted (its socket
+    shut down) by a watchdog, because a stalled server (stopped process, network partition) answers
+    nothing, so no server-side timeout can fire and a blocked read has no timeout of its own.
+    """
+
+    timeout_s: float = 5.0
+    read_timeout_s: float = 120.0
+
+
+def make_engine(url: str, timeouts: DbTimeouts | None = None) -> sa.Engine:
+    """Engine for ``url`` (``sqlite:///path.db`` or ``postgresql+psycopg://user@host/db``).
+
+    ``timeouts`` (the service passes its settings) bound every checkout of a connection; without them
+    (migrations, CLI, tests) operations are unbounded apart from the connect and busy timeouts.
+    """
     parsed = sa.make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+        busy_s = timeouts.timeout_s if timeouts is not None else SQLITE_BUSY_TIMEOUT_MS / 1000
         engine = sa.create_engine(
-            parsed, pool_pre_ping=True, connect_args=connect_args, json_serializer=stored_json
+            parsed,
+            pool_pre_ping=True,
+            pool_timeout=timeouts.timeout_s if timeouts is not None else 30.0,
+            connect_args={"timeout": busy_s, "check_same_thread": False},
+            json_serializer=stored_json,
         )
-        _install_sqlite_pragmas(engine)
+        _install_sqlite_pragmas(engine, busy_ms=int(busy_s * 1000))
+        _install_watchdog(engine, timeouts, ping=False)
         return engine
     if backend == "postgresql":
         if parsed.get_driver_name() != "psycopg":
@@ -118,12 +158,174 @@ def make_engine(url: str) -> sa.Engine:
             )
         # Without a connect timeout an unreachable server (packets dropped) holds every request for the
         # OS's TCP timeout (minutes) instead of answering 503; a timeout in the URL wins.
-        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
-        return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+        connect_timeout = PG_CONNECT_TIMEOUT_S if timeouts is None else max(1, math.ceil(timeouts.timeout_s))
+        connect_args: dict[str, Any] = {}
+        if "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = connect_timeout
+        if timeouts is not None:
+            # TCP keepalives and a TCP user timeout end a connection whose peer vanished (partition);
+            # server-side limits abort what the server is doing when the client has given up.
+            connect_args.update(
+                keepalives=1,
+                keepalives_idle=max(1, math.ceil(timeouts.timeout_s)),
+                keepalives_interval=1,
+                keepalives_count=3,
+                tcp_user_timeout=int(timeouts.timeout_s * 1000),
+            )
+            limits = (
+                f"-c statement_timeout={int(timeouts.read_timeout_s * 1000)} "
+                f"-c lock_timeout={int(timeouts.timeout_s * 1000)}"
+            )
+            given = parsed.query.get("options")
+            given_text = " ".join(given) if isinstance(given, tuple) else given
+            connect_args["options"] = f"{given_text} {limits}" if given_text else limits
+            parsed = parsed.difference_update_query(["options"])
+        engine = sa.create_engine(
+            parsed,
+            # the watchdog's checkout listener pings instead (so the ping itself is bounded)
+            pool_pre_ping=timeouts is None,
+            pool_timeout=timeouts.timeout_s if timeouts is not None else 30.0,
+            connect_args=connect_args,
+            json_serializer=stored_json,
+        )
+        _install_watchdog(engine, timeouts, ping=True)
+        return engine
     raise ConfigError(
         f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
         "expected one of 'sqlite:///PATH' or 'postgresql+psycopg://USER@HOST/DB'"
     )
+
+
+# ------------------------------------------------------------------------------- client-side deadlines
+
+_ENGINE_TIMEOUTS: weakref.WeakKeyDictionary[sa.Engine, DbTimeouts] = weakref.WeakKeyDictionary()
+# the bound for connections checked out in this context (None: the engine's timeout_s)
+_CHECKOUT_BOUND: contextvars.ContextVar[float | None] = contextvars.ContextVar("cxr_db_bound", default=None)
+
+
+def timeouts_of(engine: sa.Engine) -> DbTimeouts | None:
+    """The time limits ``engine`` was made with (None: unbounded)."""
+    return _ENGINE_TIMEOUTS.get(engine)
+
+
+@contextmanager
+def read_bound(engine: sa.Engine) -> Iterator[None]:
+    """Connections checked out inside get the engine's ``read_timeout_s`` instead of ``timeout_s``."""
+    limits = timeouts_of(engine)
+    token = _CHECKOUT_BOUND.set(limits.read_timeout_s if limits is not None else None)
+    try:
+        yield
+    finally:
+        _CHECKOUT_BOUND.reset(token)
+
+
+def client_deadline(connection: sa.Connection) -> float | None:
+    """When (epoch seconds) the watchdog aborts ``connection``; None if it is not watched."""
+    entry = connection.connection.info.get(_WATCH_KEY)
+    return None if entry is None else float(entry["wall_deadline"])
+
+
+def _abort_connection(dbapi_connection: Any) -> None:
+    """Make a blocked call on ``dbapi_connection`` return with an error, from another thread."""
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.interrupt()
+        return
+    # psycopg: shut the socket down (not close: the descriptor stays owned by the connection). A blocked
+    # read returns at once and the driver reports a lost connection, which SQLAlchemy invalidates.
+    fd = dbapi_connection.pgconn.socket
+    duplicate = socket.socket(fileno=os.dup(fd))
+    try:
+        duplicate.shutdown(socket.SHUT_RDWR)
+    finally:
+        duplicate.close()
+
+
+class _Watchdog:
+    """One thread that aborts connections held past their deadline (a heap of deadlines)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._heap: list[tuple[float, int, Any]] = []
+        self._counter = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, entry: dict[str, Any]) -> None:
+        with self._lock:
+            heapq.heappush(self._heap, (deadline, next(self._counter), entry))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="cxr-db-watchdog", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._heap:
+                    self._lock.wait()
+                deadline, _, entry = self._heap[0]
+                now = time.monotonic()
+                if deadline > now and not entry["done"]:
+                    self._lock.wait(deadline - now)
+                    continue
+                heapq.heappop(self._heap)
+                if entry["done"]:
+                    continue
+                entry["fired"] = True
+            log.warning(
+                "audit database operation exceeded its %.1f s bound: aborting its connection", entry["bound"]
+            )
+            try:
+                _abort_connection(entry["dbapi"])
+            except Exception as error:  # the connection may have closed meanwhile
+                log.debug("aborting a database connection failed: %s", error)
+
+
+_WATCHDOG = _Watchdog()
+_WATCH_KEY = "cxr_watch"
+
+
+def _install_watchdog(engine: sa.Engine, timeouts: DbTimeouts | None, *, ping: bool) -> None:
+    if timeouts is None:
+        return
+    _ENGINE_TIMEOUTS[engine] = timeouts
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        bound = _CHECKOUT_BOUND.get() or timeouts.timeout_s
+        entry = {
+            "dbapi": dbapi_connection,
+            "bound": bound,
+            "done": False,
+            "fired": False,
+            "wall_deadline": time.time() + bound,
+        }
+        record.info[_WATCH_KEY] = entry
+        _WATCHDOG.watch(time.monotonic() + bound, entry)
+        if ping:
+            # pool_pre_ping's work, under the deadline: a dead pooled connection is replaced
+            try:
+                with dbapi_connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                dbapi_connection.rollback()
+            except Exception as error:
+                entry["done"] = True
+                if entry["fired"]:
+                    raise DatabaseUnavailable(
+                        f"audit database did not answer within {bound:g} s", public="stalled (timed out)"
+                    ) from error
+                raise exc.DisconnectionError(f"stale pooled connection: {error}") from error
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_connection: Any, record: Any) -> None:
+        entry = record.info.pop(_WATCH_KEY, None)
+        if entry is not None:
+            entry["done"] = True
+
+    @event.listens_for(engine, "invalidate")
+    def _on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
+        entry = record.info.pop(_WATCH_KEY, None)
+        if entry is not None:
+            entry["done"] = True
 
 
 def migrations_dir() -> Path:
