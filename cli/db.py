@@ -3,8 +3,12 @@
     cxr-drift db upgrade [--revision head] [--database-url URL]
     cxr-drift db downgrade [--revision base] [--database-url URL]
     cxr-drift db current [--database-url URL]
+    cxr-drift db grant --role NAME [--database-url URL]
 
-The URL defaults to ``CXR_DRIFT_DATABASE_URL``.
+The URL defaults to ``CXR_DRIFT_DATABASE_URL``. PostgreSQL least privilege: run these as the owner of the
+tables; ``grant`` creates (if needed) the role the service connects as and lets it only INSERT and SELECT
+the audit tables (password from ``CXR_DRIFT_SERVICE_ROLE_PASSWORD`` if set). ``upgrade`` does the same
+for ``CXR_DRIFT_SERVICE_ROLE`` when that is set (the compose file's one-shot ``migrate`` service).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 
 from cli.options import add_database_url, database_url
 from core.errors import UsageError
+from service.app.settings import get_settings
 from service.audit import db
 
 __all__ = ["configure_parser", "run"]
@@ -28,6 +33,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_database_url(down)
     current = actions.add_parser("current", help="print the revision the database is at, and the newest")
     add_database_url(current)
+    grant = actions.add_parser(
+        "grant", help="PostgreSQL: create/grant the service role (INSERT and SELECT on the audit tables only)"
+    )
+    grant.add_argument("--role", default=None, help="role name (default: $CXR_DRIFT_SERVICE_ROLE)")
+    add_database_url(grant)
+
+
+def _grant(url: str, role: str | None) -> None:
+    settings = get_settings()
+    role = role or settings.service_role
+    if not role:
+        raise UsageError("no service role: pass --role NAME or set CXR_DRIFT_SERVICE_ROLE")
+    password = settings.service_role_password
+    db.grant_service_role(url, role, password=password.get_secret_value() if password else None)
+    print(f"service role {role!r}: SELECT and INSERT on the audit tables, nothing more")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
         if args.db_action == "upgrade":
             db.upgrade(url, args.revision)
             print(f"audit database upgraded to {args.revision}")
+            if get_settings().service_role:
+                _grant(url, None)
+        elif args.db_action == "grant":
+            _grant(url, args.role)
         elif args.db_action == "downgrade":
             db.downgrade(url, args.revision)
             print(f"audit database downgraded to {args.revision}")
@@ -48,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"current: {current or '(empty: not migrated)'}  newest: {db.head_revision()}")
         else:
             raise UsageError(
-                f"unknown db action {args.db_action!r}; valid options: upgrade, downgrade, current"
+                f"unknown db action {args.db_action!r}; valid options: upgrade, downgrade, current, grant"
             )
     except db.DatabaseUnavailable as error:
         raise OSError(str(error)) from error

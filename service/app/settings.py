@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.vocabulary import BACKENDS, ROLES
@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # chain lock, key lookup, readiness check), and the audit reads (summaries, listings, verify, CSV export)
     db_timeout_s: float = 5.0
     db_read_timeout_s: float = 120.0
+    # PostgreSQL least privilege: `cxr-drift db upgrade` (run as the owner) also creates/grants this role,
+    # which can only INSERT and SELECT the audit tables; the service connects as it
+    service_role: str | None = None
+    service_role_password: SecretStr | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod

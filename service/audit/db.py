@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -40,6 +41,7 @@ __all__ = [
     "client_deadline",
     "current_revision",
     "downgrade",
+    "grant_service_role",
     "head_revision",
     "make_engine",
     "migrations_dir",
@@ -423,3 +425,79 @@ def check_writable(engine: sa.Engine) -> None:
             f"audit database schema is at revision {current!r}, expected {head!r}: run 'cxr-drift db upgrade'",
             public="not migrated to the newest schema revision",
         )
+
+
+# ------------------------------------------------------------------------------------- least privilege
+
+SERVICE_ROLE_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# what the service does with each table: append and read the audit log, read keys and the schema revision
+SERVICE_GRANTS: tuple[tuple[str, str], ...] = (
+    ("audit_records", "SELECT, INSERT"),
+    ("audit_drift", "SELECT, INSERT"),
+    ("api_keys", "SELECT"),
+    ("alembic_version", "SELECT"),
+)
+
+
+def grant_service_role(url: str, role: str, *, password: str | None = None) -> None:
+    """As the owner at ``url`` (PostgreSQL): let ``role`` do what the service needs and nothing more.
+
+    Creates ``role`` (LOGIN, not superuser, no CREATEDB/CREATEROLE/REPLICATION/BYPASSRLS) if it does not
+    exist, sets its password when given, and grants it USAGE on the current schema, SELECT and INSERT on
+    the audit tables, USAGE on their id sequences and SELECT on ``api_keys`` and ``alembic_version``.
+    It cannot UPDATE, DELETE or TRUNCATE, nor alter or drop the append-only triggers (only the owner can),
+    nor ``SET session_replication_role`` (superuser only). The chain's advisory lock needs no grant.
+    Refuses a role that is a superuser, bypasses row security or owns the tables.
+    """
+    if not SERVICE_ROLE_PATTERN.match(role):
+        raise ConfigError(
+            f"service role: expected a lower-case SQL identifier ([a-z_][a-z0-9_]*), got {role!r}"
+        )
+    engine = make_engine(url)
+    try:
+        if engine.dialect.name != "postgresql":
+            raise ConfigError(
+                "a service role needs PostgreSQL (SQLite has no roles: protect the file instead)"
+            )
+        with translate_errors("grant the service role"), engine.begin() as connection:
+            found = connection.execute(
+                sa.text("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = :role"), {"role": role}
+            ).first()
+            if found is None:
+                connection.exec_driver_sql(
+                    f'CREATE ROLE "{role}" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS'
+                )
+            elif found[0]:
+                raise ConfigError(f"service role {role!r} is a superuser or bypasses row security: refusing")
+            if password is not None:
+                statement = connection.execute(
+                    sa.text(
+                        "SELECT format('ALTER ROLE %I PASSWORD %L', CAST(:role AS text), CAST(:password AS text))"
+                    ),
+                    {"role": role, "password": password},
+                ).scalar_one()
+                connection.exec_driver_sql(statement)
+            owner = connection.execute(
+                sa.text(
+                    "SELECT tableowner FROM pg_tables WHERE tablename = 'audit_records' "
+                    "AND schemaname = current_schema()"
+                )
+            ).scalar()
+            if owner is None:
+                raise ConfigError("no audit tables in the current schema: run 'cxr-drift db upgrade' first")
+            if owner == role:
+                raise ConfigError(f"service role {role!r} owns the audit tables: use a separate owner role")
+            schema = connection.execute(sa.text("SELECT current_schema()")).scalar_one()
+            connection.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+            for table, privileges in SERVICE_GRANTS:
+                connection.exec_driver_sql(f'REVOKE ALL ON "{table}" FROM "{role}"')
+                connection.exec_driver_sql(f'GRANT {privileges} ON "{table}" TO "{role}"')
+            for table in ("audit_records", "audit_drift"):
+                sequence = connection.execute(
+                    sa.text("SELECT pg_get_serial_sequence(:table, 'id')"), {"table": table}
+                ).scalar()
+                if sequence is not None:
+                    connection.exec_driver_sql(f'GRANT USAGE ON SEQUENCE {sequence} TO "{role}"')
+    finally:
+        engine.dispose()
+    log.info("service role %r granted SELECT/INSERT on the audit tables", role)
