@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     # which can only INSERT and SELECT the audit tables; the service connects as it
     service_role: str | None = None
     service_role_password: SecretStr | None = None
+    # the chain head exported outside the database every anchor_interval_s seconds (0: off) as a JSON line,
+    # to anchor_file (if set) and the log, HMAC-SHA256-signed with anchor_key (if set)
+    anchor_interval_s: float = 300.0
+    anchor_file: Path | None = None
+    anchor_key: SecretStr | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -113,6 +118,13 @@ class Settings(BaseSettings):
         field = getattr(info, "field_name", "value")
         if not 0.1 <= value <= 3600:
             raise ValueError(f"{field} must be in 0.1..3600 seconds, got {value}")
+        return value
+
+    @field_validator("anchor_interval_s")
+    @classmethod
+    def _check_anchor_interval(cls, value: float) -> float:
+        if value != 0 and not 1 <= value <= 86_400:
+            raise ValueError(f"anchor_interval_s must be 0 (off) or 1..86400 seconds, got {value}")
         return value
 
     @field_validator("port")

@@ -19,6 +19,7 @@ from engine.runtime import ModelPair
 from service.app.metrics import Metrics
 from service.app.settings import Settings
 from service.audit import db
+from service.audit.anchor import AnchorExporter
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,14 @@ class AppState:
     folders: dict[str, str] = field(default_factory=dict)
     failed: list[FailedPair] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
+    anchors: AnchorExporter | None = None
 
     def ready_names(self) -> list[str]:
         return sorted(self.pairs)
 
     def close(self) -> None:
+        if self.anchors is not None:
+            self.anchors.stop()
         self.engine.dispose()
 
 
@@ -114,6 +118,18 @@ def load_state(settings: Settings, *, metrics: Metrics) -> AppState:
     pairs, folders, failed = load_pairs(
         Path(settings.artifacts_dir), backend=settings.backend, ort_threads=settings.ort_threads
     )
+    anchors = None
+    if settings.anchor_interval_s > 0:
+        key = settings.anchor_key.get_secret_value() if settings.anchor_key is not None else None
+        anchors = AnchorExporter(
+            engine, interval_s=settings.anchor_interval_s, path=settings.anchor_file, key=key
+        ).start()
     return AppState(
-        settings=settings, engine=engine, metrics=metrics, pairs=pairs, folders=folders, failed=failed
+        settings=settings,
+        engine=engine,
+        metrics=metrics,
+        pairs=pairs,
+        folders=folders,
+        failed=failed,
+        anchors=anchors,
     )
