@@ -272,14 +272,22 @@ class _Watchdog:
                 heapq.heappop(self._heap)
                 if entry["done"]:
                     continue
+                # under the lock: a checkin (release) cannot slip in and hand the connection to another
+                # request before the abort lands
                 entry["fired"] = True
+                try:
+                    _abort_connection(entry["dbapi"])
+                except Exception as error:  # the connection may have closed meanwhile
+                    log.debug("aborting a database connection failed: %s", error)
             log.warning(
-                "audit database operation exceeded its %.1f s bound: aborting its connection", entry["bound"]
+                "audit database operation exceeded its %.1f s bound: its connection was aborted",
+                entry["bound"],
             )
-            try:
-                _abort_connection(entry["dbapi"])
-            except Exception as error:  # the connection may have closed meanwhile
-                log.debug("aborting a database connection failed: %s", error)
+
+    def release(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            entry["done"] = True
+            entry["dbapi"] = None  # the heap keeps the entry until its deadline: not the connection
 
 
 _WATCHDOG = _Watchdog()
@@ -310,7 +318,7 @@ def _install_watchdog(engine: sa.Engine, timeouts: DbTimeouts | None, *, ping: b
                     cursor.execute("SELECT 1")
                 dbapi_connection.rollback()
             except Exception as error:
-                entry["done"] = True
+                _WATCHDOG.release(entry)
                 if entry["fired"]:
                     raise DatabaseUnavailable(
                         f"audit database did not answer within {bound:g} s", public="stalled (timed out)"
@@ -321,13 +329,13 @@ def _install_watchdog(engine: sa.Engine, timeouts: DbTimeouts | None, *, ping: b
     def _on_checkin(dbapi_connection: Any, record: Any) -> None:
         entry = record.info.pop(_WATCH_KEY, None)
         if entry is not None:
-            entry["done"] = True
+            _WATCHDOG.release(entry)
 
     @event.listens_for(engine, "invalidate")
     def _on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
         entry = record.info.pop(_WATCH_KEY, None)
         if entry is not None:
-            entry["done"] = True
+            _WATCHDOG.release(entry)
 
 
 def migrations_dir() -> Path:
