@@ -135,3 +135,25 @@ def test_service_engines_carry_the_time_limits(db_url: str) -> None:
             assert "connect_timeout=3" in dsn and "tcp_user_timeout=3000" in dsn
     finally:
         engine.dispose()
+
+
+def test_the_chain_lock_wait_is_bounded(db_url: str) -> None:
+    """Another writer holds the chain lock (PostgreSQL advisory lock / SQLite write lock): the append gives
+    up with DatabaseUnavailable (503) after the bound instead of queueing forever, and works once it is free."""
+    engine = db.make_engine(db_url, db.DbTimeouts(timeout_s=1.0, read_timeout_s=10))
+    holder = db.make_engine(db_url)
+    rng = np.random.default_rng(7)
+    try:
+        with holder.connect() as connection:
+            if holder.dialect.name == "sqlite":
+                connection.execution_options(**{db.SQLITE_IMMEDIATE: True})
+            with connection.begin():
+                if holder.dialect.name == "postgresql":
+                    connection.execute(sa.select(sa.func.pg_advisory_xact_lock(chain.CHAIN_LOCK_KEY)))
+                with pytest.raises(db.DatabaseUnavailable):
+                    chain.append(engine, make_entry(rng))
+        appended = chain.append(engine, make_entry(rng))
+        assert chain.verify(engine).checked == 1 and appended.id == 1
+    finally:
+        engine.dispose()
+        holder.dispose()
