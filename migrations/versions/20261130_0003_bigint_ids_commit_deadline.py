@@ -1,4 +1,4 @@
-"""64-bit ids: every id and foreign-key id column (and its sequence) becomes ``bigint`` on PostgreSQL.
+"""64-bit ids (``bigint`` on PostgreSQL) and the commit-deadline trigger of the service's appends.
 
 Revision ID: 0003
 Revises: 0002
@@ -8,6 +8,9 @@ Revision 0001 created the ids as ``integer`` (int4, at most 2^31-1) while the AP
 (and a busy service would exhaust int4 eventually): an id above 2^31-1 made PostgreSQL answer "integer
 out of range". SQLite's INTEGER PRIMARY KEY is already 64-bit: nothing changes there. The ids are not part
 of a row's hash, so rows verify unchanged. Downgrading refuses while an id does not fit in int4.
+
+PostgreSQL also gets ``audit_records_commit_deadline``, a deferred constraint trigger that refuses a COMMIT
+reached after the deadline the service set for it (see the end of this file and service/audit/chain.py).
 """
 
 from __future__ import annotations
