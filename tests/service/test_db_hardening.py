@@ -243,3 +243,41 @@ def test_sqlite_values_that_sql_reads_differently_fail_verification(
         assert not result.ok and result.first_bad_id == ids[1] and why in (result.reason or ""), result
     finally:
         engine.dispose()
+
+
+def test_keep_alive_survives_a_database_error_on_a_real_server(tmp_path: Path) -> None:
+    """Over one HTTP/1.1 connection to uvicorn: a database error's 500, then another request."""
+    import http.client
+    import threading
+
+    import uvicorn
+
+    from service.app.main import create_app
+
+    app = create_app(make_settings(tmp_path / "no-artifacts", f"sqlite:///{tmp_path / 'audit.db'}"))
+
+    def broken() -> None:
+        raise sa.exc.ProgrammingError("SELECT nope", {}, Exception("relation does not exist"))
+
+    app.add_api_route("/broken", broken, methods=["GET"])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            threading.Event().wait(0.05)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/broken")
+        first = connection.getresponse()
+        assert first.status == 500 and b"internal_error" in first.read()
+        assert (first.getheader("connection") or "").lower() != "close"
+        connection.request("GET", "/healthz")  # the same socket: raises if the server closed it
+        second = connection.getresponse()
+        assert second.status == 200 and b"ok" in second.read()
+        connection.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
