@@ -342,8 +342,9 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
 
     A row is bad when its ``prev_hash`` is not the previous row's ``row_hash`` ("broken link": a row was
     deleted or inserted before it), when its stored content no longer hashes to ``row_hash`` ("content
-    hash mismatch": a value was changed), or when a stored value cannot be read back at all ("unreadable
-    row": e.g. a JSON column or timestamp edited into something invalid).
+    hash mismatch": a value was changed), or when a stored value cannot be read back at all or is not in the
+    one form :func:`append` writes ("unreadable row": e.g. a JSON text with a duplicated key or reformatted,
+    a SQLite timestamp or boolean written differently), so what SQL reads is always what is hashed.
 
     The result names the chain head (``head_id``, ``head_hash``: the newest verified row). Deleting the
     newest rows leaves a valid shorter chain, so keep the head hash somewhere else (a log, a ticket, a
