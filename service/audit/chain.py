@@ -287,8 +287,10 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
         try:
             with connection.begin():
                 if dialect == "postgresql":
-                    _limit_transaction(connection)
-                    connection.execute(sa.select(func.pg_advisory_xact_lock(CHAIN_LOCK_KEY)))
+                    # one round trip: this transaction's limits, then the chain lock (its wait is bounded
+                    # by the session's lock_timeout)
+                    lock = func.pg_advisory_xact_lock(CHAIN_LOCK_KEY)
+                    connection.execute(sa.select(*_transaction_limits(connection), lock))
                 last = connection.execute(
                     sa.select(AuditRecord.row_hash).order_by(AuditRecord.id.desc()).limit(1)
                 ).scalar_one_or_none()
@@ -311,8 +313,8 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
     return AppendResult(id=record_id, row_hash=row_hash, prev_hash=prev_hash)
 
 
-def _limit_transaction(connection: sa.Connection) -> None:
-    """PostgreSQL: bound this append on the server too, when the engine has time limits.
+def _transaction_limits(connection: sa.Connection) -> list[sa.ColumnElement[Any]]:
+    """PostgreSQL: settings that bound this append on the server too, when the engine has time limits.
 
     ``statement_timeout`` and ``idle_in_transaction_session_timeout`` abort it if the client stalls or
     vanishes while holding the chain lock; ``cxr_drift.commit_deadline`` (an epoch time, checked by the
@@ -323,15 +325,14 @@ def _limit_transaction(connection: sa.Connection) -> None:
     limits = db.timeouts_of(connection.engine)
     deadline = db.client_deadline(connection)
     if limits is None or deadline is None:
-        return
+        return []
     margin = min(1.0, limits.timeout_s / 4)
-    connection.execute(
-        sa.select(
-            func.set_config("statement_timeout", str(int(limits.timeout_s * 1000)), True),
-            func.set_config("idle_in_transaction_session_timeout", str(int(limits.timeout_s * 1000)), True),
-            func.set_config(COMMIT_DEADLINE_SETTING, f"{deadline - margin:.6f}", True),
-        )
-    )
+    timeout_ms = str(int(limits.timeout_s * 1000))
+    return [
+        func.set_config("statement_timeout", timeout_ms, True),
+        func.set_config("idle_in_transaction_session_timeout", timeout_ms, True),
+        func.set_config(COMMIT_DEADLINE_SETTING, f"{deadline - margin:.6f}", True),
+    ]
 
 
 # ------------------------------------------------------------------------------------------- verifying

@@ -253,11 +253,13 @@ class _Watchdog:
 
     def watch(self, deadline: float, entry: dict[str, Any]) -> None:
         with self._lock:
+            earliest = self._heap[0][0] if self._heap else math.inf
             heapq.heappush(self._heap, (deadline, next(self._counter), entry))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="cxr-db-watchdog", daemon=True)
                 self._thread.start()
-            self._lock.notify()
+            if deadline < earliest:  # otherwise the thread wakes up early enough already
+                self._lock.notify()
 
     def _run(self) -> None:
         while True:
@@ -315,8 +317,7 @@ def _install_watchdog(engine: sa.Engine, timeouts: DbTimeouts | None, *, ping: b
             # pool_pre_ping's work, under the deadline: a dead pooled connection is replaced
             try:
                 with dbapi_connection.cursor() as cursor:
-                    cursor.execute("SELECT 1")
-                dbapi_connection.rollback()
+                    cursor.execute("SELECT 1")  # as pool_pre_ping: the transaction it opens is the next one's
             except Exception as error:
                 _WATCHDOG.release(entry)
                 if entry["fired"]:
