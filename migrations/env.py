@@ -60,7 +60,14 @@ def run_migrations_online() -> None:
             # (PostgreSQL: a transaction-scoped advisory lock; SQLite: the write lock, BEGIN IMMEDIATE).
             if connection.dialect.name == "sqlite":
                 connection.execution_options(**{SQLITE_IMMEDIATE: True})
-            context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+            # SQLite runs DDL in transactions too (pysqlite's own transaction handling is off, see
+            # service.audit.db): one transaction for the whole run, so a refused step leaves nothing behind.
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                compare_type=True,
+                transactional_ddl=True,
+            )
             with context.begin_transaction():
                 if connection.dialect.name == "postgresql":
                     connection.execute(

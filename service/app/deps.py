@@ -90,7 +90,10 @@ def authenticate_digest(state: AppState, digest: str) -> Principal | None:
     try:
         api_key = keys.authenticate_digest(state.engine, digest)
     except DatabaseUnavailable as exc:
-        raise ApiError(503, "database_unavailable", f"cannot check the API key: {exc}") from exc
+        log.warning("API key check: audit database unavailable: %s", exc)
+        raise ApiError(
+            503, "database_unavailable", f"cannot check the API key: audit database {exc.public}; retry later"
+        ) from exc
     if api_key is None:
         return None
     return Principal(name=str(api_key.name), role=str(api_key.role))

@@ -18,12 +18,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ArtifactError, DomainError, Overloaded
 from core.imageio import ImageTooLargeError, UnsupportedFormatError, scrub_reprs
 from service.app.headers import headers_for
+from service.audit.db import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,37 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """An outage (unreachable, stalled, read-only, timed out): 503; the reason (hosts...) only in the log."""
+    request_id = request_id_of(request.scope)
+    log.warning("audit database unavailable (request %s) on %s: %s", request_id, request.url.path, exc)
+    return error_json(
+        503,
+        "database_unavailable",
+        "the audit database is unavailable; retry later",
+        {"request_id": request_id},
+        {REQUEST_ID_HEADER: request_id, "Retry-After": "5"},
+    )
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A database error that is not an outage. Registered per class, so Starlette's ExceptionMiddleware
+    answers it and the connection stays open (a handler for ``Exception`` answers from the outermost
+    middleware and re-raises, which makes the server close a keep-alive connection)."""
+    request_id = request_id_of(request.scope)
+    if isinstance(exc, sa_exc.DataError):
+        # the database refused a value of the request (out of range, malformed): the client's input
+        log.info("database refused a value (request %s) on %s: %s", request_id, request.url.path, exc)
+        return error_json(
+            422,
+            "invalid_input",
+            "the database refused a value of this request (out of range or malformed)",
+            {"request_id": request_id},
+            {REQUEST_ID_HEADER: request_id},
+        )
+    return await _unhandled(request, exc)
+
+
 def request_id_of(scope: Scope) -> str:
     """The id :class:`RequestIdMiddleware` gave this request (a new one if it did not run)."""
     state = scope.setdefault("state", {})
@@ -217,4 +250,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DatabaseUnavailable, _database_unavailable)
+    app.add_exception_handler(sa_exc.SQLAlchemyError, _database_error)
     app.add_exception_handler(Exception, _unhandled)

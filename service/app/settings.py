@@ -88,6 +88,19 @@ class Settings(BaseSettings):
     dashboard_secret: SecretStr | None = None
     dashboard_cookie_secure: bool = False
     dashboard_session_minutes: int = 480
+    # time limits on the database (service.audit.db.DbTimeouts): one operation of a request (append with its
+    # chain lock, key lookup, readiness check), and the audit reads (summaries, listings, verify, CSV export)
+    db_timeout_s: float = 5.0
+    db_read_timeout_s: float = 120.0
+    # PostgreSQL least privilege: `cxr-drift db upgrade` (run as the owner) also creates/grants this role,
+    # which can only INSERT and SELECT the audit tables; the service connects as it
+    service_role: str | None = None
+    service_role_password: SecretStr | None = None
+    # the chain head exported outside the database every anchor_interval_s seconds (0: off) as a JSON line,
+    # to anchor_file (if set) and the log, HMAC-SHA256-signed with anchor_key (if set)
+    anchor_interval_s: float = 300.0
+    anchor_file: Path | None = None
+    anchor_key: SecretStr | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -145,6 +158,21 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{field} must be a positive number of {_UNITS.get(field, 'units')}, got {value}"
             )
+        return value
+
+    @field_validator("db_timeout_s", "db_read_timeout_s")
+    @classmethod
+    def _check_db_timeout(cls, value: float, info: object) -> float:
+        field = getattr(info, "field_name", "value")
+        if not 0.1 <= value <= 3600:
+            raise ValueError(f"{field} must be in 0.1..3600 seconds, got {value}")
+        return value
+
+    @field_validator("anchor_interval_s")
+    @classmethod
+    def _check_anchor_interval(cls, value: float) -> float:
+        if value != 0 and not 1 <= value <= 86_400:
+            raise ValueError(f"anchor_interval_s must be 0 (off) or 1..86400 seconds, got {value}")
         return value
 
     @field_validator("port")

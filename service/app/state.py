@@ -20,6 +20,7 @@ from service.app.inference import Inference
 from service.app.metrics import Metrics
 from service.app.settings import Settings
 from service.audit import db
+from service.audit.anchor import AnchorExporter
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class AppState:
     failed: list[FailedPair] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     inference: Inference | None = None  # admission + batching (service/app/inference.py)
+    anchors: AnchorExporter | None = None
 
     def ready_names(self) -> list[str]:
         return sorted(self.pairs)
@@ -53,6 +55,8 @@ class AppState:
         if self.inference is not None:
             for pair in self.pairs.values():
                 self.inference.detach(pair)
+        if self.anchors is not None:
+            self.anchors.stop()
         self.engine.dispose()
 
 
@@ -122,7 +126,10 @@ def load_state(settings: Settings, *, metrics: Metrics) -> AppState:
     """Migrate (if configured), connect, load and verify the model pairs."""
     if settings.migrate_on_start:
         db.upgrade(settings.database_url)
-    engine = db.make_engine(settings.database_url)
+    engine = db.make_engine(
+        settings.database_url,
+        db.DbTimeouts(timeout_s=settings.db_timeout_s, read_timeout_s=settings.db_read_timeout_s),
+    )
     pairs, folders, failed = load_pairs(
         Path(settings.artifacts_dir),
         backend=settings.backend,
@@ -132,6 +139,12 @@ def load_state(settings: Settings, *, metrics: Metrics) -> AppState:
     )
     inference = Inference(settings, metrics)
     pairs = {name: inference.attach(pair) for name, pair in pairs.items()}
+    anchors = None
+    if settings.anchor_interval_s > 0:
+        key = settings.anchor_key.get_secret_value() if settings.anchor_key is not None else None
+        anchors = AnchorExporter(
+            engine, interval_s=settings.anchor_interval_s, path=settings.anchor_file, key=key
+        ).start()
     return AppState(
         settings=settings,
         engine=engine,
@@ -140,4 +153,5 @@ def load_state(settings: Settings, *, metrics: Metrics) -> AppState:
         folders=folders,
         failed=failed,
         inference=inference,
+        anchors=anchors,
     )

@@ -38,7 +38,8 @@ import sqlalchemy as sa
 from sqlalchemy import exc, func
 
 from engine.report import DriftReport, MethodResult
-from service.audit.db import SQLITE_IMMEDIATE, translate_errors
+from service.audit import db
+from service.audit.db import SQLITE_IMMEDIATE, stored_json, translate_errors
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
 __all__ = [
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 GENESIS_HASH = "0" * 64
 # Key of the PostgreSQL advisory lock that serialises appends (any constant shared by all replicas).
 CHAIN_LOCK_KEY = 0x0C58_D41F_7A11
+# Transaction setting read by the commit-deadline trigger (revision 0003) on PostgreSQL.
+COMMIT_DEADLINE_SETTING = "cxr_drift.commit_deadline"
 # The hashed columns of a record and of a drift row.
 RECORD_CONTENT: tuple[str, ...] = (
     "request_id",
@@ -284,7 +287,10 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
         try:
             with connection.begin():
                 if dialect == "postgresql":
-                    connection.execute(sa.select(func.pg_advisory_xact_lock(CHAIN_LOCK_KEY)))
+                    # one round trip: this transaction's limits, then the chain lock (its wait is bounded
+                    # by the session's lock_timeout)
+                    lock = func.pg_advisory_xact_lock(CHAIN_LOCK_KEY)
+                    connection.execute(sa.select(*_transaction_limits(connection), lock))
                 last = connection.execute(
                     sa.select(AuditRecord.row_hash).order_by(AuditRecord.id.desc()).limit(1)
                 ).scalar_one_or_none()
@@ -307,6 +313,28 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
     return AppendResult(id=record_id, row_hash=row_hash, prev_hash=prev_hash)
 
 
+def _transaction_limits(connection: sa.Connection) -> list[sa.ColumnElement[Any]]:
+    """PostgreSQL: settings that bound this append on the server too, when the engine has time limits.
+
+    ``statement_timeout`` and ``idle_in_transaction_session_timeout`` abort it if the client stalls or
+    vanishes while holding the chain lock; ``cxr_drift.commit_deadline`` (an epoch time, checked by the
+    deferred trigger of revision 0003 when COMMIT runs) refuses a COMMIT that the server reaches after the
+    client has given up: its deadline is ahead of the client's watchdog by a margin, so a request answered
+    503 because it timed out is not committed later when a stalled server resumes.
+    """
+    limits = db.timeouts_of(connection.engine)
+    deadline = db.client_deadline(connection)
+    if limits is None or deadline is None:
+        return []
+    margin = min(1.0, limits.timeout_s / 4)
+    timeout_ms = str(int(limits.timeout_s * 1000))
+    return [
+        func.set_config("statement_timeout", timeout_ms, True),
+        func.set_config("idle_in_transaction_session_timeout", timeout_ms, True),
+        func.set_config(COMMIT_DEADLINE_SETTING, f"{deadline - margin:.6f}", True),
+    ]
+
+
 # ------------------------------------------------------------------------------------------- verifying
 
 
@@ -315,8 +343,9 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
 
     A row is bad when its ``prev_hash`` is not the previous row's ``row_hash`` ("broken link": a row was
     deleted or inserted before it), when its stored content no longer hashes to ``row_hash`` ("content
-    hash mismatch": a value was changed), or when a stored value cannot be read back at all ("unreadable
-    row": e.g. a JSON column or timestamp edited into something invalid).
+    hash mismatch": a value was changed), or when a stored value cannot be read back at all or is not in the
+    one form :func:`append` writes ("unreadable row": e.g. a JSON text with a duplicated key or reformatted,
+    a SQLite timestamp or boolean written differently), so what SQL reads is always what is hashed.
 
     The result names the chain head (``head_id``, ``head_hash``: the newest verified row). Deleting the
     newest rows leaves a valid shorter chain, so keep the head hash somewhere else (a log, a ticket, a
@@ -325,14 +354,25 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
     """
     # JSON and timestamp columns are read raw and parsed here, so a tampered value is a bad row, not an
     # exception half-way through the stream (SQLite stores them as text that can be edited into anything).
+    # The JSON columns are read as their stored text on both databases (PostgreSQL `json` keeps the text as
+    # written), and SQLite's drift columns as stored (SQLite does not enforce column types): verification
+    # then checks that what SQL reads is exactly what is hashed (see _parse_stored_record/_parse_stored_drift).
+    sqlite = engine.dialect.name == "sqlite"
     raw = {
-        "options": sa.type_coerce(AuditRecord.options, sa.Text).label("options"),
-        "payload": sa.type_coerce(AuditRecord.payload, sa.Text).label("payload"),
+        "options": (sa.type_coerce if sqlite else sa.cast)(AuditRecord.options, sa.Text).label("options"),
+        "payload": (sa.type_coerce if sqlite else sa.cast)(AuditRecord.payload, sa.Text).label("payload"),
         "created_at": sa.type_coerce(AuditRecord.created_at, sa.String).label("created_at"),
     }
     record_columns = [column.name for column in AuditRecord.__table__.columns]
     selected = [raw.get(name, getattr(AuditRecord, name)) for name in record_columns]
-    drift_columns = [getattr(AuditDrift, name).label(f"d_{name}") for name in DRIFT_CONTENT]
+    drift_columns = [
+        (
+            sa.type_coerce(getattr(AuditDrift, name), sa.types.NullType())
+            if sqlite
+            else getattr(AuditDrift, name)
+        ).label(f"d_{name}")
+        for name in DRIFT_CONTENT
+    ]
     statement = (
         sa.select(*selected, AuditDrift.id.label("d_id"), *drift_columns)
         .outerjoin(AuditDrift, AuditDrift.record_id == AuditRecord.id)
@@ -373,6 +413,8 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
                 )
             try:
                 record = _parse_stored_record(record)
+                if sqlite:
+                    drift = [_parse_stored_drift(row) for row in drift]
                 actual = compute_row_hash(record, drift, record["prev_hash"])
             except (ValueError, TypeError, OverflowError) as error:
                 return bad(record_id, f"unreadable row: {type(error).__name__}: {error}"[:500])
@@ -416,12 +458,59 @@ def _parse_stored_record(record: dict[str, Any]) -> dict[str, Any]:
     parsed = dict(record)
     for name in ("options", "payload"):
         value = parsed[name]
-        if isinstance(value, str | bytes):
-            parsed[name] = json.loads(value)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        if isinstance(value, str):
+            # SQL reads the text (SQLite's json_extract takes a duplicated key's first value, Python its
+            # last): require the text to be exactly what append() wrote for the value that is hashed.
+            parsed[name] = json.loads(value, object_pairs_hook=_no_duplicate_keys)
+            if stored_json(parsed[name]) != value:
+                raise ValueError(f"{name}: the stored JSON text is not the form append() writes")
     created = parsed["created_at"]
     if isinstance(created, str):
-        created = datetime.fromisoformat(created)
+        text = created
+        created = datetime.fromisoformat(text)
+        # SQLite compares and groups the text (time filters, day/week): it must be the one stored form
+        if created.tzinfo is not None or created.strftime(_SQLITE_TIMESTAMP) != text:
+            raise ValueError(f"created_at: stored text {text[:40]!r} is not the form append() writes")
     if not isinstance(created, datetime):
         raise TypeError(f"created_at: expected a timestamp, got {type(created).__name__}")
     parsed["created_at"] = created.replace(tzinfo=UTC) if created.tzinfo is None else created
+    return parsed
+
+
+# how SQLAlchemy stores a naive UTC datetime in SQLite
+_SQLITE_TIMESTAMP = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate JSON key(s) {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
+    return dict(pairs)
+
+
+def _parse_stored_drift(row: dict[str, Any]) -> dict[str, Any]:
+    """A SQLite drift row from its values as stored: each must have its column's storage type (SQLite does
+    not enforce them), so SQL reads what is hashed (e.g. ``agreement`` 2 reads as true in Python but is
+    not ``IS 1`` in a filter; the text '0.5' is not the number 0.5 to an aggregate)."""
+    parsed: dict[str, Any] = {}
+    for name, value in row.items():
+        column_type = AuditDrift.__table__.columns[name].type
+        if value is None:
+            parsed[name] = None
+        elif isinstance(column_type, sa.Boolean):
+            if type(value) is not int or value not in (0, 1):
+                raise ValueError(f"{name}: stored {value!r} is not a boolean 0 or 1")
+            parsed[name] = bool(value)
+        elif isinstance(column_type, sa.Float):
+            if type(value) is not float:
+                raise ValueError(f"{name}: stored {value!r} is not a REAL")
+            parsed[name] = value
+        elif isinstance(column_type, sa.String):
+            if type(value) is not str:
+                raise ValueError(f"{name}: stored {value!r} is not TEXT")
+            parsed[name] = value
+        else:
+            parsed[name] = value
     return parsed

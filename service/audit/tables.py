@@ -23,6 +23,7 @@ __all__ = [
     "AuditDrift",
     "AuditRecord",
     "Base",
+    "IdType",
     "UtcDateTime",
     "metadata",
 ]
@@ -40,6 +41,10 @@ NAMING_CONVENTION = {
 METRIC_COLUMNS: tuple[str, ...] = SCALAR_METRICS
 
 AUDIT_TABLES: tuple[str, ...] = ("audit_records", "audit_drift")
+
+# Ids are 64-bit on both databases (the API accepts ids up to 2^63-1): ``bigint`` on PostgreSQL (revision
+# 0003), and SQLite's INTEGER PRIMARY KEY, which is 64-bit already and the only type that autoincrements.
+IdType = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 class UtcDateTime(sa.TypeDecorator[datetime]):
@@ -75,7 +80,7 @@ class AuditRecord(Base):
 
     __tablename__ = "audit_records"
 
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(sa.String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(index=True)
     api_key_name: Mapped[str | None] = mapped_column(sa.String(100), index=True)
@@ -100,8 +105,8 @@ class AuditDrift(Base):
         sa.Index("ix_audit_drift_model_method", "model", "method"),
     )
 
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    record_id: Mapped[int] = mapped_column(sa.ForeignKey("audit_records.id"), index=True)
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    record_id: Mapped[int] = mapped_column(IdType, sa.ForeignKey("audit_records.id"), index=True)
     model: Mapped[str] = mapped_column(sa.String(64))
     method: Mapped[str] = mapped_column(sa.String(32), index=True)
     target_class: Mapped[str] = mapped_column(sa.String(100), index=True)
@@ -135,7 +140,7 @@ class ApiKeyRow(Base):
 
     __tablename__ = "api_keys"
 
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(sa.String(100), unique=True)
     role: Mapped[str] = mapped_column(sa.String(16))
     key_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)

@@ -316,9 +316,11 @@ async def overview(
         return error
     assert parsed.filters is not None
     window = window if window in WINDOWS else "day"
-    counts = await audit_routes._call_db(requests_over_time, engine, filters=parsed.filters, window=window)
+    counts = await audit_routes._call_db(
+        engine, requests_over_time, engine, filters=parsed.filters, window=window
+    )
     summary = await audit_routes._call_db(
-        summarize, engine, filters=parsed.filters, group_by=[window, "model", "method"]
+        engine, summarize, engine, filters=parsed.filters, group_by=[window, "model", "method"]
     )
     page = views.overview(
         raw=parsed.raw,

@@ -69,8 +69,14 @@ def test_database_url_points_at_the_db_service(services: dict[str, Any], name: s
     assert url.host == "db"
     assert url.get_backend_name() == "postgresql" and url.get_driver_name() == "psycopg"
     assert (url.port or 5432) == 5432
-    assert url.username == database["POSTGRES_USER"]
-    assert url.password == database["POSTGRES_PASSWORD"]
+    if name == "migrate":  # the owner migrates ...
+        assert url.username == database["POSTGRES_USER"]
+        assert url.password == database["POSTGRES_PASSWORD"]
+    else:  # ... the API connects as the service role that migrate creates and grants
+        migrate = env(services["migrate"])
+        assert url.username == migrate["CXR_DRIFT_SERVICE_ROLE"] != database["POSTGRES_USER"]
+        assert url.password == migrate["CXR_DRIFT_SERVICE_ROLE_PASSWORD"]
+        assert env(services["api"])["CXR_DRIFT_MIGRATE_ON_START"] == "false"
     assert url.database == database["POSTGRES_DB"]
     db.make_engine(url.render_as_string(hide_password=False)).dispose()  # a URL our engine accepts
 
@@ -99,6 +105,8 @@ def test_migrate_command_migrates(
 
         from cli import db as commands_db
 
+        # the service role is PostgreSQL-only: tests/service/test_service_role.py runs this step there
+        monkeypatch.delenv("CXR_DRIFT_SERVICE_ROLE", raising=False)
         parser = argparse.ArgumentParser()
         commands_db.configure_parser(parser)
         assert commands_db.run(parser.parse_args(command[2:])) == 0

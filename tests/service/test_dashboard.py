@@ -465,7 +465,7 @@ def test_errors_on_pages_are_pages_and_the_api_keeps_json(tmp_path: Path) -> Non
         for path in ("/dashboard", "/dashboard/records", "/dashboard/integrity"):
             page = client.get(path)
             assert page.status_code == 503, path
-            assert page.headers["content-type"].startswith("text/html") and "unavailable" in page.text
+            assert page.headers["content-type"].startswith("text/html") and "retry later" in page.text
         api = client.get("/audit/records", headers=headers("audit"))
         assert api.status_code == 503 and api.json()["error"]["code"] == "database_unavailable"
         csv_answer = client.get("/dashboard/records.csv")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from sqlalchemy import Engine
 
 from core.vocabulary import METHODS, SEVERITIES
 from service.app.deps import AuditKeyDep, EngineDep
@@ -21,9 +23,11 @@ from service.app.schemas import (
     AuditVerifyResponse,
 )
 from service.audit import chain, queries
-from service.audit.db import DatabaseUnavailable
+from service.audit.db import DatabaseUnavailable, read_bound
 from service.audit.queries import AuditFilters
 from service.audit.summary import GROUP_BY_OPTIONS, summarize
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
@@ -96,12 +100,24 @@ def _filters_out(filters: AuditFilters) -> AuditFiltersOut:
     return AuditFiltersOut.model_validate(filters.model_dump())
 
 
-async def _call_db(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking audit-layer call off the event loop; a database failure becomes 503."""
+async def _call_db(engine: Engine, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking audit-layer call off the event loop, under the read time limit (its connections are
+    aborted after ``db_read_timeout_s``); a database failure becomes 503."""
+
+    def bounded() -> T:
+        with read_bound(engine):
+            return func(*args, **kwargs)
+
     try:
-        return await run_in_threadpool(func, *args, **kwargs)
+        return await run_in_threadpool(bounded)
     except DatabaseUnavailable as exc:
-        raise ApiError(503, "database_unavailable", f"audit database unavailable: {exc}") from exc
+        log.warning("audit database unavailable: %s", exc)  # the details (host, driver error) only here
+        raise ApiError(
+            503,
+            "database_unavailable",
+            f"audit database {exc.public}; retry later",
+            headers={"Retry-After": "5"},
+        ) from exc
 
 
 def _parse_group_by(values: list[str]) -> list[str]:
@@ -134,7 +150,9 @@ async def summary(
     ] = [],  # noqa: B006 - FastAPI copies defaults per request
 ) -> AuditSummaryResponse:
     groups = _parse_group_by(group_by)
-    result = await _call_db(summarize, engine, filters=filters, group_by=groups)  # bad input: InputError, 422
+    result = await _call_db(
+        engine, summarize, engine, filters=filters, group_by=groups
+    )  # bad input: InputError, 422
     return AuditSummaryResponse(filters=_filters_out(filters), group_by=groups, summary=result)
 
 
@@ -153,7 +171,9 @@ async def list_records(
         int | None, Query(ge=1, le=MAX_ID, description="only records with a smaller id")
     ] = None,
 ) -> AuditRecordPage:
-    page = await _call_db(queries.list_records, engine, filters=filters, limit=limit, before_id=before_id)
+    page = await _call_db(
+        engine, queries.list_records, engine, filters=filters, limit=limit, before_id=before_id
+    )
     items = [AuditRecord.model_validate(item) for item in page.items]
     return AuditRecordPage(items=items, next_before_id=page.next_before_id)
 
@@ -172,7 +192,7 @@ async def export_records_csv(
         return next(lines, ""), lines
 
     # read the header now, so a database that is down is a 503, not a broken 200 stream
-    first, rest = await _call_db(first_and_rest)
+    first, rest = await _call_db(engine, first_and_rest)
 
     def body() -> Iterator[str]:
         yield first
@@ -194,7 +214,7 @@ async def export_records_csv(
 async def get_record(
     record_id: Annotated[int, Path(ge=1, le=MAX_ID)], engine: EngineDep, principal: AuditKeyDep
 ) -> AuditRecord:
-    record = await _call_db(queries.get_record, engine, record_id)
+    record = await _call_db(engine, queries.get_record, engine, record_id)
     if record is None:
         raise ApiError(404, "not_found", f"no audit record with id {record_id}", details={"id": record_id})
     return AuditRecord.model_validate(record)
@@ -218,5 +238,5 @@ async def verify(
         ),
     ] = None,
 ) -> AuditVerifyResponse:
-    result = await _call_db(chain.verify, engine, anchor=anchor)
+    result = await _call_db(engine, chain.verify, engine, anchor=anchor)
     return AuditVerifyResponse.model_validate(result.to_dict())

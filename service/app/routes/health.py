@@ -1,12 +1,14 @@
 """Liveness, readiness and Prometheus metrics.
 
 Readiness rule (``GET /readyz``): 200 only if at least one model pair is loaded with its file hashes
-verified, no model-pair folder failed to load, and the audit database accepts a write. Otherwise 503 with
-the reasons. ``/healthz`` and ``/readyz`` need no key; ``/metrics`` needs a key of any role.
+verified, no model-pair folder failed to load, and the audit database accepts a write (within the database
+time limit of the settings). Otherwise 503 with the reasons; database reasons are generic (no host, port,
+user or driver message: those go to the log). ``/healthz`` and ``/readyz`` need no key; ``/metrics`` needs a key of any role.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import APIRouter, Request
@@ -17,7 +19,9 @@ from service.app.deps import AnyKeyDep, StateDep
 from service.app.errors import ApiError, error_responses
 from service.app.metrics import CONTENT_TYPE_LATEST
 from service.app.schemas import HealthResponse, NotReadyModel, ReadyResponse
-from service.audit.db import check_writable
+from service.audit.db import DatabaseUnavailable, check_writable
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -44,8 +48,11 @@ async def readyz(state: StateDep) -> ReadyResponse:
     try:
         await run_in_threadpool(check_writable, state.engine)
     except Exception as exc:
-        database = f"not writable: {exc}"
-        reasons.append(f"audit database {database}")
+        # No key is needed here: the answer gives a generic reason, the log the details (host, driver error).
+        public = exc.public if isinstance(exc, DatabaseUnavailable) else "check failed"
+        log.warning("readiness: audit database not ready: %s: %s", type(exc).__name__, exc)
+        database = f"not ready: {public}"
+        reasons.append(f"audit database {database} (details in the service log)")
     body = ReadyResponse(
         ready=not reasons,
         models_ready=state.ready_names(),
