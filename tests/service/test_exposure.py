@@ -182,6 +182,16 @@ def test_models_shows_server_paths_to_the_admin_role_only(api: ApiClient, artifa
     assert root in admin["not_ready"][0]["reason"]
 
 
+def test_readyz_needs_no_key_so_it_shows_no_server_path(api: ApiClient, artifacts: Path) -> None:
+    response = api.get("/readyz")
+    assert response.status_code == 503  # the edited pair is not ready
+    assert str(artifacts) not in response.text and str(artifacts.parent) not in response.text
+    details = response.json()["error"]["details"]
+    failed = {m["name"]: m for m in details["models_failed"]}
+    assert "edited" in failed and all(m["folder"] is None for m in failed.values())
+    assert "edited/manifest.json was edited after it was sealed" in failed["edited"]["reason"]
+
+
 class _Refs(HTMLParser):
     def __init__(self) -> None:
         super().__init__()

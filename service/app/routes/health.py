@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from service.app.deps import AnyKeyDep, StateDep
 from service.app.errors import ApiError, error_responses
 from service.app.metrics import CONTENT_TYPE_LATEST
+from service.app.routes.models import hide_paths
 from service.app.schemas import HealthResponse, NotReadyModel, ReadyResponse
 from service.audit.db import DatabaseUnavailable, check_writable
 
@@ -43,7 +44,13 @@ async def readyz(state: StateDep) -> ReadyResponse:
     reasons: list[str] = []
     if not state.pairs:
         reasons.append("no model pair is loaded")
-    reasons.extend(f"model pair {f.name!r} failed to load: {f.reason}" for f in state.failed)
+    # No key here either: folders and paths in the reasons are shown relative to the artifacts folder (or
+    # hidden), as /models shows them to non-admin keys.
+    root = str(state.settings.artifacts_dir)
+    failed = [
+        NotReadyModel(name=f.name, folder=None, reason=hide_paths(f.reason, root)) for f in state.failed
+    ]
+    reasons.extend(f"model pair {f.name!r} failed to load: {f.reason}" for f in failed)
     database = "ok"
     try:
         await run_in_threadpool(check_writable, state.engine)
@@ -56,7 +63,7 @@ async def readyz(state: StateDep) -> ReadyResponse:
     body = ReadyResponse(
         ready=not reasons,
         models_ready=state.ready_names(),
-        models_failed=[NotReadyModel(name=f.name, folder=f.folder, reason=f.reason) for f in state.failed],
+        models_failed=failed,
         database=database,
         reasons=reasons,
     )
