@@ -1,0 +1,445 @@
+"""Daily rollups of the audit log: summaries over millions of drift rows without reading them.
+
+``audit_rollup`` holds one row per (UTC day, model, method) with the number of drift rows, how many agree
+and are flagged, and two blobs: ``stats`` (float64, shape 5 x S over the S = :data:`STATISTICS`: non-null
+count, sum, sum of squares, min, max) and ``hist`` (uint32, S x (BINS + 2): a fixed-bin histogram of each
+statistic over its declared range :data:`RANGES`, with an underflow and an overflow bin). :func:`add` keeps
+it up to date inside :func:`service.audit.chain.append`'s transaction (under the chain lock), so a committed
+record is always in the rollup; :func:`rebuild` recomputes it from the raw rows (migration backfill, bulk
+loads) and :func:`check` compares the stored rollup with one recomputed from the rows, so a rollup is only
+as trustworthy as the chain it is derived from (run it after :func:`service.audit.chain.verify`).
+
+What the rollup answers (:func:`summary_groups`), and how exactly:
+
+- ``count``, ``agreement_rate``, ``flagged_rate``, per-statistic ``n``: exact (integer counts);
+- ``mean`` and ``sd``: from sums and sums of squares, equal to the exact path up to floating-point rounding
+  (sd = sqrt((sum x^2 - (sum x)^2 / n) / (n - 1)); all statistics are bounded, |x| <= 100);
+- ``p5 .. p95``: approximate. Each order statistic is placed inside the bin that holds it (spread evenly
+  over the bin by rank), so it is off by less than the bin width; percentile_cont's interpolation between
+  two order statistics keeps that bound. Each metric reports ``percentile_max_error``: the largest width of
+  the bins its percentiles came from (range / BINS inside the range; for the under/overflow bins the
+  distance from the range edge to the group's exact min/max).
+
+Only queries whose dimensions are rollup dimensions can use it: group by ``model``, ``method``, ``day``,
+``week``; filter on ``model``, ``method`` and ``start``/``end`` at UTC midnights (:func:`eligible`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord, AuditRollup
+
+if TYPE_CHECKING:  # queries imports chain, which calls add(): no import cycle at run time
+    from service.audit.queries import AuditFilters
+
+__all__ = [
+    "BINS",
+    "RANGES",
+    "ROLLUP_DIMENSIONS",
+    "STATISTICS",
+    "Accumulator",
+    "accumulate",
+    "add",
+    "check",
+    "eligible",
+    "rebuild",
+    "summary_groups",
+    "utc_day",
+]
+
+STATISTICS: tuple[str, ...] = (*METRIC_COLUMNS, "drift_score", "drift_index", "reference_percentile")
+BINS = 100
+_UNIT = (0.0, 1.0)
+_SIGNED = (-1.0, 1.0)
+# The documented range of each statistic (engine/metrics.py, engine/severity.py); values outside still
+# count, in the under/overflow bins.
+RANGES: dict[str, tuple[float, float]] = {
+    "iou": _UNIT,
+    "dice": _UNIT,
+    "soft_iou": _UNIT,
+    "pearson": _SIGNED,
+    "spearman": _SIGNED,
+    "ssim": _SIGNED,
+    "centroid_shift": _UNIT,
+    "peak_shift": _UNIT,
+    "zone_shift": _UNIT,
+    "emd": _UNIT,
+    "entropy_change": _SIGNED,
+    "gini_change": _SIGNED,
+    "drift_score": _UNIT,
+    "drift_index": _UNIT,
+    "reference_percentile": (0.0, 100.0),
+}
+_LOW = np.array([RANGES[name][0] for name in STATISTICS])
+_HIGH = np.array([RANGES[name][1] for name in STATISTICS])
+_WIDTH = (_HIGH - _LOW) / BINS
+ROLLUP_DIMENSIONS: frozenset[str] = frozenset({"model", "method", "day", "week"})
+_S = len(STATISTICS)
+
+
+def utc_day(created_at: dt.datetime) -> str:
+    """The UTC date of a timestamp as ``YYYY-MM-DD`` (the summary's ``day``)."""
+    return created_at.astimezone(dt.UTC).strftime("%Y-%m-%d")
+
+
+@dataclass
+class Accumulator:
+    """The rollup of some drift rows: counts, [n, sum, sum of squares, min, max] and histograms."""
+
+    count: int = 0
+    agreed: int = 0
+    flagged: int = 0
+    stats: np.ndarray = field(default_factory=lambda: _empty_stats())
+    hist: np.ndarray = field(default_factory=lambda: np.zeros((_S, BINS + 2), dtype=np.int64))
+
+    def merge(self, other: Accumulator) -> None:
+        self.count += other.count
+        self.agreed += other.agreed
+        self.flagged += other.flagged
+        self.stats[0:3] += other.stats[0:3]
+        self.stats[3] = np.fmin(self.stats[3], other.stats[3])
+        self.stats[4] = np.fmax(self.stats[4], other.stats[4])
+        self.hist += other.hist
+
+    def values(self) -> dict[str, Any]:
+        """Column values of an ``audit_rollup`` row (without its key)."""
+        return {
+            "count": self.count,
+            "agreed": self.agreed,
+            "flagged": self.flagged,
+            "stats": self.stats.astype("<f8").tobytes(),
+            "hist": self.hist.astype("<u4").tobytes(),
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Accumulator:
+        return cls(
+            count=int(row["count"]),
+            agreed=int(row["agreed"]),
+            flagged=int(row["flagged"]),
+            stats=np.frombuffer(bytes(row["stats"]), dtype="<f8").reshape(5, _S).astype(np.float64),
+            hist=np.frombuffer(bytes(row["hist"]), dtype="<u4").reshape(_S, BINS + 2).astype(np.int64),
+        )
+
+
+def _empty_stats() -> np.ndarray:
+    stats = np.zeros((5, _S))
+    stats[3] = np.nan  # min/max of no values: NaN (np.fmin/fmax ignore it)
+    stats[4] = np.nan
+    return stats
+
+
+def _bins(values: np.ndarray) -> np.ndarray:
+    """Bin index per value (0: underflow, 1..BINS, BINS + 1: overflow); ``values`` is (rows, S), NaN = null."""
+    position = np.floor((values - _LOW) / _WIDTH)
+    index = np.clip(position, 0, BINS - 1) + 1
+    index = np.where(values < _LOW, 0, index)
+    index = np.where(values > _HIGH, BINS + 1, index)
+    return np.nan_to_num(index, nan=0).astype(np.int64)
+
+
+def accumulate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], Accumulator]:
+    """Rollups keyed by (day, model, method) of drift rows carrying ``created_at`` and the drift columns."""
+    grouped: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((utc_day(row["created_at"]), row["model"], row["method"]), []).append(row)
+    out: dict[tuple[str, str, str], Accumulator] = {}
+    for key, members in grouped.items():
+        values = np.array(
+            [[np.nan if row[name] is None else float(row[name]) for name in STATISTICS] for row in members],
+            dtype=np.float64,
+        )
+        present = ~np.isnan(values)
+        acc = Accumulator(
+            count=len(members),
+            agreed=sum(1 for row in members if row["agreement"]),
+            flagged=sum(1 for row in members if row["flagged"]),
+        )
+        acc.stats[0] = present.sum(axis=0)
+        acc.stats[1] = np.where(present, values, 0.0).sum(axis=0)
+        acc.stats[2] = np.where(present, values * values, 0.0).sum(axis=0)
+        acc.stats[3] = np.fmin.reduce(values, axis=0)
+        acc.stats[4] = np.fmax.reduce(values, axis=0)
+        bins = _bins(values)
+        for s in range(_S):
+            acc.hist[s] += np.bincount(bins[present[:, s], s], minlength=BINS + 2)
+        out[key] = acc
+    return out
+
+
+def _key_condition(key: tuple[str, str, str]) -> sa.ColumnElement[bool]:
+    day, model, method = key
+    return sa.and_(AuditRollup.day == day, AuditRollup.model == model, AuditRollup.method == method)
+
+
+def add(connection: sa.Connection, created_at: dt.datetime, drift_rows: Sequence[Mapping[str, Any]]) -> None:
+    """Add one record's drift rows to the rollup, in the caller's transaction (which holds the chain lock:
+    appends are serialised, so read-modify-write cannot race another append)."""
+    for key, delta in accumulate({**row, "created_at": created_at} for row in drift_rows).items():
+        stored = connection.execute(sa.select(AuditRollup).where(_key_condition(key))).mappings().first()
+        if stored is None:
+            connection.execute(
+                sa.insert(AuditRollup).values(day=key[0], model=key[1], method=key[2], **delta.values())
+            )
+        else:
+            acc = Accumulator.from_row(stored)
+            acc.merge(delta)
+            connection.execute(sa.update(AuditRollup).where(_key_condition(key)).values(**acc.values()))
+
+
+def _raw_rows(connection: sa.Connection, batch_size: int = 20_000) -> Iterable[dict[str, Any]]:
+    statement = (
+        sa.select(
+            AuditRecord.created_at,
+            AuditDrift.model,
+            AuditDrift.method,
+            AuditDrift.agreement,
+            AuditDrift.flagged,
+            *(getattr(AuditDrift, name) for name in STATISTICS),
+        )
+        .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
+        .order_by(AuditDrift.record_id)
+    )
+    options = {"stream_results": True, "yield_per": batch_size}
+    result = connection.execute(statement, execution_options=options)
+    for row in result.mappings():
+        yield dict(row)
+
+
+def recompute(
+    connection: sa.Connection, *, batch_size: int = 20_000
+) -> dict[tuple[str, str, str], Accumulator]:
+    """The rollup recomputed from every drift row (streamed, in batches)."""
+    total: dict[tuple[str, str, str], Accumulator] = {}
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        for key, acc in accumulate(batch).items():
+            if key in total:
+                total[key].merge(acc)
+            else:
+                total[key] = acc
+        batch.clear()
+
+    for row in _raw_rows(connection, batch_size):
+        batch.append(row)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return total
+
+
+def rebuild(connection: sa.Connection) -> int:
+    """Replace the rollup by one recomputed from the raw rows; returns the number of rollup rows."""
+    total = recompute(connection)
+    connection.execute(sa.delete(AuditRollup))
+    if total:
+        connection.execute(
+            sa.insert(AuditRollup),
+            [
+                {"day": k[0], "model": k[1], "method": k[2], **acc.values()}
+                for k, acc in sorted(total.items())
+            ],
+        )
+    return len(total)
+
+
+def check(engine: sa.Engine, *, rel_tol: float = 1e-9) -> list[str]:
+    """Differences between the stored rollup and one recomputed from the raw rows (empty: they agree).
+
+    Counts, non-null counts, min, max and histograms must match exactly; sums and sums of squares to
+    ``rel_tol`` (they were added in a different order)."""
+    with engine.connect() as connection:
+        expected = recompute(connection)
+        stored = {
+            (row["day"], row["model"], row["method"]): Accumulator.from_row(row)
+            for row in connection.execute(sa.select(AuditRollup)).mappings()
+        }
+    problems: list[str] = []
+    for key in sorted(set(expected) | set(stored)):
+        label = "/".join(key)
+        if key not in stored:
+            problems.append(f"{label}: rows without a rollup")
+            continue
+        if key not in expected:
+            problems.append(f"{label}: a rollup without rows")
+            continue
+        want, have = expected[key], stored[key]
+        if (want.count, want.agreed, want.flagged) != (have.count, have.agreed, have.flagged):
+            problems.append(
+                f"{label}: counts (rows, agreed, flagged) {(have.count, have.agreed, have.flagged)} "
+                f"!= {(want.count, want.agreed, want.flagged)} recomputed"
+            )
+        exact = [0, 3, 4]
+        if not np.array_equal(want.stats[exact], have.stats[exact], equal_nan=True) or not np.array_equal(
+            want.hist, have.hist
+        ):
+            problems.append(f"{label}: non-null counts, min, max or histograms differ from the rows")
+        if not np.allclose(want.stats[1:3], have.stats[1:3], rtol=rel_tol, atol=1e-12):
+            problems.append(f"{label}: sums differ from the rows beyond rounding")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _midnight(value: dt.datetime | None) -> bool:
+    if value is None:
+        return True
+    utc = value.astimezone(dt.UTC)
+    return (utc.hour, utc.minute, utc.second, utc.microsecond) == (0, 0, 0, 0)
+
+
+def eligible(filters: AuditFilters, group_by: Sequence[str]) -> str | None:
+    """None when the rollup can answer this query, else why not."""
+    extra = [name for name in group_by if name not in ROLLUP_DIMENSIONS]
+    if extra:
+        return f"group_by {extra} is not a rollup dimension"
+    set_filters = [
+        name
+        for name in ("target_class", "agreement", "severity", "flagged")
+        if getattr(filters, name) is not None
+    ]
+    if set_filters:
+        return f"filters {set_filters} are not rollup dimensions"
+    if not (_midnight(filters.start) and _midnight(filters.end)):
+        return "start/end are not UTC midnights"
+    return None
+
+
+def _week(day: str) -> str:
+    date = dt.date.fromisoformat(day)
+    return (date - dt.timedelta(days=date.weekday())).isoformat()
+
+
+def _day_bounds(filters: AuditFilters) -> list[sa.ColumnElement[bool]]:
+    conditions: list[sa.ColumnElement[bool]] = []
+    if filters.start is not None:
+        conditions.append(AuditRollup.day >= utc_day(filters.start))
+    if filters.end is not None:
+        conditions.append(AuditRollup.day < utc_day(filters.end))
+    if filters.model is not None:
+        conditions.append(AuditRollup.model == filters.model)
+    if filters.method is not None:
+        conditions.append(AuditRollup.method == filters.method)
+    return conditions
+
+
+def load(
+    connection: sa.Connection, filters: AuditFilters, group_by: Sequence[str]
+) -> dict[tuple[Any, ...], Accumulator]:
+    """The rollup rows matching ``filters``, merged per ``group_by`` key (values in ``group_by`` order)."""
+    groups: dict[tuple[Any, ...], Accumulator] = {}
+    statement = sa.select(AuditRollup).where(*_day_bounds(filters))
+    for row in connection.execute(statement).mappings():
+        parts = {"model": row["model"], "method": row["method"], "day": row["day"]}
+        if "week" in group_by:
+            parts["week"] = _week(row["day"])
+        key = tuple(parts[name] for name in group_by)
+        acc = Accumulator.from_row(row)
+        if key in groups:
+            groups[key].merge(acc)
+        else:
+            groups[key] = acc
+    return groups
+
+
+def _order_statistic(acc: Accumulator, s: int, cumulative: np.ndarray, j: int) -> tuple[float, float]:
+    """Estimate of the j-th smallest value (0-based) of statistic s, and the width of the interval it
+    is known to lie in."""
+    b = int(np.searchsorted(cumulative, j, side="right"))
+    before = int(cumulative[b - 1]) if b > 0 else 0
+    in_bin = int(cumulative[b]) - before
+    low_value, high_value = float(acc.stats[3, s]), float(acc.stats[4, s])
+    if b == 0:
+        left, right = low_value, min(float(_LOW[s]), high_value)
+    elif b == BINS + 1:
+        left, right = max(float(_HIGH[s]), low_value), high_value
+    else:
+        left = max(float(_LOW[s] + (b - 1) * _WIDTH[s]), low_value)
+        right = min(float(_LOW[s] + b * _WIDTH[s]), high_value)
+    estimate = left + (right - left) * (j - before + 0.5) / in_bin
+    return estimate, right - left
+
+
+def group_statistics(acc: Accumulator, percentiles: Sequence[float]) -> dict[str, Any]:
+    """Per statistic ``n mean sd p5..p95 percentile_max_error`` of one merged rollup (module docstring)."""
+    metrics: dict[str, Any] = {}
+    for s, name in enumerate(STATISTICS):
+        n = int(acc.stats[0, s])
+        stats: dict[str, Any] = {"n": n, "mean": None, "sd": None}
+        quantiles: list[float | None] = [None] * len(percentiles)
+        max_error: float | None = None
+        if n:
+            total, squares = float(acc.stats[1, s]), float(acc.stats[2, s])
+            mean = total / n
+            stats["mean"] = mean
+            if n > 1:
+                stats["sd"] = math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))
+            cumulative = np.cumsum(acc.hist[s])
+            max_error = 0.0
+            for i, p in enumerate(percentiles):
+                position = p * (n - 1)
+                k = math.floor(position)
+                fraction = position - k
+                low, error_low = _order_statistic(acc, s, cumulative, k)
+                value, error = low, error_low
+                if fraction > 0 and k + 1 < n:
+                    high, error_high = _order_statistic(acc, s, cumulative, k + 1)
+                    value = low + fraction * (high - low)
+                    error = max(error_low, error_high)
+                quantiles[i] = value
+                max_error = max(max_error, error)
+        for p, q in zip(percentiles, quantiles, strict=True):
+            stats[f"p{round(p * 100)}"] = q
+        stats["percentile_max_error"] = max_error
+        metrics[name] = stats
+    return metrics
+
+
+def summary_groups(
+    connection: sa.Connection, filters: AuditFilters, group_by: Sequence[str], percentiles: Sequence[float]
+) -> list[dict[str, Any]]:
+    """The summary's ``groups`` (same shape as the exact path, plus ``percentile_max_error``), by key."""
+    groups = []
+    for key, acc in sorted(load(connection, filters, group_by).items(), key=lambda item: item[0]):
+        if acc.count == 0:
+            continue
+        groups.append(
+            {
+                "key": dict(zip(group_by, key, strict=True)),
+                "count": acc.count,
+                "agreement_rate": acc.agreed / acc.count,
+                "flagged_rate": acc.flagged / acc.count,
+                "metrics": group_statistics(acc, percentiles),
+            }
+        )
+    return groups
+
+
+def ranking_rows(
+    connection: sa.Connection, filters: AuditFilters
+) -> list[tuple[str, str, int, float | None, float | None]]:
+    """Per (method, model): drift rows, mean IoU, mean drift score, as the summary's ranking query gives."""
+    iou, score = STATISTICS.index("iou"), STATISTICS.index("drift_score")
+    rows = []
+    for (method, model), acc in load(connection, filters, ["method", "model"]).items():
+        n_iou, n_score = acc.stats[0, iou], acc.stats[0, score]
+        rows.append(
+            (
+                method,
+                model,
+                acc.count,
+                float(acc.stats[1, iou] / n_iou) if n_iou else None,
+                float(acc.stats[1, score] / n_score) if n_score else None,
+            )
+        )
+    return rows
