@@ -120,7 +120,7 @@ class Accumulator:
         }
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Accumulator:
+    def from_row(cls, row: Mapping[Any, Any]) -> Accumulator:
         return cls(
             count=int(row["count"]),
             agreed=int(row["agreed"]),
@@ -350,6 +350,12 @@ def load(
         else:
             groups[key] = acc
     return groups
+
+
+def total(connection: sa.Connection, filters: AuditFilters) -> int:
+    """Drift rows in the rollup under the rollup filters (model, method, days)."""
+    statement = sa.select(sa.func.coalesce(sa.func.sum(AuditRollup.count), 0)).where(*_day_bounds(filters))
+    return int(connection.execute(statement).scalar_one())
 
 
 def _order_statistic(acc: Accumulator, s: int, cumulative: np.ndarray, j: int) -> tuple[float, float]:
