@@ -333,29 +333,73 @@ def _day_bounds(filters: AuditFilters) -> list[sa.ColumnElement[bool]]:
     return conditions
 
 
-def load(
-    connection: sa.Connection, filters: AuditFilters, group_by: Sequence[str]
-) -> dict[tuple[Any, ...], Accumulator]:
-    """The rollup rows matching ``filters``, merged per ``group_by`` key (values in ``group_by`` order)."""
-    groups: dict[tuple[Any, ...], Accumulator] = {}
-    statement = sa.select(AuditRollup).where(*_day_bounds(filters))
-    for row in connection.execute(statement).mappings():
-        parts = {"model": row["model"], "method": row["method"], "day": row["day"]}
-        if "week" in group_by:
-            parts["week"] = _week(row["day"])
-        key = tuple(parts[name] for name in group_by)
-        acc = Accumulator.from_row(row)
-        if key in groups:
-            groups[key].merge(acc)
-        else:
-            groups[key] = acc
-    return groups
+@dataclass
+class Loaded:
+    """Rollup rows as arrays: ``keys`` (day, model, method) per row, ``counts`` (K x 3: rows, agreed,
+    flagged), ``stats`` (K x 5 x S), ``hist`` (K x S x (BINS + 2))."""
+
+    keys: list[tuple[str, str, str]]
+    counts: np.ndarray
+    stats: np.ndarray
+    hist: np.ndarray
+
+    @property
+    def total(self) -> int:
+        return int(self.counts[:, 0].sum()) if self.keys else 0
+
+    def merge(self, group_by: Sequence[str]) -> dict[tuple[Any, ...], Accumulator]:
+        """The rows merged per ``group_by`` key (values in ``group_by`` order), vectorised."""
+        index: dict[tuple[Any, ...], int] = {}
+        group_of = np.empty(len(self.keys), dtype=np.int64)
+        for i, (day, model, method) in enumerate(self.keys):
+            parts = {"day": day, "model": model, "method": method}
+            if "week" in group_by:
+                parts["week"] = _week(day)
+            group_of[i] = index.setdefault(tuple(parts[name] for name in group_by), len(index))
+        onehot = np.zeros((len(index), len(self.keys)))
+        onehot[group_of, np.arange(len(self.keys))] = 1.0
+        counts = np.rint(onehot @ self.counts).astype(np.int64)
+        sums = onehot @ self.stats[:, 0:3].reshape(len(self.keys), -1)
+        hist = np.rint(onehot @ self.hist.reshape(len(self.keys), -1)).astype(np.int64)
+        low = np.full((len(index), _S), np.nan)
+        high = np.full((len(index), _S), np.nan)
+        np.fmin.at(low, group_of, self.stats[:, 3])
+        np.fmax.at(high, group_of, self.stats[:, 4])
+        out = {}
+        for key, g in index.items():
+            stats = np.concatenate([sums[g].reshape(3, _S), low[g][None], high[g][None]])
+            out[key] = Accumulator(
+                count=int(counts[g, 0]),
+                agreed=int(counts[g, 1]),
+                flagged=int(counts[g, 2]),
+                stats=stats,
+                hist=hist[g].reshape(_S, BINS + 2),
+            )
+        return out
 
 
-def total(connection: sa.Connection, filters: AuditFilters) -> int:
-    """Drift rows in the rollup under the rollup filters (model, method, days)."""
-    statement = sa.select(sa.func.coalesce(sa.func.sum(AuditRollup.count), 0)).where(*_day_bounds(filters))
-    return int(connection.execute(statement).scalar_one())
+def load(connection: sa.Connection, filters: AuditFilters) -> Loaded:
+    """The rollup rows under the rollup filters (model, method, days), in one query."""
+    statement = sa.select(
+        AuditRollup.day,
+        AuditRollup.model,
+        AuditRollup.method,
+        AuditRollup.count,
+        AuditRollup.agreed,
+        AuditRollup.flagged,
+        AuditRollup.stats,
+        AuditRollup.hist,
+    ).where(*_day_bounds(filters))
+    rows = connection.execute(statement).all()
+    k = len(rows)
+    return Loaded(
+        keys=[(row[0], row[1], row[2]) for row in rows],
+        counts=np.array([tuple(row[3:6]) for row in rows], dtype=np.float64).reshape(k, 3),
+        stats=np.frombuffer(b"".join(bytes(row[6]) for row in rows), dtype="<f8").reshape(k, 5, _S),
+        hist=np.frombuffer(b"".join(bytes(row[7]) for row in rows), dtype="<u4")
+        .reshape(k, _S, BINS + 2)
+        .astype(np.float64),
+    )
 
 
 def _order_statistic(acc: Accumulator, s: int, cumulative: np.ndarray, j: int) -> tuple[float, float]:
@@ -412,11 +456,11 @@ def group_statistics(acc: Accumulator, percentiles: Sequence[float]) -> dict[str
 
 
 def summary_groups(
-    connection: sa.Connection, filters: AuditFilters, group_by: Sequence[str], percentiles: Sequence[float]
+    loaded: Loaded, group_by: Sequence[str], percentiles: Sequence[float]
 ) -> list[dict[str, Any]]:
     """The summary's ``groups`` (same shape as the exact path, plus ``percentile_max_error``), by key."""
     groups = []
-    for key, acc in sorted(load(connection, filters, group_by).items(), key=lambda item: item[0]):
+    for key, acc in sorted(loaded.merge(group_by).items(), key=lambda item: item[0]):
         if acc.count == 0:
             continue
         groups.append(
@@ -431,13 +475,11 @@ def summary_groups(
     return groups
 
 
-def ranking_rows(
-    connection: sa.Connection, filters: AuditFilters
-) -> list[tuple[str, str, int, float | None, float | None]]:
+def ranking_rows(loaded: Loaded) -> list[tuple[str, str, int, float | None, float | None]]:
     """Per (method, model): drift rows, mean IoU, mean drift score, as the summary's ranking query gives."""
     iou, score = STATISTICS.index("iou"), STATISTICS.index("drift_score")
     rows = []
-    for (method, model), acc in load(connection, filters, ["method", "model"]).items():
+    for (method, model), acc in loaded.merge(["method", "model"]).items():
         n_iou, n_score = acc.stats[0, iou], acc.stats[0, score]
         rows.append(
             (

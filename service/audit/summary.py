@@ -241,12 +241,10 @@ def summarize(
     on_time = time_conditions(filters)
     conditions = on_time + drift_conditions(filters)
     with translate_errors("summarize the audit log"), engine.connect() as connection:
-        use_rollup = mode == "rollup" or (
-            mode == "auto" and not_rollup is None and rollup.total(connection, filters) >= ROLLUP_MIN_ROWS
-        )
-        if use_rollup:
-            groups = rollup.summary_groups(connection, filters, names, PERCENTILES)
-            ranking_rows: Sequence[Any] = rollup.ranking_rows(connection, filters)
+        loaded = None if mode == "exact" or not_rollup is not None else rollup.load(connection, filters)
+        if loaded is not None and (mode == "rollup" or loaded.total >= ROLLUP_MIN_ROWS):
+            groups = rollup.summary_groups(loaded, names, PERCENTILES)
+            ranking_rows: Sequence[Any] = rollup.ranking_rows(loaded)
             source = {
                 "path": "rollup",
                 "exact": ["count", "agreement_rate", "flagged_rate", "n"],
