@@ -334,6 +334,17 @@ def _day_bounds(filters: AuditFilters) -> list[sa.ColumnElement[bool]]:
 
 
 @dataclass
+class Merged:
+    """Rollup rows merged per group: ``keys`` (group_by values), ``counts`` G x 3 (rows, agreed, flagged),
+    ``stats`` G x 5 x S, ``hist`` G x S x (BINS + 2)."""
+
+    keys: list[tuple[Any, ...]]
+    counts: np.ndarray
+    stats: np.ndarray
+    hist: np.ndarray
+
+
+@dataclass
 class Loaded:
     """Rollup rows as arrays: ``keys`` (day, model, method) per row, ``counts`` (K x 3: rows, agreed,
     flagged), ``stats`` (K x 5 x S), ``hist`` (K x S x (BINS + 2))."""
@@ -347,7 +358,7 @@ class Loaded:
     def total(self) -> int:
         return int(self.counts[:, 0].sum()) if self.keys else 0
 
-    def merge(self, group_by: Sequence[str]) -> dict[tuple[Any, ...], Accumulator]:
+    def merge(self, group_by: Sequence[str]) -> Merged:
         """The rows merged per ``group_by`` key (values in ``group_by`` order), vectorised."""
         index: dict[tuple[Any, ...], int] = {}
         group_of = np.empty(len(self.keys), dtype=np.int64)
@@ -356,26 +367,21 @@ class Loaded:
             if "week" in group_by:
                 parts["week"] = _week(day)
             group_of[i] = index.setdefault(tuple(parts[name] for name in group_by), len(index))
-        onehot = np.zeros((len(index), len(self.keys)))
-        onehot[group_of, np.arange(len(self.keys))] = 1.0
-        counts = np.rint(onehot @ self.counts).astype(np.int64)
-        sums = onehot @ self.stats[:, 0:3].reshape(len(self.keys), -1)
-        hist = np.rint(onehot @ self.hist.reshape(len(self.keys), -1)).astype(np.int64)
-        low = np.full((len(index), _S), np.nan)
-        high = np.full((len(index), _S), np.nan)
-        np.fmin.at(low, group_of, self.stats[:, 3])
-        np.fmax.at(high, group_of, self.stats[:, 4])
-        out = {}
-        for key, g in index.items():
-            stats = np.concatenate([sums[g].reshape(3, _S), low[g][None], high[g][None]])
-            out[key] = Accumulator(
-                count=int(counts[g, 0]),
-                agreed=int(counts[g, 1]),
-                flagged=int(counts[g, 2]),
-                stats=stats,
-                hist=hist[g].reshape(_S, BINS + 2),
-            )
-        return out
+        k, g = len(self.keys), len(index)
+        onehot = np.zeros((g, k))
+        onehot[group_of, np.arange(k)] = 1.0
+        stats = np.empty((g, 5, _S))
+        stats[:, 0:3] = (onehot @ self.stats[:, 0:3].reshape(k, -1)).reshape(g, 3, _S)
+        stats[:, 0] = np.rint(stats[:, 0])
+        stats[:, 3:5] = np.nan
+        np.fmin.at(stats[:, 3], group_of, self.stats[:, 3])
+        np.fmax.at(stats[:, 4], group_of, self.stats[:, 4])
+        return Merged(
+            keys=list(index),
+            counts=np.rint(onehot @ self.counts).astype(np.int64),
+            stats=stats,
+            hist=np.rint(onehot @ self.hist.reshape(k, -1)).astype(np.int64).reshape(g, _S, BINS + 2),
+        )
 
 
 def load(connection: sa.Connection, filters: AuditFilters) -> Loaded:
@@ -402,74 +408,79 @@ def load(connection: sa.Connection, filters: AuditFilters) -> Loaded:
     )
 
 
-def _order_statistic(acc: Accumulator, s: int, cumulative: np.ndarray, j: int) -> tuple[float, float]:
-    """Estimate of the j-th smallest value (0-based) of statistic s, and the width of the interval it
-    is known to lie in."""
-    b = int(np.searchsorted(cumulative, j, side="right"))
-    before = int(cumulative[b - 1]) if b > 0 else 0
-    in_bin = int(cumulative[b]) - before
-    low_value, high_value = float(acc.stats[3, s]), float(acc.stats[4, s])
-    if b == 0:
-        left, right = low_value, min(float(_LOW[s]), high_value)
-    elif b == BINS + 1:
-        left, right = max(float(_HIGH[s]), low_value), high_value
-    else:
-        left = max(float(_LOW[s] + (b - 1) * _WIDTH[s]), low_value)
-        right = min(float(_LOW[s] + b * _WIDTH[s]), high_value)
+def _order_statistics(
+    hist: np.ndarray, low: np.ndarray, high: np.ndarray, j: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Estimates of the j-th smallest values (0-based) and the widths of the intervals they are known to lie
+    in. ``hist`` G x S x (BINS + 2); ``low``/``high`` (the exact min/max) G x S; ``j`` G x S x M."""
+    cumulative = np.cumsum(hist, axis=2)
+    b = (cumulative[:, :, None, :] <= j[..., None]).sum(axis=3)  # the bin holding order statistic j
+    b = np.minimum(b, BINS + 1)
+    before = np.where(b > 0, np.take_along_axis(cumulative, np.maximum(b - 1, 0), axis=2), 0)
+    in_bin = np.maximum(np.take_along_axis(cumulative, b, axis=2) - before, 1)
+    range_low, range_high, width = (x[None, :, None] for x in (_LOW, _HIGH, _WIDTH))
+    left = np.where(b == 0, -np.inf, np.where(b == BINS + 1, range_high, range_low + (b - 1) * width))
+    right = np.where(b == 0, range_low, np.where(b == BINS + 1, np.inf, range_low + b * width))
+    left = np.maximum(left, low[..., None])
+    right = np.minimum(right, high[..., None])
     estimate = left + (right - left) * (j - before + 0.5) / in_bin
     return estimate, right - left
 
 
-def group_statistics(acc: Accumulator, percentiles: Sequence[float]) -> dict[str, Any]:
-    """Per statistic ``n mean sd p5..p95 percentile_max_error`` of one merged rollup (module docstring)."""
-    metrics: dict[str, Any] = {}
-    for s, name in enumerate(STATISTICS):
-        n = int(acc.stats[0, s])
-        stats: dict[str, Any] = {"n": n, "mean": None, "sd": None}
-        quantiles: list[float | None] = [None] * len(percentiles)
-        max_error: float | None = None
-        if n:
-            total, squares = float(acc.stats[1, s]), float(acc.stats[2, s])
-            mean = total / n
-            stats["mean"] = mean
-            if n > 1:
-                stats["sd"] = math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))
-            cumulative = np.cumsum(acc.hist[s])
-            max_error = 0.0
-            for i, p in enumerate(percentiles):
-                position = p * (n - 1)
-                k = math.floor(position)
-                fraction = position - k
-                low, error_low = _order_statistic(acc, s, cumulative, k)
-                value, error = low, error_low
-                if fraction > 0 and k + 1 < n:
-                    high, error_high = _order_statistic(acc, s, cumulative, k + 1)
-                    value = low + fraction * (high - low)
-                    error = max(error_low, error_high)
-                quantiles[i] = value
-                max_error = max(max_error, error)
-        for p, q in zip(percentiles, quantiles, strict=True):
-            stats[f"p{round(p * 100)}"] = q
-        stats["percentile_max_error"] = max_error
-        metrics[name] = stats
-    return metrics
+def _statistics(merged: Merged, percentiles: Sequence[float]) -> list[dict[str, Any]]:
+    """Per group, per statistic ``n mean sd p5..p95 percentile_max_error`` (module docstring), vectorised."""
+    n = merged.stats[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = merged.stats[:, 1] / n
+        variance = np.maximum(merged.stats[:, 2] - merged.stats[:, 1] ** 2 / n, 0.0) / (n - 1)
+        position = np.asarray(percentiles)[None, None, :] * np.maximum(n - 1, 0)[..., None]
+        k = np.floor(position)
+        fraction = position - k
+        upper = np.minimum(k + 1, np.maximum(n - 1, 0)[..., None])
+        j = np.concatenate([k, upper], axis=2)
+        values, widths = _order_statistics(merged.hist, merged.stats[:, 3], merged.stats[:, 4], j)
+        m = len(percentiles)
+        quantiles = values[..., :m] + fraction * (values[..., m:] - values[..., :m])
+        interpolates = fraction > 0
+        errors = np.where(interpolates, np.maximum(widths[..., :m], widths[..., m:]), widths[..., :m])
+        max_error = errors.max(axis=2)
+    names = [f"p{round(p * 100)}" for p in percentiles]
+    out = []
+    for g in range(len(merged.keys)):
+        metrics: dict[str, Any] = {}
+        for s, name in enumerate(STATISTICS):
+            count = int(n[g, s])
+            stats: dict[str, Any] = {"n": count, "mean": None, "sd": None}
+            if count:
+                stats["mean"] = float(mean[g, s])
+                stats["sd"] = math.sqrt(float(variance[g, s])) if count > 1 else None
+            for i, label in enumerate(names):
+                stats[label] = float(quantiles[g, s, i]) if count else None
+            stats["percentile_max_error"] = float(max_error[g, s]) if count else None
+            metrics[name] = stats
+        out.append(metrics)
+    return out
 
 
 def summary_groups(
     loaded: Loaded, group_by: Sequence[str], percentiles: Sequence[float]
 ) -> list[dict[str, Any]]:
     """The summary's ``groups`` (same shape as the exact path, plus ``percentile_max_error``), by key."""
+    merged = loaded.merge(group_by)
+    statistics = _statistics(merged, percentiles)
+    order = sorted(range(len(merged.keys)), key=lambda g: merged.keys[g])
     groups = []
-    for key, acc in sorted(loaded.merge(group_by).items(), key=lambda item: item[0]):
-        if acc.count == 0:
+    for g in order:
+        count = int(merged.counts[g, 0])
+        if count == 0:
             continue
         groups.append(
             {
-                "key": dict(zip(group_by, key, strict=True)),
-                "count": acc.count,
-                "agreement_rate": acc.agreed / acc.count,
-                "flagged_rate": acc.flagged / acc.count,
-                "metrics": group_statistics(acc, percentiles),
+                "key": dict(zip(group_by, merged.keys[g], strict=True)),
+                "count": count,
+                "agreement_rate": int(merged.counts[g, 1]) / count,
+                "flagged_rate": int(merged.counts[g, 2]) / count,
+                "metrics": statistics[g],
             }
         )
     return groups
@@ -478,16 +489,17 @@ def summary_groups(
 def ranking_rows(loaded: Loaded) -> list[tuple[str, str, int, float | None, float | None]]:
     """Per (method, model): drift rows, mean IoU, mean drift score, as the summary's ranking query gives."""
     iou, score = STATISTICS.index("iou"), STATISTICS.index("drift_score")
+    merged = loaded.merge(["method", "model"])
     rows = []
-    for (method, model), acc in loaded.merge(["method", "model"]).items():
-        n_iou, n_score = acc.stats[0, iou], acc.stats[0, score]
+    for g, (method, model) in enumerate(merged.keys):
+        n_iou, n_score = merged.stats[g, 0, iou], merged.stats[g, 0, score]
         rows.append(
             (
                 method,
                 model,
-                acc.count,
-                float(acc.stats[1, iou] / n_iou) if n_iou else None,
-                float(acc.stats[1, score] / n_score) if n_score else None,
+                int(merged.counts[g, 0]),
+                float(merged.stats[g, 1, iou] / n_iou) if n_iou else None,
+                float(merged.stats[g, 1, score] / n_score) if n_score else None,
             )
         )
     return rows
