@@ -297,7 +297,8 @@ def measure(engine: sa.Engine, args: argparse.Namespace, n: int) -> dict[str, An
         ("no grouping", [], AuditFilters()),
     ]
     for label, group_by, filters in queries:
-        modes = ["auto"] + (["exact"] if n <= args.exact_max and "exact path" not in label else [])
+        exact = n <= args.exact_max and engine.dialect.name in args.exact_db.split(",")
+        modes = ["auto"] + (["exact"] if exact and "exact path" not in label else [])
         if "exact path" in label and n > args.exact_max:
             out[label] = "skipped (exact path over more than --exact-max records)"
             continue
@@ -361,6 +362,7 @@ def main() -> None:
     parser.add_argument(
         "--exact-max", type=int, default=200_000, help="time mode=exact up to this many records"
     )
+    parser.add_argument("--exact-db", default="sqlite,postgresql", help="databases to time mode=exact on")
     parser.add_argument("--keep", action="store_true", help="keep the databases")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()

@@ -27,7 +27,6 @@ Only queries whose dimensions are rollup dimensions can use it: group by ``model
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -358,7 +357,7 @@ class Loaded:
     def total(self) -> int:
         return int(self.counts[:, 0].sum()) if self.keys else 0
 
-    def merge(self, group_by: Sequence[str]) -> Merged:
+    def merge(self, group_by: Sequence[str], *, with_hist: bool = True) -> Merged:
         """The rows merged per ``group_by`` key (values in ``group_by`` order), vectorised."""
         index: dict[tuple[Any, ...], int] = {}
         group_of = np.empty(len(self.keys), dtype=np.int64)
@@ -368,24 +367,33 @@ class Loaded:
                 parts["week"] = _week(day)
             group_of[i] = index.setdefault(tuple(parts[name] for name in group_by), len(index))
         k, g = len(self.keys), len(index)
-        onehot = np.zeros((g, k))
-        onehot[group_of, np.arange(k)] = 1.0
-        stats = np.empty((g, 5, _S))
-        stats[:, 0:3] = (onehot @ self.stats[:, 0:3].reshape(k, -1)).reshape(g, 3, _S)
-        stats[:, 0] = np.rint(stats[:, 0])
-        stats[:, 3:5] = np.nan
-        np.fmin.at(stats[:, 3], group_of, self.stats[:, 3])
-        np.fmax.at(stats[:, 4], group_of, self.stats[:, 4])
+        # sort rows by group and reduce each run (no BLAS: its spinning threads cost more than they save here)
+        in_order = bool(np.all(np.diff(group_of) >= 0))  # load(order_by=group_by): no reordering copy
+        order = slice(None) if in_order else np.argsort(group_of, kind="stable")
+        starts = np.searchsorted(group_of[order], np.arange(g))
+        if k == 0:
+            return Merged(
+                [], np.zeros((0, 3), np.int64), np.zeros((0, 5, _S)), np.zeros((0, _S, BINS + 2), np.int64)
+            )
+        stats = np.add.reduceat(self.stats[order], starts, axis=0)
+        stats[:, 3] = np.fmin.reduceat(self.stats[order, 3], starts, axis=0)
+        stats[:, 4] = np.fmax.reduceat(self.stats[order, 4], starts, axis=0)
         return Merged(
             keys=list(index),
-            counts=np.rint(onehot @ self.counts).astype(np.int64),
+            counts=np.add.reduceat(self.counts[order], starts, axis=0).astype(np.int64),
             stats=stats,
-            hist=np.rint(onehot @ self.hist.reshape(k, -1)).astype(np.int64).reshape(g, _S, BINS + 2),
+            hist=np.add.reduceat(self.hist[order], starts, axis=0, dtype=np.int64)
+            if with_hist
+            else np.zeros((g, _S, BINS + 2), np.int64),
         )
 
 
-def load(connection: sa.Connection, filters: AuditFilters) -> Loaded:
-    """The rollup rows under the rollup filters (model, method, days), in one query."""
+def load(connection: sa.Connection, filters: AuditFilters, order_by: Sequence[str] = ()) -> Loaded:
+    """The rollup rows under the rollup filters (model, method, days), in one query, sorted by ``order_by``
+    (group_by names; week sorts as day) so that merging them needs no reordering."""
+    columns = {"day": AuditRollup.day, "week": AuditRollup.day, "model": AuditRollup.model}
+    columns["method"] = AuditRollup.method
+    ordering = list(dict.fromkeys(columns[name] for name in order_by))
     statement = sa.select(
         AuditRollup.day,
         AuditRollup.model,
@@ -396,16 +404,20 @@ def load(connection: sa.Connection, filters: AuditFilters) -> Loaded:
         AuditRollup.stats,
         AuditRollup.hist,
     ).where(*_day_bounds(filters))
-    rows = connection.execute(statement).all()
+    rows = connection.execute(statement.order_by(*ordering) if ordering else statement).all()
     k = len(rows)
     return Loaded(
         keys=[(row[0], row[1], row[2]) for row in rows],
-        counts=np.array([tuple(row[3:6]) for row in rows], dtype=np.float64).reshape(k, 3),
+        counts=np.array([tuple(row[3:6]) for row in rows], dtype=np.int64).reshape(k, 3),
         stats=np.frombuffer(b"".join(bytes(row[6]) for row in rows), dtype="<f8").reshape(k, 5, _S),
-        hist=np.frombuffer(b"".join(bytes(row[7]) for row in rows), dtype="<u4")
-        .reshape(k, _S, BINS + 2)
-        .astype(np.float64),
+        hist=np.frombuffer(b"".join(bytes(row[7]) for row in rows), dtype="<u4").reshape(k, _S, BINS + 2),
     )
+
+
+def log_size(connection: sa.Connection) -> int:
+    """Drift rows in the whole log (from the rollup: one small table scan)."""
+    statement = sa.select(sa.func.coalesce(sa.func.sum(AuditRollup.count), 0))
+    return int(connection.execute(statement).scalar_one())
 
 
 def _order_statistics(
@@ -445,18 +457,26 @@ def _statistics(merged: Merged, percentiles: Sequence[float]) -> list[dict[str, 
         errors = np.where(interpolates, np.maximum(widths[..., :m], widths[..., m:]), widths[..., :m])
         max_error = errors.max(axis=2)
     names = [f"p{round(p * 100)}" for p in percentiles]
+    counts = n.astype(np.int64).tolist()
+    means, sds = mean.tolist(), np.sqrt(variance).tolist()
+    quantile_list, error_list = quantiles.tolist(), max_error.tolist()
     out = []
     for g in range(len(merged.keys)):
         metrics: dict[str, Any] = {}
         for s, name in enumerate(STATISTICS):
-            count = int(n[g, s])
-            stats: dict[str, Any] = {"n": count, "mean": None, "sd": None}
+            count = counts[g][s]
             if count:
-                stats["mean"] = float(mean[g, s])
-                stats["sd"] = math.sqrt(float(variance[g, s])) if count > 1 else None
-            for i, label in enumerate(names):
-                stats[label] = float(quantiles[g, s, i]) if count else None
-            stats["percentile_max_error"] = float(max_error[g, s]) if count else None
+                stats = {"n": count, "mean": means[g][s], "sd": sds[g][s] if count > 1 else None}
+                stats.update(zip(names, quantile_list[g][s], strict=True))
+                stats["percentile_max_error"] = error_list[g][s]
+            else:
+                stats = {
+                    "n": 0,
+                    "mean": None,
+                    "sd": None,
+                    **dict.fromkeys(names),
+                    "percentile_max_error": None,
+                }
             metrics[name] = stats
         out.append(metrics)
     return out
@@ -489,7 +509,7 @@ def summary_groups(
 def ranking_rows(loaded: Loaded) -> list[tuple[str, str, int, float | None, float | None]]:
     """Per (method, model): drift rows, mean IoU, mean drift score, as the summary's ranking query gives."""
     iou, score = STATISTICS.index("iou"), STATISTICS.index("drift_score")
-    merged = loaded.merge(["method", "model"])
+    merged = loaded.merge(["method", "model"], with_hist=False)
     rows = []
     for g, (method, model) in enumerate(merged.keys):
         n_iou, n_score = merged.stats[g, 0, iou], merged.stats[g, 0, score]

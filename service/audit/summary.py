@@ -32,8 +32,8 @@ CONTROL_METHOD = "gradcampp"  # the method whose head-scale control the audit ro
 GROUP_BY_OPTIONS: tuple[str, ...] = ("model", "method", "class", "agreement", "day", "week")
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
 SUMMARY_STATISTICS: tuple[str, ...] = rollup.STATISTICS
-# "auto": the daily rollup (service/audit/rollup.py) when it can answer and the query covers at least
-# ROLLUP_MIN_ROWS drift rows (smaller ones are fast and exact on the raw rows); "exact": always the raw rows;
+# "auto": the daily rollup (service/audit/rollup.py) when it can answer and the log holds at least
+# ROLLUP_MIN_ROWS drift rows (a smaller log is fast and exact on the raw rows); "exact": always the raw rows;
 # "rollup": the rollup or a 422 saying why it cannot answer.
 MODES: tuple[str, ...] = ("auto", "exact", "rollup")
 ROLLUP_MIN_ROWS = 50_000
@@ -241,8 +241,11 @@ def summarize(
     on_time = time_conditions(filters)
     conditions = on_time + drift_conditions(filters)
     with translate_errors("summarize the audit log"), engine.connect() as connection:
-        loaded = None if mode == "exact" or not_rollup is not None else rollup.load(connection, filters)
-        if loaded is not None and (mode == "rollup" or loaded.total >= ROLLUP_MIN_ROWS):
+        use_rollup = mode == "rollup" or (
+            mode == "auto" and not_rollup is None and rollup.log_size(connection) >= ROLLUP_MIN_ROWS
+        )
+        if use_rollup:
+            loaded = rollup.load(connection, filters, order_by=names)
             groups = rollup.summary_groups(loaded, names, PERCENTILES)
             ranking_rows: Sequence[Any] = rollup.ranking_rows(loaded)
             source = {
@@ -258,7 +261,10 @@ def summarize(
         else:
             groups = _exact_groups(connection, names, conditions, dialect)
             reason = "mode=exact" if mode == "exact" else not_rollup
-            source = {"path": "exact", "reason": reason or f"fewer than {ROLLUP_MIN_ROWS} drift rows"}
+            source = {
+                "path": "exact",
+                "reason": reason or f"the log holds fewer than {ROLLUP_MIN_ROWS} drift rows",
+            }
             ranking_rows = connection.execute(
                 sa.select(
                     AuditDrift.method,
