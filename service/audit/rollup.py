@@ -174,24 +174,39 @@ def accumulate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], 
     return out
 
 
-def _key_condition(key: tuple[str, str, str]) -> sa.ColumnElement[bool]:
-    day, model, method = key
-    return sa.and_(AuditRollup.day == day, AuditRollup.model == model, AuditRollup.method == method)
-
-
 def add(connection: sa.Connection, created_at: dt.datetime, drift_rows: Sequence[Mapping[str, Any]]) -> None:
     """Add one record's drift rows to the rollup, in the caller's transaction (which holds the chain lock:
-    appends are serialised, so read-modify-write cannot race another append)."""
-    for key, delta in accumulate({**row, "created_at": created_at} for row in drift_rows).items():
-        stored = connection.execute(sa.select(AuditRollup).where(_key_condition(key))).mappings().first()
-        if stored is None:
-            connection.execute(
-                sa.insert(AuditRollup).values(day=key[0], model=key[1], method=key[2], **delta.values())
-            )
+    appends are serialised, so read-modify-write cannot race another append). Three round trips: one read
+    of the record's day, one batch of updates, one of inserts."""
+    deltas = accumulate({**row, "created_at": created_at} for row in drift_rows)
+    if not deltas:
+        return
+    day = utc_day(created_at)
+    stored = {
+        (row["day"], row["model"], row["method"]): Accumulator.from_row(row)
+        for row in connection.execute(sa.select(AuditRollup).where(AuditRollup.day == day)).mappings()
+    }
+    updates, inserts = [], []
+    for key, delta in deltas.items():
+        values = {"k_day": key[0], "k_model": key[1], "k_method": key[2]}
+        if key in stored:
+            stored[key].merge(delta)
+            updates.append({**values, **stored[key].values()})
         else:
-            acc = Accumulator.from_row(stored)
-            acc.merge(delta)
-            connection.execute(sa.update(AuditRollup).where(_key_condition(key)).values(**acc.values()))
+            inserts.append({"day": key[0], "model": key[1], "method": key[2], **delta.values()})
+    if updates:
+        statement = (
+            sa.update(AuditRollup)
+            .where(
+                AuditRollup.day == sa.bindparam("k_day"),
+                AuditRollup.model == sa.bindparam("k_model"),
+                AuditRollup.method == sa.bindparam("k_method"),
+            )
+            .values({name: sa.bindparam(name) for name in ("count", "agreed", "flagged", "stats", "hist")})
+        )
+        connection.execute(statement, updates)
+    if inserts:
+        connection.execute(sa.insert(AuditRollup), inserts)
 
 
 def _raw_rows(connection: sa.Connection, batch_size: int = 20_000) -> Iterable[dict[str, Any]]:
