@@ -30,7 +30,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def writer(url: str, index: int, seconds: float, start_at: float, out: Any) -> None:
+def writer(url: str, index: int, seconds: float, start_at: Any, ready: Any, out: Any) -> None:
     from service.audit import chain
     from service.audit.db import make_engine
     from tests.db_fixtures import make_entry
@@ -39,9 +39,10 @@ def writer(url: str, index: int, seconds: float, start_at: float, out: Any) -> N
     rng = np.random.default_rng(1000 + index)
     results, latencies, outside = [], [], 0.0
     chain.append(engine, make_entry(rng))  # warm the connection pool and imports (not counted)
-    while time.time() < start_at:
+    ready.put(index)
+    while start_at.value == 0.0 or time.time() < start_at.value:
         time.sleep(0.001)
-    end = start_at + seconds
+    end = start_at.value + seconds
     while time.time() < end:
         t0 = time.perf_counter()
         entry = make_entry(rng)
@@ -68,14 +69,17 @@ def run(base_url: str, writers: int, seconds: float) -> dict[str, Any]:
     try:
         upgrade(url_text)
         context = multiprocessing.get_context("spawn")
-        queue = context.Queue()
-        start_at = time.time() + 8.0  # after every process has started and warmed up
+        queue, ready = context.Queue(), context.Queue()
+        start_at = context.Value("d", 0.0)  # set once every writer has started and warmed up
         processes = [
-            context.Process(target=writer, args=(url_text, i, seconds, start_at, queue))
+            context.Process(target=writer, args=(url_text, i, seconds, start_at, ready, queue))
             for i in range(writers)
         ]
         for process in processes:
             process.start()
+        for _ in processes:
+            ready.get(timeout=300)
+        start_at.value = time.time() + 0.2
         reports = [queue.get(timeout=seconds + 120) for _ in processes]
         for process in processes:
             process.join()
