@@ -136,14 +136,18 @@ def test_0006_backfills_the_rollup_from_existing_rows(empty_db_url: str) -> None
         for _ in range(4):
             chain.append(engine, make_entry(rng))
         with engine.connect() as connection:
-            before = {tuple(row[:3]): row for row in connection.execute(sa.select(AuditRollup.__table__)).all()}
+            before = {
+                tuple(row[:3]): row for row in connection.execute(sa.select(AuditRollup.__table__)).all()
+            }
         assert before and sum(row[3] for row in before.values()) > 0
         db.downgrade(empty_db_url, "0002")
         assert "audit_rollup" not in table_names(engine)
         db.upgrade(empty_db_url)
         assert rollup.check(engine) == []
         with engine.connect() as connection:
-            after = {tuple(row[:3]): row for row in connection.execute(sa.select(AuditRollup.__table__)).all()}
+            after = {
+                tuple(row[:3]): row for row in connection.execute(sa.select(AuditRollup.__table__)).all()
+            }
         assert set(after) == set(before)
         assert all(after[k][3:6] == before[k][3:6] and after[k][7] == before[k][7] for k in after)
         assert chain.verify(engine).ok
