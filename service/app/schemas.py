@@ -167,6 +167,9 @@ class AuditVerifyResponse(BaseModel):
         default=None,
         description="whether the `anchor` given is a row of the verified chain (null: none given)",
     )
+    since_id: int | None = Field(
+        default=None, description="incremental verification: the anchored head the check started after"
+    )
 
 
 class ModelInfo(BaseModel):

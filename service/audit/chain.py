@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc, func
 
 from engine.report import DriftReport, MethodResult
-from service.audit import db
+from service.audit import db, rollup
 from service.audit.db import SQLITE_IMMEDIATE, stored_json, translate_errors
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
@@ -134,6 +134,8 @@ class VerifyResult:
     head_hash: str | None = field(default=None, compare=False)
     # whether the ``anchor`` hash given to verify() is a row of the verified chain (None: none given)
     anchor_found: bool | None = field(default=None, compare=False)
+    # incremental verification: the id of the anchored, previously verified head it started after
+    since_id: int | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -305,6 +307,7 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
                     connection.execute(
                         sa.insert(AuditDrift), [{**row, "record_id": record_id} for row in drift_rows]
                     )
+                    rollup.add(connection, record["created_at"], drift_rows)  # same transaction and lock
         except exc.IntegrityError as error:
             raise ValueError(
                 f"audit record for request_id {entry.request_id!r} not written: {error.orig}"
@@ -338,7 +341,13 @@ def _transaction_limits(connection: sa.Connection) -> list[sa.ColumnElement[Any]
 # ------------------------------------------------------------------------------------------- verifying
 
 
-def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = None) -> VerifyResult:
+def verify(
+    engine: sa.Engine,
+    *,
+    batch_size: int = 1000,
+    anchor: str | None = None,
+    since: tuple[int, str] | None = None,
+) -> VerifyResult:
     """Walk the chain in id order (streamed) and recompute every hash; stop at the first bad row.
 
     A row is bad when its ``prev_hash`` is not the previous row's ``row_hash`` ("broken link": a row was
@@ -351,6 +360,12 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
     newest rows leaves a valid shorter chain, so keep the head hash somewhere else (a log, a ticket, a
     notary) and pass it back as ``anchor``: if no row of the verified chain has that hash, the chain was
     truncated or rewritten after it was recorded, and the result is not ok.
+
+    ``since=(head_id, head_hash)`` verifies incrementally: only the rows after a head that an earlier run
+    verified and that was kept outside the database. The row ``head_id`` must still hold ``head_hash`` and
+    hash to it (else the result is not ok: a wrong or stale anchor is refused, never trusted), and each
+    later row must link to the one before it; ``checked`` counts the rows after the anchor. What the full
+    walk adds is only the rows up to the anchor, which the earlier run covered.
     """
     # JSON and timestamp columns are read raw and parsed here, so a tampered value is a bad row, not an
     # exception half-way through the stream (SQLite stores them as text that can be edited into anything).
@@ -380,6 +395,9 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
     )
     checked = 0
     expected_prev = GENESIS_HASH
+    since_id, since_hash = (None, None) if since is None else (int(since[0]), since[1].strip().lower())
+    if since_id is not None:
+        statement = statement.where(AuditRecord.id >= since_id)
     head_id: int | None = None
     anchor = anchor.strip().lower() if anchor is not None else None
     anchor_found = False
@@ -393,6 +411,7 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
             head_id=head_id,
             head_hash=None if head_id is None else expected_prev,
             anchor_found=anchor_found if anchor is not None else None,
+            since_id=since_id,
         )
 
     with translate_errors("verify the audit chain"), engine.connect() as connection:
@@ -405,6 +424,11 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
                 for row in rows_list
                 if row["d_id"] is not None
             ]
+            at_anchor = since_id is not None and head_id is None
+            if at_anchor and (record_id != since_id or record["row_hash"] != since_hash):
+                return bad(record_id, f"since: row {since_id} does not hold the anchored hash {since_hash}")
+            if at_anchor:
+                expected_prev = str(record["prev_hash"])  # verified up to here by the earlier run
             if record["prev_hash"] != expected_prev:
                 return bad(
                     record_id,
@@ -427,7 +451,9 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
             expected_prev = record["row_hash"]
             head_id = record_id
             anchor_found = anchor_found or expected_prev == anchor
-            checked += 1
+            checked += 0 if at_anchor else 1
+    if since_id is not None and head_id is None:
+        return bad(since_id, f"since: row {since_id} does not hold the anchored hash {since_hash}")
     if anchor is not None and not anchor_found:
         return VerifyResult(
             ok=False,
@@ -440,6 +466,7 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
             head_id=head_id,
             head_hash=None if head_id is None else expected_prev,
             anchor_found=False,
+            since_id=since_id,
         )
     return VerifyResult(
         ok=True,
@@ -447,6 +474,7 @@ def verify(engine: sa.Engine, *, batch_size: int = 1000, anchor: str | None = No
         head_id=head_id,
         head_hash=None if head_id is None else expected_prev,
         anchor_found=True if anchor is not None else None,
+        since_id=since_id,
     )
 
 

@@ -20,13 +20,17 @@ from sqlalchemy.dialects import postgresql
 
 from core.errors import InputError
 from engine.ranking import DEFAULT_ALPHA, DEFAULT_N_BOOT, method_tables, rank_models, reversal_test
+from service.audit import rollup
 from service.audit.db import translate_errors
 from service.audit.queries import AuditFilters, drift_conditions, time_conditions
-from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
+from service.audit.sample import REVERSAL_MAX_RECORDS, per_record_rows
+from service.audit.tables import AuditDrift, AuditRecord
 
 __all__ = [
     "GROUP_BY_OPTIONS",
+    "MODES",
     "PERCENTILES",
+    "ROLLUP_MIN_ROWS",
     "SUMMARY_STATISTICS",
     "WINDOWS",
     "requests_over_time",
@@ -36,7 +40,12 @@ __all__ = [
 CONTROL_METHOD = "gradcampp"  # the method whose head-scale control the audit rows carry
 GROUP_BY_OPTIONS: tuple[str, ...] = ("model", "method", "class", "agreement", "day", "week")
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
-SUMMARY_STATISTICS: tuple[str, ...] = (*METRIC_COLUMNS, "drift_score", "drift_index", "reference_percentile")
+SUMMARY_STATISTICS: tuple[str, ...] = rollup.STATISTICS
+# "auto": the daily rollup (service/audit/rollup.py) when it can answer and the log holds at least
+# ROLLUP_MIN_ROWS drift rows (a smaller log is fast and exact on the raw rows); "exact": always the raw rows;
+# "rollup": the rollup or a 422 saying why it cannot answer.
+MODES: tuple[str, ...] = ("auto", "exact", "rollup")
+ROLLUP_MIN_ROWS = 50_000
 WINDOWS: tuple[str, ...] = ("day", "week")
 
 
@@ -200,6 +209,8 @@ def summarize(
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
     alpha: float = DEFAULT_ALPHA,
+    mode: str = "auto",
+    reversal_max_records: int | None = REVERSAL_MAX_RECORDS,
 ) -> dict[str, Any]:
     """Aggregate the drift rows (one per record x model x method) matching ``filters``, in SQL.
 
@@ -224,41 +235,84 @@ def summarize(
       ``p_holm`` over the pairs), ``bootstrap`` (``p_order_differs``, ``p_top_changes``), ``alpha``,
       ``significant_pairs`` and ``reversal``: the verdict (the orders differ AND a Holm-adjusted interaction
       p < alpha), null with a ``note`` for fewer than 2 models or too few common records.
+
+    ``mode`` (:data:`MODES`) chooses between the raw rows and the daily rollup; ``source`` in the answer says
+    which answered and which numbers are exact (rollup: percentiles approximate, each metric with its
+    ``percentile_max_error``). Above ``reversal_max_records`` records in the time window the reversal test
+    runs on a seeded random sample of records (:mod:`service.audit.sample`), described in ``ranking.sample``.
     """
     names = _check_group_by(group_by)
+    if mode not in MODES:
+        raise InputError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}", code="validation_error")
+    not_rollup = rollup.eligible(filters, names)
+    if mode == "rollup" and not_rollup is not None:
+        raise InputError(f"mode=rollup: {not_rollup}", code="validation_error")
     dialect = engine.dialect.name
-    conditions = time_conditions(filters) + drift_conditions(filters)
+    on_time = time_conditions(filters)
+    conditions = on_time + drift_conditions(filters)
+    with translate_errors("summarize the audit log"), engine.connect() as connection:
+        use_rollup = mode == "rollup" or (
+            mode == "auto" and not_rollup is None and rollup.log_size(connection) >= ROLLUP_MIN_ROWS
+        )
+        if use_rollup:
+            loaded = rollup.load(connection, filters, order_by=names)
+            groups = rollup.summary_groups(loaded, names, PERCENTILES)
+            ranking_rows: Sequence[Any] = rollup.ranking_rows(loaded)
+            source = {
+                "path": "rollup",
+                "exact": ["count", "agreement_rate", "flagged_rate", "n"],
+                "rounding": ["mean", "sd"],
+                "approximate": [f"p{round(p * 100)}" for p in PERCENTILES],
+                "bins": rollup.BINS,
+                "ranges": {name: list(rollup.RANGES[name]) for name in SUMMARY_STATISTICS},
+                "note": "mean and sd from sums (equal to the exact path up to floating-point rounding); "
+                "percentiles from fixed-bin histograms, each off by at most the metric's percentile_max_error",
+            }
+        else:
+            groups = _exact_groups(connection, names, conditions, dialect)
+            reason = "mode=exact" if mode == "exact" else not_rollup
+            source = {
+                "path": "exact",
+                "reason": reason or f"the log holds fewer than {ROLLUP_MIN_ROWS} drift rows",
+            }
+            ranking_rows = connection.execute(
+                sa.select(
+                    AuditDrift.method,
+                    AuditDrift.model,
+                    func.count(),
+                    func.avg(AuditDrift.iou),
+                    func.avg(AuditDrift.drift_score),
+                )
+                .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
+                .where(*conditions)
+                .group_by(AuditDrift.method, AuditDrift.model)
+            ).all()
+        per_record, sample = per_record_rows(
+            connection, on_time, conditions, max_records=reversal_max_records, seed=seed
+        )
+    ranking = _ranking(ranking_rows, per_record, n_boot=n_boot, seed=seed, alpha=alpha)
+    ranking["sample"] = sample
+    return {
+        "filters": filters.to_dict(),
+        "group_by": names,
+        "percentiles": list(PERCENTILES),
+        "total": sum(group["count"] for group in groups),
+        "groups": groups,
+        "ranking": ranking,
+        "source": source,
+    }
+
+
+def _exact_groups(
+    connection: sa.Connection, names: list[str], conditions: list[sa.ColumnElement[bool]], dialect: str
+) -> list[dict[str, Any]]:
+    """The summary's groups from the raw drift rows (exact percentiles)."""
     group_columns = [_group_expression(name, dialect) for name in names]
     if dialect == "postgresql":
         statement = _summary_statement_postgresql(group_columns, conditions)
     else:
         statement = _summary_statement_sqlite(group_columns, conditions)
-    with translate_errors("summarize the audit log"), engine.connect() as connection:
-        rows = connection.execute(statement).all()
-        ranking_rows = connection.execute(
-            sa.select(
-                AuditDrift.method,
-                AuditDrift.model,
-                func.count(),
-                func.avg(AuditDrift.iou),
-                func.avg(AuditDrift.drift_score),
-            )
-            .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
-            .where(*conditions)
-            .group_by(AuditDrift.method, AuditDrift.model)
-        ).all()
-        per_record = connection.execute(
-            sa.select(
-                AuditDrift.record_id,
-                AuditDrift.model,
-                AuditDrift.method,
-                AuditDrift.iou,
-                AuditDrift.head_scale_control_iou,
-            )
-            .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
-            .where(*conditions)
-        ).all()
-
+    rows = connection.execute(statement).all()
     groups = []
     for row in rows:
         values = list(row)
@@ -273,14 +327,7 @@ def summarize(
                 "metrics": _metric_statistics(values[len(names) + 3 :], dialect),
             }
         )
-    return {
-        "filters": filters.to_dict(),
-        "group_by": names,
-        "percentiles": list(PERCENTILES),
-        "total": sum(group["count"] for group in groups),
-        "groups": groups,
-        "ranking": _ranking(ranking_rows, per_record, n_boot=n_boot, seed=seed, alpha=alpha),
-    }
+    return groups
 
 
 def _ranking(

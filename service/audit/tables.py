@@ -22,6 +22,7 @@ __all__ = [
     "ApiKeyRow",
     "AuditDrift",
     "AuditRecord",
+    "AuditRollup",
     "Base",
     "IdType",
     "UtcDateTime",
@@ -133,6 +134,24 @@ class AuditDrift(Base):
     reference_percentile: Mapped[float | None] = mapped_column(sa.Double)
     # GradCAM++ only: IoU of the head-scale control map with the fine-tuned map (1 - residual drift)
     head_scale_control_iou: Mapped[float | None] = mapped_column(sa.Double)
+
+
+class AuditRollup(Base):
+    """Revision 0006: one (UTC day, model, method) of drift rows, rolled up (service/audit/rollup.py).
+
+    Derived data, not part of the hash chain: kept up to date in each append's transaction and checked
+    against the (verified) raw rows by ``rollup.check``."""
+
+    __tablename__ = "audit_rollup"
+
+    day: Mapped[str] = mapped_column(sa.String(10), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    method: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(sa.BigInteger)
+    agreed: Mapped[int] = mapped_column(sa.BigInteger)
+    flagged: Mapped[int] = mapped_column(sa.BigInteger)
+    stats: Mapped[bytes] = mapped_column(sa.LargeBinary)  # float64 [n, sum, sum of squares, min, max] x S
+    hist: Mapped[bytes] = mapped_column(sa.LargeBinary)  # uint32 S x (BINS + 2)
 
 
 class ApiKeyRow(Base):

@@ -415,9 +415,18 @@ def test_tampered_row_is_named_by_verify(api_artifacts: Path, database_url: str)
             "head_id": ids[-1],
             "head_hash": head,
             "anchor_found": None,
+            "since_id": None,
         }
         anchored = app.get("/audit/verify", params={"anchor": head}, headers=headers("audit")).json()
         assert anchored["ok"] is True and anchored["anchor_found"] is True
+        hashes = {r.json()["audit_record_id"]: r.json()["audit_row_hash"] for r in responses}
+        since = {"since_id": ids[1], "since_hash": hashes[ids[1]]}
+        incremental = app.get("/audit/verify", params=since, headers=headers("audit")).json()
+        assert incremental["ok"] is True and incremental["checked"] == 2 and incremental["since_id"] == ids[1]
+        wrong = app.get(
+            "/audit/verify", params={**since, "since_hash": hashes[ids[0]]}, headers=headers("audit")
+        ).json()
+        assert wrong["ok"] is False and "does not hold the anchored hash" in wrong["reason"]
         engine = app.app.state.cxr.engine
         _drop_triggers(engine)
         with engine.begin() as conn:
@@ -426,6 +435,8 @@ def test_tampered_row_is_named_by_verify(api_artifacts: Path, database_url: str)
             )
         verify = app.get("/audit/verify", headers=headers("audit")).json()
         assert verify["ok"] is False and verify["first_bad_id"] == ids[2] and verify["reason"]
+        after = app.get("/audit/verify", params=since, headers=headers("audit")).json()
+        assert after["ok"] is False and after["first_bad_id"] == ids[2] and after["checked"] == 0
 
 
 @pytest.mark.slow

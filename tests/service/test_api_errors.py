@@ -248,6 +248,9 @@ def test_audit_filters_take_times_without_offset_as_utc(
         ("/audit/summary", {"model": "dense\x00net"}),
         ("/audit/records", {"class": "\x00"}),
         ("/audit/verify", {"anchor": "not-a-hash"}),
+        ("/audit/verify", {"since_id": "1"}),
+        ("/audit/verify", {"since_id": "0", "since_hash": "0" * 64}),
+        ("/audit/summary", {"mode": "fast"}),
     ],
 )
 def test_out_of_range_audit_parameters_are_422_not_500(

@@ -20,7 +20,7 @@ from service.audit.tables import metadata
 from tests.db_fixtures import make_entry
 
 REPO = Path(__file__).resolve().parents[2]
-APP_TABLES = {"audit_records", "audit_drift", "api_keys"}
+APP_TABLES = {"audit_records", "audit_drift", "api_keys", "audit_rollup"}
 
 
 def table_names(engine: sa.Engine) -> set[str]:
@@ -116,7 +116,40 @@ def test_downgrade_below_0002_refuses_to_drop_hashed_values(sqlite_url: str) -> 
         chain.append(engine, make_entry(np.random.default_rng(0)))
         with pytest.raises(Exception, match="refusing to downgrade below 0002"):
             db.downgrade(sqlite_url, "0001")
-        assert db.current_revision(engine) == db.head_revision()
+        # the refused step leaves 0002 in place (SQLite commits each later revision's downgrade on its own)
+        assert db.current_revision(engine) not in {None, "0001"}
+        db.upgrade(sqlite_url)
+        assert chain.verify(engine).ok
+    finally:
+        engine.dispose()
+
+
+def test_0006_backfills_the_rollup_from_existing_rows(empty_db_url: str) -> None:
+    """Rows written before 0006 (here: before a downgrade to 0002 dropped the rollup) are rolled up."""
+    from service.audit import rollup
+    from service.audit.tables import AuditRollup
+
+    db.upgrade(empty_db_url)
+    engine = db.make_engine(empty_db_url)
+    try:
+        rng = np.random.default_rng(3)
+        for _ in range(4):
+            chain.append(engine, make_entry(rng))
+        with engine.connect() as connection:
+            before = {
+                tuple(row[:3]): row for row in connection.execute(sa.select(AuditRollup.__table__)).all()
+            }
+        assert before and sum(row[3] for row in before.values()) > 0
+        db.downgrade(empty_db_url, "0002")
+        assert "audit_rollup" not in table_names(engine)
+        db.upgrade(empty_db_url)
+        assert rollup.check(engine) == []
+        with engine.connect() as connection:
+            after = {
+                tuple(row[:3]): row for row in connection.execute(sa.select(AuditRollup.__table__)).all()
+            }
+        assert set(after) == set(before)
+        assert all(after[k][3:6] == before[k][3:6] and after[k][7] == before[k][7] for k in after)
         assert chain.verify(engine).ok
     finally:
         engine.dispose()

@@ -148,10 +148,17 @@ async def summary(
         list[str],
         Query(description=f"repeat or comma-separate; among {', '.join(GROUP_BY_OPTIONS)}"),
     ] = [],  # noqa: B006 - FastAPI copies defaults per request
+    mode: Annotated[
+        Literal["auto", "exact", "rollup"],
+        Query(
+            description="auto: the daily rollup when it can answer and the query covers >= 50,000 drift rows, "
+            "else the raw rows; exact: the raw rows; rollup: the rollup or 422 (summary.source says which)"
+        ),
+    ] = "auto",
 ) -> AuditSummaryResponse:
     groups = _parse_group_by(group_by)
     result = await _call_db(
-        engine, summarize, engine, filters=filters, group_by=groups
+        engine, summarize, engine, filters=filters, group_by=groups, mode=mode
     )  # bad input: InputError, 422
     return AuditSummaryResponse(filters=_filters_out(filters), group_by=groups, summary=result)
 
@@ -237,6 +244,21 @@ async def verify(
             "unless a row of the chain has it, so deleting the newest rows is detected",
         ),
     ] = None,
+    since_id: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            description="incremental: verify only the rows after this head_id of an earlier verification "
+            "(give since_hash too); the row must still hold since_hash, else the answer is not ok",
+        ),
+    ] = None,
+    since_hash: Annotated[
+        str | None,
+        Query(pattern="^[0-9a-fA-F]{64}$", description="the head_hash recorded with since_id"),
+    ] = None,
 ) -> AuditVerifyResponse:
-    result = await _call_db(engine, chain.verify, engine, anchor=anchor)
+    if (since_id is None) != (since_hash is None):
+        raise ApiError(422, "validation_error", "since_id and since_hash go together: give both or neither")
+    since = None if since_id is None or since_hash is None else (since_id, since_hash)
+    result = await _call_db(engine, chain.verify, engine, anchor=anchor, since=since)
     return AuditVerifyResponse.model_validate(result.to_dict())

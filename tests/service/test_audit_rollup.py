@@ -1,0 +1,149 @@
+"""The daily rollup behind /audit/summary at scale (service/audit/rollup.py), and the sampled reversal test.
+
+Oracle: the exact path (itself checked against NumPy in test_audit_db.py) and NumPy on the entries."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from core.errors import InputError
+from service.audit import chain, rollup, summary
+from service.audit.queries import AuditFilters
+from service.audit.summary import summarize
+from service.audit.tables import AuditRollup
+from tests.db_fixtures import MODELS, make_entry
+
+START = datetime(2026, 11, 27, 22, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def populated(db_engine: sa.Engine) -> sa.Engine:
+    rng = np.random.default_rng(21)
+    for i in range(24):  # every 7 h over 7 days
+        entry = make_entry(rng, created_at=START + timedelta(hours=7 * i))
+        if i % 5 == 0:  # out-of-range values land in the under/overflow bins
+            entry.reports[0].methods["gradcampp"]["metrics"]["emd"] = 1.7
+        if i % 6 == 0:
+            entry.reports[1].methods["layercam"]["metrics"]["ssim"] = None
+        chain.append(db_engine, entry)
+    return db_engine
+
+
+CASES = [
+    ([], AuditFilters()),
+    (["model", "method"], AuditFilters()),
+    (["day", "model"], AuditFilters()),
+    (["week", "method"], AuditFilters(model=MODELS[0])),
+    (
+        ["method"],
+        AuditFilters(start=datetime(2026, 11, 29, tzinfo=UTC), end=datetime(2026, 12, 2, tzinfo=UTC)),
+    ),
+]
+
+
+@pytest.mark.parametrize(("group_by", "filters"), CASES)
+def test_rollup_answers_like_the_exact_path(
+    populated: sa.Engine, group_by: list[str], filters: AuditFilters
+) -> None:
+    exact = summarize(populated, filters=filters, group_by=group_by, mode="exact", n_boot=50)
+    rolled = summarize(populated, filters=filters, group_by=group_by, mode="rollup", n_boot=50)
+    assert exact["source"]["path"] == "exact" and rolled["source"]["path"] == "rollup"
+    assert rolled["total"] == exact["total"] > 0
+    assert [g["key"] for g in rolled["groups"]] == [g["key"] for g in exact["groups"]]
+    for want, have in zip(exact["groups"], rolled["groups"], strict=True):
+        assert have["count"] == want["count"]
+        assert have["agreement_rate"] == pytest.approx(want["agreement_rate"], rel=1e-12)
+        assert have["flagged_rate"] == pytest.approx(want["flagged_rate"], rel=1e-12)
+        for name, stats in want["metrics"].items():
+            got = have["metrics"][name]
+            assert got["n"] == stats["n"]
+            for key in ("mean", "sd"):
+                if stats[key] is None:
+                    assert got[key] is None
+                else:
+                    assert got[key] == pytest.approx(stats[key], rel=1e-9, abs=1e-12), (name, key)
+            bound = got["percentile_max_error"]
+            low, high = rollup.RANGES[name]
+            in_range = stats["n"] > 0 and all(low <= stats[f"p{p}"] <= high for p in (5, 25, 50, 75, 95))
+            if in_range and name != "emd":
+                assert bound <= (high - low) / rollup.BINS + 1e-12, name
+            for p in (5, 25, 50, 75, 95):
+                if stats[f"p{p}"] is None:
+                    assert got[f"p{p}"] is None
+                else:
+                    assert abs(got[f"p{p}"] - stats[f"p{p}"]) <= bound + 1e-12, (name, p)
+    # the ranking's per-method means come from the rollup's sums; the reversal test from the same records
+    for method, entries in exact["ranking"]["per_method"].items():
+        for want, have in zip(entries, rolled["ranking"]["per_method"][method], strict=True):
+            assert have["model"] == want["model"] and have["count"] == want["count"]
+            assert have["mean_iou"] == pytest.approx(want["mean_iou"], rel=1e-9)
+    assert rolled["ranking"]["comparisons"] == exact["ranking"]["comparisons"]
+
+
+def test_out_of_range_values_widen_the_stated_error(populated: sa.Engine) -> None:
+    rolled = summarize(populated, filters=AuditFilters(model=MODELS[0], method="gradcampp"), mode="rollup")
+    (group,) = rolled["groups"]
+    emd = group["metrics"]["emd"]
+    assert emd["p95"] is not None and emd["percentile_max_error"] > 1.0 / rollup.BINS
+
+
+def test_rollup_refuses_what_it_cannot_answer(populated: sa.Engine) -> None:
+    with pytest.raises(InputError, match="not a rollup dimension"):
+        summarize(populated, filters=AuditFilters(), group_by=["class"], mode="rollup")
+    with pytest.raises(InputError, match="not rollup dimensions"):
+        summarize(populated, filters=AuditFilters(severity="high"), mode="rollup")
+    with pytest.raises(InputError, match="UTC midnights"):
+        summarize(populated, filters=AuditFilters(start=START), mode="rollup")
+    with pytest.raises(InputError, match="mode"):
+        summarize(populated, filters=AuditFilters(), mode="fast")
+    auto = summarize(populated, filters=AuditFilters(), group_by=["class"], n_boot=20)
+    assert auto["source"] == {"path": "exact", "reason": "group_by ['class'] is not a rollup dimension"}
+
+
+def test_auto_uses_the_rollup_above_the_threshold(
+    populated: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert summarize(populated, filters=AuditFilters(), n_boot=20)["source"]["path"] == "exact"
+    monkeypatch.setattr(summary, "ROLLUP_MIN_ROWS", 10)
+    assert summarize(populated, filters=AuditFilters(), n_boot=20)["source"]["path"] == "rollup"
+
+
+def test_check_finds_a_tampered_or_missing_rollup(populated: sa.Engine) -> None:
+    assert rollup.check(populated) == []
+    with populated.begin() as connection:
+        day, model, method = connection.execute(
+            sa.select(AuditRollup.day, AuditRollup.model, AuditRollup.method)
+        ).first()  # type: ignore[misc]
+        key = (AuditRollup.day == day) & (AuditRollup.model == model) & (AuditRollup.method == method)
+        connection.execute(sa.update(AuditRollup).where(key).values(count=AuditRollup.count + 1))
+    (problem,) = rollup.check(populated)
+    assert f"{day}/{model}/{method}: counts" in problem
+    with populated.begin() as connection:
+        connection.execute(sa.delete(AuditRollup).where(key))
+    assert rollup.check(populated) == [f"{day}/{model}/{method}: rows without a rollup"]
+    with populated.begin() as connection:
+        assert rollup.rebuild(connection) > 0
+    assert rollup.check(populated) == []
+
+
+def test_reversal_test_runs_on_a_seeded_sample_above_the_bound(populated: sa.Engine) -> None:
+    def run(seed: int) -> dict[str, Any]:
+        ranking = summarize(populated, filters=AuditFilters(), n_boot=50, seed=seed, reversal_max_records=10)[
+            "ranking"
+        ]
+        assert isinstance(ranking, dict)
+        return ranking
+
+    first, again, other = run(1), run(1), run(2)
+    assert first["sample"]["records_drawn"] == 10 and first["sample"]["seed"] == 1
+    (comparison,) = first["comparisons"]
+    assert comparison["n_images"] <= 10
+    assert first["comparisons"] == again["comparisons"]
+    assert first["sample"]["id_range"] == other["sample"]["id_range"]
+    full = summarize(populated, filters=AuditFilters(), n_boot=50)["ranking"]
+    assert full["sample"] is None and full["comparisons"][0]["n_images"] == 24
