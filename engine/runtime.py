@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import ArtifactError, ConfigError
+from core.identity import ModelIdentity, version_digest
 from core.manifest import read_manifest, verify_files
 from core.vocabulary import BACKENDS, CHECKPOINTS
 
@@ -55,10 +56,14 @@ class ModelPair:
         runners: Mapping[str, Any],
         head_weights: Mapping[str, np.ndarray],
         backend: str,
+        name: str | None = None,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
-        self.name: str = manifest["architecture"]
+        # served under its folder's name (two versions of one architecture live side by side)
+        self.name: str = name if name is not None else folder.name
+        self.architecture: str = str(manifest["architecture"])
+        self.digest: str = version_digest(manifest)
         self.class_names: list[str] = list(manifest["class_names"])
         self.input_size: int = int(manifest["input_size"])
         self.mean: tuple[float, ...] = tuple(float(v) for v in manifest["mean"])
@@ -76,8 +81,10 @@ class ModelPair:
         backend: str = "onnx",
         device: str = "cpu",
         threads: int | None = None,
+        name: str | None = None,
     ) -> ModelPair:
-        """Open the model pair in ``folder``; see the module docstring."""
+        """Open the model pair in ``folder``; see the module docstring. ``name`` defaults to the folder's
+        name (:attr:`identity`)."""
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; valid options: {', '.join(BACKENDS)}")
         root = Path(folder)
@@ -110,7 +117,18 @@ class ModelPair:
             else:
                 runners[name] = _TorchRunner(weights_path, manifest, device=device, threads=threads)
         log.info("loaded %s model pair from %s (%s backend)", manifest["architecture"], root, backend)
-        return cls(folder=root, manifest=manifest, runners=runners, head_weights=heads, backend=backend)
+        return cls(
+            folder=root, manifest=manifest, runners=runners, head_weights=heads, backend=backend, name=name
+        )
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Name, architecture and version digest (core.identity): what every audit row records."""
+        return ModelIdentity(name=self.name, architecture=self.architecture, digest=self.digest)
+
+    def close(self) -> None:
+        """Drop the inference sessions (the registry calls this once no request uses the pair)."""
+        self._runners.clear()
 
     @property
     def drift_calibration(self) -> Mapping[str, Any] | None:

@@ -21,13 +21,22 @@ from sqlalchemy.dialects import postgresql
 from core.errors import InputError
 from engine.ranking import DEFAULT_ALPHA, DEFAULT_N_BOOT, method_tables, rank_models, reversal_test
 from service.audit.db import translate_errors
-from service.audit.queries import AuditFilters, drift_conditions, time_conditions
+from service.audit.queries import AuditFilters, architecture_expression, drift_conditions, time_conditions
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
 __all__ = ["GROUP_BY_OPTIONS", "PERCENTILES", "SUMMARY_STATISTICS", "summarize"]
 
 CONTROL_METHOD = "gradcampp"  # the method whose head-scale control the audit rows carry
-GROUP_BY_OPTIONS: tuple[str, ...] = ("model", "method", "class", "agreement", "day", "week")
+GROUP_BY_OPTIONS: tuple[str, ...] = (
+    "model",
+    "architecture",
+    "digest",
+    "method",
+    "class",
+    "agreement",
+    "day",
+    "week",
+)
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
 SUMMARY_STATISTICS: tuple[str, ...] = (*METRIC_COLUMNS, "drift_score", "drift_index", "reference_percentile")
 
@@ -35,6 +44,10 @@ SUMMARY_STATISTICS: tuple[str, ...] = (*METRIC_COLUMNS, "drift_score", "drift_in
 def _group_expression(name: str, dialect: str) -> Any:
     if name == "model":
         return AuditDrift.model
+    if name == "architecture":
+        return architecture_expression()
+    if name == "digest":
+        return AuditDrift.model_digest
     if name == "method":
         return AuditDrift.method
     if name == "class":

@@ -472,7 +472,7 @@ def test_grouping_by_day_and_week_uses_utc_dates(db_engine: sa.Engine, unit: str
 
 
 def test_group_by_rejects_unknown_values(db_engine: sa.Engine) -> None:
-    with pytest.raises(InputError, match="valid options: model, method, class, agreement, day, week") as info:
+    with pytest.raises(InputError, match="valid options: model, architecture, digest, method, class, agreement, day, week") as info:
         summarize(db_engine, filters=AuditFilters(), group_by=["hour"])
     assert info.value.code == "validation_error"
 

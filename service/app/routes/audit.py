@@ -19,8 +19,9 @@ from service.app.schemas import (
     AuditRecordPage,
     AuditSummaryResponse,
     AuditVerifyResponse,
+    ModelEventPage,
 )
-from service.audit import chain, queries
+from service.audit import chain, lifecycle, queries
 from service.audit.db import DatabaseUnavailable
 from service.audit.queries import AuditFilters
 from service.audit.summary import GROUP_BY_OPTIONS, summarize
@@ -45,7 +46,17 @@ def audit_filters(
     end: Annotated[
         datetime | None, Query(description="records created before (ISO 8601; no offset = UTC)")
     ] = None,
-    model: Annotated[str | None, Query(description="model pair name")] = None,
+    model: Annotated[str | None, Query(description="model pair name (its folder's name)")] = None,
+    architecture: Annotated[
+        str | None, Query(description="architecture (rows before revision 0004: their model name)")
+    ] = None,
+    digest: Annotated[
+        str | None,
+        Query(
+            pattern="^[0-9a-fA-F]{8,64}$",
+            description="version digest, or a prefix of it (8 or more hex digits)",
+        ),
+    ] = None,
     method: Annotated[MethodName | None, Query()] = None,
     target_class: Annotated[str | None, Query(alias="class", description="target class name")] = None,
     agreement: Annotated[bool | None, Query(description="both checkpoints predicted the same class")] = None,
@@ -53,7 +64,7 @@ def audit_filters(
     flagged: Annotated[bool | None, Query()] = None,
 ) -> AuditFilters:
     start, end = _as_utc("start", start), _as_utc("end", end)
-    for name, text in (("model", model), ("class", target_class)):
+    for name, text in (("model", model), ("architecture", architecture), ("class", target_class)):
         if text is not None and "\x00" in text:
             # PostgreSQL refuses NUL in text parameters (a driver DataError, not a client error otherwise)
             raise ApiError(422, "validation_error", f"{name} must not contain NUL characters")
@@ -65,6 +76,8 @@ def audit_filters(
         start=start,
         end=end,
         model=model,
+        architecture=architecture,
+        digest=digest.lower() if digest is not None else None,
         method=method,
         target_class=target_class,
         agreement=agreement,
@@ -219,4 +232,26 @@ async def verify(
     ] = None,
 ) -> AuditVerifyResponse:
     result = await _call_db(chain.verify, engine, anchor=anchor)
-    return AuditVerifyResponse.model_validate(result.to_dict())
+    events = await _call_db(lifecycle.verify_events, engine)
+    body = {**result.to_dict(), "model_events": events.to_dict()}
+    body["ok"] = bool(result.ok and events.ok)
+    return AuditVerifyResponse.model_validate(body)
+
+
+@router.get(
+    "/model-events",
+    response_model=ModelEventPage,
+    summary="model lifecycle records (load, replace, retire), newest first",
+    responses=error_responses(401, 403, 422, 503),
+)
+async def model_events(
+    engine: EngineDep,
+    principal: AuditKeyDep,
+    model: Annotated[str | None, Query(description="one model name")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    before_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+) -> ModelEventPage:
+    if model is not None and "\x00" in model:
+        raise ApiError(422, "validation_error", "model must not contain NUL characters")
+    items = await _call_db(lifecycle.list_events, engine, model=model, limit=limit, before_id=before_id)
+    return ModelEventPage.model_validate({"items": items})

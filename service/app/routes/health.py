@@ -1,8 +1,9 @@
 """Liveness, readiness and Prometheus metrics.
 
 Readiness rule (``GET /readyz``): 200 only if at least one model pair is loaded with its file hashes
-verified, no model-pair folder failed to load, and the audit database accepts a write. Otherwise 503 with
-the reasons. ``/healthz`` and ``/readyz`` need no key; ``/metrics`` needs a key of any role.
+verified, no model-pair folder failed to load (only with ``CXR_DRIFT_STRICT_MODELS=true``, the default;
+failed folders are listed either way), every model lifecycle record is written, and the audit database
+accepts a write. Otherwise 503 with the reasons. ``/healthz`` and ``/readyz`` need no key; ``/metrics`` needs a key of any role.
 """
 
 from __future__ import annotations
@@ -37,21 +38,32 @@ def healthz(request: Request) -> HealthResponse:
 )
 async def readyz(state: StateDep) -> ReadyResponse:
     reasons: list[str] = []
-    if not state.pairs:
+    snapshot = state.registry.snapshot
+    strict = state.settings.strict_models
+    if not snapshot.served:
         reasons.append("no model pair is loaded")
-    reasons.extend(f"model pair {f.name!r} failed to load: {f.reason}" for f in state.failed)
+    if strict:
+        reasons.extend(f"model pair {f.name!r} failed to load: {f.reason}" for f in snapshot.failed)
     database = "ok"
     try:
         await run_in_threadpool(check_writable, state.engine)
     except Exception as exc:
         database = f"not writable: {exc}"
         reasons.append(f"audit database {database}")
+    if state.registry.pending:
+        try:
+            await run_in_threadpool(state.registry.flush_pending)
+        except Exception as exc:
+            reasons.append(
+                f"{len(state.registry.pending)} model lifecycle record(s) not written yet: {type(exc).__name__}"
+            )
     body = ReadyResponse(
         ready=not reasons,
-        models_ready=state.ready_names(),
-        models_failed=[NotReadyModel(name=f.name, folder=f.folder, reason=f.reason) for f in state.failed],
+        models_ready=sorted(snapshot.served),
+        models_failed=[NotReadyModel(name=f.name, folder=f.folder, reason=f.reason) for f in snapshot.failed],
         database=database,
         reasons=reasons,
+        strict=strict,
     )
     if reasons:
         raise ApiError(503, "not_ready", "; ".join(reasons), details=body.model_dump())
