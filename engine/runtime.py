@@ -88,6 +88,7 @@ class ModelPair:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; valid options: {', '.join(BACKENDS)}")
         root = Path(folder)
+        served_as = name
         manifest = read_manifest(root)
         if verify:
             verify_files(root, manifest)
@@ -118,7 +119,12 @@ class ModelPair:
                 runners[name] = _TorchRunner(weights_path, manifest, device=device, threads=threads)
         log.info("loaded %s model pair from %s (%s backend)", manifest["architecture"], root, backend)
         return cls(
-            folder=root, manifest=manifest, runners=runners, head_weights=heads, backend=backend, name=name
+            folder=root,
+            manifest=manifest,
+            runners=runners,
+            head_weights=heads,
+            backend=backend,
+            name=served_as,
         )
 
     @property
