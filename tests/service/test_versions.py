@@ -130,6 +130,15 @@ def test_two_versions_of_one_architecture_are_served_and_audited_apart(
         keys = [(g["key"]["architecture"], g["key"]["model"]) for g in grouped["summary"]["groups"]]
         assert keys == [("densenet201", OLD), ("densenet201", NEW)]
 
+        compared = app.get("/audit/summary", params={"compare": f"{OLD},{NEW}"}, headers=audit)
+        comparison = compared.json()["summary"]["comparison"]
+        assert comparison["architecture"] == "densenet201" and comparison["b"]["digests"] == [digests[NEW]]
+        assert comparison["methods"]["layercam"]["b"]["n"] == 2  # too few for a test: said, not guessed
+        assert comparison["methods"]["layercam"]["significant"] is False
+        mixed = app.get("/audit/summary", params={"compare": f"{OLD},resnet50v2"}, headers=audit)
+        assert mixed.status_code == 200  # resnet50v2 has no rows here: one architecture
+        assert app.get("/audit/summary", params={"compare": OLD}, headers=audit).status_code == 422
+
         text = app.get("/audit/records.csv", params={"model": NEW}, headers=audit).text
         lines = list(csv.DictReader(io.StringIO(text)))
         assert {(row["model"], row["model_architecture"], row["model_digest"]) for row in lines} == {

@@ -22,6 +22,7 @@ from service.app.schemas import (
     ModelEventPage,
 )
 from service.audit import chain, lifecycle, queries
+from service.audit.compare import compare_sides
 from service.audit.db import DatabaseUnavailable
 from service.audit.queries import AuditFilters
 from service.audit.summary import GROUP_BY_OPTIONS, summarize
@@ -145,9 +146,35 @@ async def summary(
         list[str],
         Query(description=f"repeat or comma-separate; among {', '.join(GROUP_BY_OPTIONS)}"),
     ] = [],  # noqa: B006 - FastAPI copies defaults per request
+    compare: Annotated[
+        str | None,
+        Query(
+            description="A,B: compare version B with version A (each a model name or a version digest, or "
+            "a prefix of 8+ hex digits) of one architecture: per method drift means with CIs, flagged rates "
+            "and whether the difference is significant (in summary.comparison)"
+        ),
+    ] = None,
+    compare_split: Annotated[
+        datetime | None,
+        Query(description="with compare: side A keeps rows before this instant, side B rows from it on"),
+    ] = None,
 ) -> AuditSummaryResponse:
     groups = _parse_group_by(group_by)
     result = await _call_db(summarize, engine, filters=filters, group_by=groups)  # bad input: InputError, 422
+    if compare is not None:
+        sides = [part.strip() for part in compare.split(",")]
+        if len(sides) != 2 or not all(sides) or any("\x00" in side for side in sides):
+            raise ApiError(422, "validation_error", f"compare must be two selectors 'A,B', got {compare!r}")
+        result["comparison"] = await _call_db(
+            compare_sides,
+            engine,
+            filters=filters,
+            a=sides[0],
+            b=sides[1],
+            split=_as_utc("compare_split", compare_split),
+        )
+    elif compare_split is not None:
+        raise ApiError(422, "validation_error", "compare_split needs compare=A,B")
     return AuditSummaryResponse(filters=_filters_out(filters), group_by=groups, summary=result)
 
 
