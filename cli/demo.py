@@ -22,6 +22,7 @@ from service.app.settings import Settings
 from service.demo import (
     DEMO_IMAGE_SIZE,
     DEMO_N,
+    DEMO_TRAIN_MINUTES,
     create_demo_key,
     demo_archs,
     pair_is_usable,
@@ -66,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     # Serve as soon as one pair is ready: the pairs already usable, or else the first one; the others train
     # in the background and are loaded with the registry's reload as each finishes (a lifecycle record each).
     usable = [a for a in archs if not args.retrain and pair_is_usable(root / "artifacts" / a)[0]]
-    first = usable or archs[:1]
-    rest = [a for a in archs if a not in first]
+    quickest = sorted(archs, key=lambda a: DEMO_TRAIN_MINUTES.get(a, float("inf")))
+    first = usable or quickest[:1]
+    rest = [a for a in quickest if a not in first]
     for arch in first if not args.no_serve else archs:
         prepare_pair(root, arch, **options)
     artifacts = root / "artifacts"
