@@ -32,7 +32,7 @@ from scipy import stats
 from engine.ranking import DEFAULT_ALPHA, holm_adjust
 from engine.study.statistics import describe
 
-__all__ = ["COMPARE_METRICS", "MIN_PER_SIDE", "compare_versions", "wilson_interval"]
+__all__ = ["COMPARE_METRICS", "MIN_PER_SIDE", "compare_study_versions", "compare_versions", "wilson_interval"]
 
 # drift_score: 1 - top-k IoU (higher = more drift); drift_index: the calibrated index (0 = noise floor)
 COMPARE_METRICS: tuple[str, ...] = ("drift_score", "drift_index")
@@ -169,3 +169,64 @@ def compare_versions(
         "significant": significant,
         "direction": direction,
     }
+
+
+def compare_study_versions(
+    baseline: Mapping[str, str],
+    baseline_rows: Sequence[Mapping[str, Any]],
+    candidate: Mapping[str, str],
+    candidate_rows: Sequence[Mapping[str, Any]],
+    *,
+    metrics: Sequence[str] = COMPARE_METRICS,
+    alpha: float = DEFAULT_ALPHA,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The offline comparison of the study (``cxr-drift study --compare-artifacts``): two sets of pairs on the
+    same images. ``baseline``/``candidate`` map each set's labels to architectures; the rows are the study's
+    per-image rows (``model``, ``method``, ``image``, ``included``, metrics, ``flagged``).
+
+    For each architecture in both sets and each method: :func:`compare_versions` on the images included in
+    both sets (b = candidate, a = baseline), and, since the images are the same, the paired Wilcoxon test of
+    the primary metric (``paired``: :func:`engine.study.statistics.paired_wilcoxon`, candidate - baseline).
+    """
+    from engine.study.statistics import paired_wilcoxon
+
+    def index(rows: Sequence[Mapping[str, Any]], label: str) -> dict[tuple[str, str], Mapping[str, Any]]:
+        return {(str(r["method"]), str(r["image"])): r for r in rows if r["model"] == label and r["included"]}
+
+    by_arch_a = {arch: label for label, arch in baseline.items()}
+    by_arch_b = {arch: label for label, arch in candidate.items()}
+    out: dict[str, Any] = {}
+    for arch in sorted(set(by_arch_a) & set(by_arch_b)):
+        a_rows, b_rows = index(baseline_rows, by_arch_a[arch]), index(candidate_rows, by_arch_b[arch])
+        common = sorted(set(a_rows) & set(b_rows))
+        methods: dict[str, Any] = {}
+        for method in sorted({m for m, _ in common}):
+            keys = [k for k in common if k[0] == method]
+            a_values = {name: [a_rows[k].get(name) for k in keys] for name in metrics}
+            b_values = {name: [b_rows[k].get(name) for k in keys] for name in metrics}
+            result = compare_versions(
+                a_values,
+                [bool(a_rows[k].get("flagged")) for k in keys],
+                b_values,
+                [bool(b_rows[k].get("flagged")) for k in keys],
+                metrics=metrics,
+                alpha=alpha,
+                n_boot=n_boot,
+                seed=seed,
+            )
+            lead = metrics[0]
+            result["paired"] = paired_wilcoxon(
+                [float("nan") if v is None else float(v) for v in b_values[lead]],
+                [float("nan") if v is None else float(v) for v in a_values[lead]],
+            )
+            result["paired"]["metric"] = lead
+            methods[method] = result
+        out[arch] = {
+            "baseline": by_arch_a[arch],
+            "candidate": by_arch_b[arch],
+            "n_images": len(common) // max(1, len(methods)),
+            "methods": methods,
+        }
+    return out
