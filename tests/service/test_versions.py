@@ -365,3 +365,33 @@ def _disable_triggers(engine: sa.Engine) -> None:
                     connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {table}_append_only_{operation}")
             else:
                 connection.exec_driver_sql(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+
+
+def test_a_replaced_pair_stays_open_until_its_last_request_ends(api_artifacts: Path, tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(api_artifacts / "resnet50v2", artifacts / "resnet50v2")
+    events: list[ModelEvent] = []
+
+    def record(event: ModelEvent) -> int:
+        events.append(event)
+        return len(events)
+
+    registry = ModelRegistry(artifacts, ort_threads=1, record=record)
+    loaded: list[str] = []
+    registry.add_load_hook(lambda served: loaded.append(served.identity.digest))
+    registry.reload()
+    batch = np.zeros((1, 3, 96, 96), dtype=np.float32)
+    with registry.use() as held:
+        old = held.served["resnet50v2"]
+        _set_release(artifacts / "resnet50v2", "v2")
+        assert registry.reload(actor="ops", reason="v2").replaced == ["resnet50v2"]
+        assert registry.snapshot.served["resnet50v2"].identity.digest != old.identity.digest
+        assert not old.usage.closed  # this request still computes with it
+        assert set(old.pair.forward(batch)) == {"transfer", "finetuned"}
+    assert old.usage.closed
+    assert [e.event for e in events] == ["load", "replace"] and events[
+        1
+    ].previous_digest == old.identity.digest
+    assert loaded == [old.identity.digest, registry.snapshot.served["resnet50v2"].identity.digest]
+    registry.close()
+    assert registry.snapshot.served == {}
