@@ -50,8 +50,6 @@ class Overloaded(DomainError):
     ``retry_after`` is the number of seconds a client should wait; the service sends it as ``Retry-After``.
     """
 
-    def __init__(
-        self, message: str, *, retry_after: int = 1, code: str | None = None, details: Any = None
-    ) -> None:
+    def __init__(self, message: str, *, retry_after: int = 1, code: str | None = None, details: Any = None) -> None:
         super().__init__(message, code=code or "overloaded", details=details)
         self.retry_after = max(1, int(retry_after))
