@@ -1,17 +1,34 @@
-"""``cxr-drift demo``: the one-command tour: prepare the demo (service/demo.py), print a key, serve the API."""
+"""``cxr-drift demo``: the one-command tour: prepare the demo (service/demo.py), print a key, serve the API.
+
+It serves as soon as one model pair is ready (those already trained, else the first architecture) and
+trains the others in the background; each is loaded into the running service by the model registry's reload
+when it is done (a ``load`` lifecycle record each). ``--no-serve`` prepares every pair first.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import logging
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from service.app.main import create_app
 from service.app.settings import Settings
-from service.demo import DEMO_IMAGE_SIZE, DEMO_N, create_demo_key, demo_archs, prepare_demo
+from service.demo import (
+    DEMO_IMAGE_SIZE,
+    DEMO_N,
+    DEMO_TRAIN_MINUTES,
+    create_demo_key,
+    demo_archs,
+    pair_is_usable,
+    prepare_data,
+    prepare_pair,
+)
 
 __all__ = ["configure_parser", "run"]
 
@@ -37,21 +54,35 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     archs = demo_archs(args.archs)  # an unknown name fails here, before any work
-    _, artifacts, sample = prepare_demo(
-        args.dir,
-        archs=archs,
-        n=args.n,
-        image_size=args.image_size,
-        seed=args.seed,
-        epochs_transfer=args.epochs_transfer,
-        epochs_finetune=args.epochs_finetune,
-        retrain=args.retrain,
-        say=functools.partial(print, flush=True),
-    )
+    say = functools.partial(print, flush=True)
+    root = args.dir
+    _, sample = prepare_data(root, n=args.n, image_size=args.image_size, seed=args.seed, say=say)
+    options = {
+        "seed": args.seed,
+        "epochs_transfer": args.epochs_transfer,
+        "epochs_finetune": args.epochs_finetune,
+        "retrain": args.retrain,
+        "say": say,
+    }
+    # Serve as soon as one pair is ready: the pairs already usable, or else the first one; the others train
+    # in the background and are loaded with the registry's reload as each finishes (a lifecycle record each).
+    usable = [a for a in archs if not args.retrain and pair_is_usable(root / "artifacts" / a)[0]]
+    quickest = sorted(archs, key=lambda a: DEMO_TRAIN_MINUTES.get(a, float("inf")))
+    first = usable or quickest[:1]
+    rest = [a for a in quickest if a not in first]
+    for arch in first if not args.no_serve else archs:
+        prepare_pair(root, arch, **options)
+    artifacts = root / "artifacts"
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    database_url, key = create_demo_key(args.dir)
+    database_url, key = create_demo_key(root)
 
     base = f"http://{args.host}:{args.port}"
+    later = (
+        f"\n{len(rest)} more pair(s) ({', '.join(rest)}) train in the background; each is served as soon as it "
+        f"is ready (see {base}/models, and the lifecycle records at {base}/audit/model-events).\n"
+        if rest and not args.no_serve
+        else ""
+    )
     print(
         "\n[demo] ready. API key (role admin, shown once):\n"
         f"  {key}\n\n"
@@ -60,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         f"  curl -s -H 'X-API-Key: {key}' '{base}/audit/summary?group_by=model&group_by=method'\n"
         f"  curl -s -H 'X-API-Key: {key}' {base}/audit/verify\n"
         f"  open {base}/docs\n\n"
-        f"Dashboard (sign in with the key above): {base}/dashboard\n",
+        f"Dashboard (sign in with the key above): {base}/dashboard\n" + later,
         flush=True,
     )
     if args.no_serve:
@@ -71,6 +102,27 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         migrate_on_start=False,
+        strict_models=False,  # a pair still training is not a failure
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings)
+    if rest:
+        threading.Thread(
+            target=_train_then_serve, args=(app, root, rest, options), name="demo-training", daemon=True
+        ).start()
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0
+
+
+def _train_then_serve(app: Any, root: Path, archs: list[str], options: dict[str, Any]) -> None:
+    """Train each remaining pair, then have the running service load it (registry reload)."""
+    say = options["say"]
+    for arch in archs:
+        try:
+            prepare_pair(root, arch, **options)
+        except Exception as exc:  # the demo keeps serving what it has
+            say(f"[demo] {arch}: training failed: {type(exc).__name__}: {exc}")
+            continue
+        while getattr(app.state, "cxr", None) is None:  # the service is still starting
+            time.sleep(0.5)
+        report = app.state.cxr.registry.reload(reason=f"demo: {arch} trained")
+        say(f"[demo] {arch}: now served (loaded {', '.join(report.loaded) or '-'})")

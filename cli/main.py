@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("cli.serve", "run the API server"),
     "demo": ("cli.demo", "synthetic data + demo model pairs for all architectures, then serve"),
     "keys": ("cli.keys", "create, list and revoke API keys"),
+    "reload": (
+        "cli.reload",
+        "ask a running service to rescan its model pairs (load new, replace changed, retire removed)",
+    ),
     "db": ("cli.db", "migrate the audit database (upgrade, downgrade, current)"),
     "openapi": ("cli.openapi", "write the service's OpenAPI document"),
 }

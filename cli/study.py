@@ -4,7 +4,9 @@ The work is :func:`engine.study.run_study` (see :mod:`engine.study` for what is 
 in ``--out``: ``per_image.csv`` (one row per model x method x image, with an ``included`` column),
 ``summary.json`` / ``summary.md`` (statistics, rankings, image counts) and, unless ``--no-plots``, the
 figures ``iou_<method>.png``, ``ranking.png``, ``lesion_evidence.png`` (synthetic data) and ``example.png``;
-``--figure PATH`` also writes all of them as one small figure.
+``--figure PATH`` also writes all of them as one small figure. ``--compare-artifacts DIR`` (or
+``--compare-model-dir``) runs a second set of pairs (e.g. the previous versions) on the same images and
+writes ``versions.json``: per architecture in both sets and method, the candidate against the baseline.
 """
 
 from __future__ import annotations
@@ -62,6 +64,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         default="",
         help="a line added to the figures' titles and summary.md (e.g. the models' origin)",
     )
+    p.add_argument(
+        "--compare-artifacts",
+        type=Path,
+        default=None,
+        help="another set of model pairs (e.g. the previous versions): each architecture in both sets is "
+        "compared on the same images (versions.json; engine/versions.py)",
+    )
+    p.add_argument(
+        "--compare-model-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="a model-pair folder of that other set (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, type=Path, help="output folder (created)")
 
@@ -85,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         figure=args.figure,
         note=args.note,
         progress=not args.no_progress,
+        compare_artifacts=args.compare_artifacts,
+        compare_model_dirs=args.compare_model_dir,
     )
     print(
         f"study of {result.n_pairs} model pair(s) x {result.n_images} image(s) ({args.subset}): "
@@ -99,4 +117,11 @@ def run(args: argparse.Namespace) -> int:
             f"{'-' if comparison['tau'] is None else format(comparison['tau'], '.3f')})"
             f"{'; ' + comparison['note'] if comparison['note'] else ''}"
         )
+    for arch, compared in result.summary.get("versions", {}).items():
+        for method, test in compared["methods"].items():
+            print(
+                f"  versions {arch} {method}: {compared['candidate']} vs {compared['baseline']} on "
+                f"{test['a']['n']} image(s): {test['direction'].replace('_', ' ')} (paired Wilcoxon p = "
+                f"{'-' if test['paired']['p_value'] is None else format(test['paired']['p_value'], '.3g')})"
+            )
     return 0

@@ -33,6 +33,7 @@ __all__ = [
     "PredictOptions",
     "decode_image",
     "predict_pairs",
+    "resolve_models",
     "resolve_options",
 ]
 
@@ -79,6 +80,40 @@ def _split(value: str | None) -> list[str] | None:
     return list(dict.fromkeys(p.strip() for p in value.split(",") if p.strip()))
 
 
+def resolve_models(
+    pairs: Mapping[str, ModelPair], requested: Sequence[str], *, strict: bool = True
+) -> list[str]:
+    """The served names that ``requested`` names (order kept, duplicates dropped).
+
+    Each entry is a model name (a pair's folder name) or an architecture. A name wins; an architecture that
+    is no name means that architecture's **default version**: among the served pairs of that architecture,
+    the one whose name sorts last (so ``densenet201-2027-01`` beats ``densenet201-2026-12`` and
+    ``densenet201``). With ``strict``, an entry that names nothing is an ``unknown_model`` error; otherwise
+    it is left out.
+    """
+    ready = sorted(pairs)
+    by_architecture: dict[str, str] = {}
+    for name in ready:  # sorted: the last name of an architecture wins
+        by_architecture[str(getattr(pairs[name], "architecture", name))] = name
+    chosen: list[str] = []
+    unknown: list[str] = []
+    for entry in requested:
+        found = entry if entry in pairs else by_architecture.get(entry)
+        if found is None:
+            unknown.append(entry)
+        elif found not in chosen:
+            chosen.append(found)
+    if unknown and strict:
+        valid = ready + sorted(a for a in by_architecture if a not in pairs)
+        raise InputError(
+            f"unknown or not loaded model(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(valid)} "
+            "(a model name, or an architecture for its default version)",
+            code="unknown_model",
+            details={"unknown": unknown, "valid": valid},
+        )
+    return chosen
+
+
 def resolve_options(
     pairs: Mapping[str, ModelPair],
     *,
@@ -87,22 +122,29 @@ def resolve_options(
     target_class: str | None = None,
     topk: float | None = None,
     maps: str | None = None,
+    default_models: Sequence[str] = (),
 ) -> PredictOptions:
     """Check the raw options (comma-separated lists, a class index or name...) against the loaded ``pairs``.
 
-    Defaults: every pair, both methods, the fine-tuned prediction as target, top-20 %, no maps.
+    Defaults: ``default_models`` (names or architectures, :func:`resolve_models`; those not served are left
+    out) or, when empty, every pair; both methods, the fine-tuned prediction as target, top-20 %, no maps.
     """
     ready = sorted(pairs)
     if not ready:
         raise ArtifactError("no model pair is loaded", code="no_models")
-    chosen_models = _split(models) or ready
-    unknown = [m for m in chosen_models if m not in pairs]
-    if unknown:
-        raise InputError(
-            f"unknown or not loaded model(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(ready)}",
-            code="unknown_model",
-            details={"unknown": unknown, "valid": ready},
-        )
+    requested = _split(models)
+    if requested is not None:
+        chosen_models = resolve_models(pairs, requested)
+    elif default_models:
+        chosen_models = resolve_models(pairs, list(default_models), strict=False)
+        if not chosen_models:
+            raise ArtifactError(
+                f"none of the default models ({', '.join(default_models)}) is served; choose with models= "
+                f"among {', '.join(ready)}",
+                code="no_models",
+            )
+    else:
+        chosen_models = ready
     chosen_methods = _split(methods) or list(METHODS)
     bad_methods = [m for m in chosen_methods if m not in METHODS]
     if bad_methods:

@@ -145,10 +145,15 @@ class DriftReport:
     thresholds: dict[str, Any]
     timings_ms: dict[str, float]
     maps: dict[str, dict[str, np.ndarray]] | None = field(default=None, repr=False)
+    # the version that answered (core.identity): ``model`` is the pair's name, these its architecture and digest
+    architecture: str | None = None
+    model_digest: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "architecture": self.architecture,
+            "model_digest": self.model_digest,
             "class_names": list(self.class_names),
             "predictions": self.predictions,
             "agreement": self.agreement,
@@ -341,6 +346,8 @@ def drift_reports(
         reports.append(
             DriftReport(
                 model=pair.name,
+                architecture=getattr(pair, "architecture", None),
+                model_digest=getattr(pair, "digest", None),
                 class_names=list(pair.class_names),
                 predictions={name: _prediction(logits[name][i], pair.class_names) for name in CHECKPOINTS},
                 agreement=bool(logits["transfer"][i].argmax() == logits["finetuned"][i].argmax()),

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import ArtifactError, ConfigError
+from core.identity import ModelIdentity, version_digest
 from core.manifest import read_manifest, verify_manifest
 from core.vocabulary import BACKENDS, CHECKPOINTS
 
@@ -66,11 +67,15 @@ class ModelPair:
         head_weights: Mapping[str, np.ndarray],
         backend: str,
         device: str = "cpu",
+        name: str | None = None,
     ) -> None:
         self.folder = folder
         self.device = device
         self.manifest = manifest
-        self.name: str = manifest["architecture"]
+        # served under its folder's name (two versions of one architecture live side by side)
+        self.name: str = name if name is not None else folder.name
+        self.architecture: str = str(manifest["architecture"])
+        self.digest: str = version_digest(manifest)
         self.class_names: list[str] = list(manifest["class_names"])
         self.input_size: int = int(manifest["input_size"])
         self.mean: tuple[float, ...] = tuple(float(v) for v in manifest["mean"])
@@ -89,12 +94,15 @@ class ModelPair:
         device: str = "cpu",
         threads: int | None = None,
         manifest_key: bytes | None = None,
+        name: str | None = None,
     ) -> ModelPair:
-        """Open the model pair in ``folder``; see the module docstring."""
+        """Open the model pair in ``folder``; see the module docstring. ``name`` defaults to the folder's
+        name (:attr:`identity`)."""
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; valid options: {', '.join(BACKENDS)}")
         _check_device(device)
         root = Path(folder)
+        served_as = name
         manifest = read_manifest(root)
         if verify:
             verify_manifest(root, manifest, key=manifest_key)
@@ -125,7 +133,12 @@ class ModelPair:
                 runners[name] = _TorchRunner(weights_path, manifest, device=device, threads=threads)
         chosen = str(next(iter(runners.values())).device)
         log.info(
-            "loaded %s model pair from %s (%s backend, %s)", manifest["architecture"], root, backend, chosen
+            "loaded %s model pair from %s as %s (%s backend, %s)",
+            manifest["architecture"],
+            root,
+            served_as or root.name,
+            backend,
+            chosen,
         )
         return cls(
             folder=root,
@@ -134,7 +147,17 @@ class ModelPair:
             head_weights=heads,
             backend=backend,
             device=chosen,
+            name=served_as,
         )
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Name, architecture and version digest (core.identity): what every audit row records."""
+        return ModelIdentity(name=self.name, architecture=self.architecture, digest=self.digest)
+
+    def close(self) -> None:
+        """Drop the inference sessions (the registry calls this once no request uses the pair)."""
+        self._runners.clear()
 
     @property
     def drift_calibration(self) -> Mapping[str, Any] | None:

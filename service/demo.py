@@ -37,10 +37,13 @@ __all__ = [
     "DEMO_IMAGE_SIZE",
     "DEMO_INPUT_SIZE",
     "DEMO_N",
+    "DEMO_TRAIN_MINUTES",
     "create_demo_key",
     "demo_archs",
     "pair_is_usable",
+    "prepare_data",
     "prepare_demo",
+    "prepare_pair",
 ]
 
 # Reduced input sizes that keep the demo to minutes on 2 CPU cores; Inception-v3 needs >= 139 px for a
@@ -51,6 +54,9 @@ DEMO_INPUT_SIZE = {"densenet201": 128, "resnet50v2": 128, "inceptionv3": 160}
 # needs epochs; 160 px sources already exceed every demo input size.
 DEMO_N = 600
 DEMO_IMAGE_SIZE = 160
+# Training time of each demo pair, measured on 2 CPU cores (minutes; README): the quickest trains first, so
+# the demo serves as soon as possible.
+DEMO_TRAIN_MINUTES = {"inceptionv3": 4.6, "resnet50v2": 4.8, "densenet201": 6.5}
 # The demo calibrates on its 90 validation images: fewer than a p99 wants (engine.calibrate.MIN_REFERENCE).
 DEMO_MIN_REFERENCE = 30
 
@@ -135,6 +141,98 @@ def calibrate_demo_pair(folder: Path, data: Path, *, say: Callable[[str], None])
     raise AssertionError("unreachable: the last subset raises")
 
 
+def prepare_data(
+    root: Path,
+    *,
+    n: int = DEMO_N,
+    image_size: int = DEMO_IMAGE_SIZE,
+    seed: int = 0,
+    say: Callable[[str], None] = log.info,
+) -> tuple[Path, Path]:
+    """The synthetic dataset under ``root/data`` (generated once) and a sample image: (data, sample)."""
+    data = root / "data"
+    manifest_csv = data / "manifest.csv"
+    if not manifest_csv.is_file():
+        say(f"[demo] generating {n} synthetic chest radiographs in {data} ...")
+        generate_dataset(data, n=n, size=image_size, seed=seed, overwrite=True, progress=True)
+    else:
+        say(f"[demo] reusing synthetic data in {data}")
+    sample = root / "sample.png"
+    if not sample.is_file():
+        index = load_index(data)
+        test = index.split("test")
+        chosen = next((s for s in test if index.class_names[s.label] != "normal"), test[0])
+        shutil.copyfile(chosen.path, sample)
+    return data, sample
+
+
+def prepare_pair(
+    root: Path,
+    arch: str,
+    *,
+    seed: int = 0,
+    epochs_transfer: int | None = None,
+    epochs_finetune: int | None = None,
+    retrain: bool = False,
+    say: Callable[[str], None] = log.info,
+) -> Path:
+    """A trained, calibrated, verified pair of ``arch`` in ``root/artifacts/<arch>`` (reused when usable).
+
+    Training and calibration happen in ``root/staging/<arch>``; the finished folder is then moved into the
+    artifacts folder in one rename, so a service reloading that folder never sees a half-made pair.
+    """
+    data = root / "data"
+    folder = root / "artifacts" / arch
+    if not retrain:
+        _reseal_own_artifact(folder, say=say)
+    usable, why = (False, "--retrain") if retrain else pair_is_usable(folder)
+    if usable:
+        say(f"[demo] {arch}: reusing verified model pair in {folder}")
+        return folder
+    if not retrain and _trained(folder)[0]:
+        calibration = calibrate_demo_pair(folder, data, say=say)
+        say(f"[demo] {arch}: recalibrated on {calibration['n']} validation images ({calibration['subset']})")
+        return folder
+    say(f"[demo] {arch}: training a demo model pair ({why}) ...")
+    started = time.perf_counter()
+    staging = root / "staging" / arch
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    overrides: dict[str, Any] = {}
+    if epochs_transfer is not None:
+        overrides["epochs_transfer"] = epochs_transfer
+    if epochs_finetune is not None:
+        overrides["epochs_finetune"] = epochs_finetune
+    config = TrainConfig(
+        arch=arch,
+        data=str(data),
+        out=str(staging),
+        input_size=DEMO_INPUT_SIZE.get(arch),
+        pretrained="none",
+        seed=seed,
+        device="cpu",
+        **overrides,
+    )
+    train_pair(config)
+    calibration = calibrate_demo_pair(staging, data, say=say)
+    manifest = json.loads((staging / "manifest.json").read_text())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    accs = {
+        name: float(manifest["checkpoints"][name]["metrics"].get("accuracy", float("nan")))
+        for name in CHECKPOINTS
+    }
+    say(
+        f"[demo] {arch}: done in {time.perf_counter() - started:.0f} s; test accuracy "
+        f"transfer {accs['transfer']:.3f}, fine-tuned {accs['finetuned']:.3f}; drift calibrated on "
+        f"{calibration['n']} validation images ({calibration['subset']})"
+    )
+    return folder
+
+
 def prepare_demo(
     root: Path,
     *,
@@ -149,68 +247,18 @@ def prepare_demo(
 ) -> tuple[Path, Path, Path]:
     """Make sure data and trained, calibrated pairs of ``archs`` exist under ``root``; return (data, artifacts,
     sample image). ``say`` receives one progress line per step."""
-    data = root / "data"
-    artifacts = root / "artifacts"
-    manifest_csv = data / "manifest.csv"
-    if not manifest_csv.is_file():
-        say(f"[demo] generating {n} synthetic chest radiographs in {data} ...")
-        generate_dataset(data, n=n, size=image_size, seed=seed, overwrite=True, progress=True)
-    else:
-        say(f"[demo] reusing synthetic data in {data}")
-
+    data, sample = prepare_data(root, n=n, image_size=image_size, seed=seed, say=say)
     for arch in archs:
-        folder = artifacts / arch
-        if not retrain:
-            _reseal_own_artifact(folder, say=say)
-        usable, why = (False, "--retrain") if retrain else pair_is_usable(folder)
-        if usable:
-            say(f"[demo] {arch}: reusing verified model pair in {folder}")
-            continue
-        if not retrain and _trained(folder)[0]:
-            calibration = calibrate_demo_pair(folder, data, say=say)
-            say(
-                f"[demo] {arch}: recalibrated on {calibration['n']} validation images ({calibration['subset']})"
-            )
-            continue
-        say(f"[demo] {arch}: training a demo model pair ({why}) ...")
-        started = time.perf_counter()
-        if folder.exists():
-            shutil.rmtree(folder)
-        overrides: dict[str, Any] = {}
-        if epochs_transfer is not None:
-            overrides["epochs_transfer"] = epochs_transfer
-        if epochs_finetune is not None:
-            overrides["epochs_finetune"] = epochs_finetune
-        config = TrainConfig(
-            arch=arch,
-            data=str(data),
-            out=str(folder),
-            input_size=DEMO_INPUT_SIZE.get(arch),
-            pretrained="none",
+        prepare_pair(
+            root,
+            arch,
             seed=seed,
-            device="cpu",
-            **overrides,
+            epochs_transfer=epochs_transfer,
+            epochs_finetune=epochs_finetune,
+            retrain=retrain,
+            say=say,
         )
-        train_pair(config)
-        calibration = calibrate_demo_pair(folder, data, say=say)
-        manifest = json.loads((folder / "manifest.json").read_text())
-        accs = {
-            name: float(manifest["checkpoints"][name]["metrics"].get("accuracy", float("nan")))
-            for name in CHECKPOINTS
-        }
-        say(
-            f"[demo] {arch}: done in {time.perf_counter() - started:.0f} s; test accuracy "
-            f"transfer {accs['transfer']:.3f}, fine-tuned {accs['finetuned']:.3f}; drift calibrated on "
-            f"{calibration['n']} validation images ({calibration['subset']})"
-        )
-
-    sample = root / "sample.png"
-    if not sample.is_file():
-        index = load_index(data)
-        test = index.split("test")
-        chosen = next((s for s in test if index.class_names[s.label] != "normal"), test[0])
-        shutil.copyfile(chosen.path, sample)
-    return data, artifacts, sample
+    return data, root / "artifacts", sample
 
 
 def create_demo_key(root: Path) -> tuple[str, str]:

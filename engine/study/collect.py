@@ -90,9 +90,11 @@ def load_pairs(folders: Sequence[Path], threads: int | None) -> dict[str, ModelP
             pairs.append(ModelPair.load(folder, threads=threads, manifest_key=manifest_key_from_env()))
         except ArtifactError as exc:
             raise UsageError(f"cannot load the model pair in {str(folder)!r}: {exc}") from exc
-    names = [p.name for p in pairs]
+    names = [p.architecture for p in pairs]
     # two pairs of one architecture (e.g. two seeds) are told apart by their folder names
-    labels = [p.name if names.count(p.name) == 1 else p.folder.name for p in pairs]
+    labels = [p.architecture if names.count(p.architecture) == 1 else p.folder.name for p in pairs]
+    for pair, label in zip(pairs, labels, strict=True):
+        pair.name = label  # the reports and tables name each pair by its label
     if len(set(labels)) != len(labels):
         raise UsageError(f"model pairs need distinct architectures or folder names, got {labels}")
     first = pairs[0]

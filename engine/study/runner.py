@@ -65,6 +65,8 @@ def run_study(
     figure: Path | None = None,
     note: str = "",
     progress: bool = True,
+    compare_artifacts: Path | None = None,
+    compare_model_dirs: Sequence[Path] = (),
 ) -> StudyResult:
     """The study of the pairs in ``artifacts`` and ``model_dirs`` on ``split`` of ``data``, written to ``out``:
     ``per_image.csv``, ``summary.json``, ``summary.md``, with ``plots`` the figures of
@@ -146,4 +148,30 @@ def run_study(
         render_html(markdown, title="Drift study", figures=pngs), encoding="utf-8"
     )
     written.append("report.html")
+    if compare_artifacts is not None or compare_model_dirs:
+        # another set of pairs (e.g. the previous versions) on the same images: engine.versions
+        from engine.versions import compare_study_versions
+
+        baseline = load_pairs(pair_folders(compare_artifacts, list(compare_model_dirs)), threads)
+        baseline_rows, _ = collect(
+            baseline,
+            samples,
+            root,
+            subset=subset,
+            target=target,
+            topk=topk,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        versions = compare_study_versions(
+            {label: pair.architecture for label, pair in baseline.items()},
+            baseline_rows,
+            {label: pair.architecture for label, pair in pairs.items()},
+            rows,
+            n_boot=n_boot,
+            seed=seed,
+        )
+        summary["versions"] = versions
+        (out / "versions.json").write_text(json.dumps(versions, indent=2) + "\n", encoding="utf-8")
+        written.append("versions.json")
     return StudyResult(out=out, n_pairs=len(pairs), n_images=len(samples), written=written, summary=summary)

@@ -1,7 +1,7 @@
 """Daily rollups of the drift rows (service/audit/rollup.py), backfilled from the rows already stored.
 
 Revision ID: 0006
-Revises: 0002
+Revises: 0004
 Create Date: 2026-11-30 07:00:00+00:00
 
 ``audit_rollup`` is derived data (not hash-chained): one row per (UTC day, model, method), maintained in each
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -84,7 +84,11 @@ class MethodMaps(BaseModel):
 
 
 class ModelReport(_Open):
-    model: str
+    model: str = Field(description="the model pair's name (its folder's name)")
+    architecture: str | None = Field(default=None, description="the pair's architecture (manifest)")
+    model_digest: str | None = Field(
+        default=None, description="version digest: SHA-256 over the checkpoint hashes and the manifest"
+    )
     class_names: list[str]
     predictions: Predictions
     agreement: bool
@@ -152,8 +156,17 @@ class AuditSummaryResponse(BaseModel):
     summary: dict[str, Any] = Field(description="aggregates as computed by the audit layer")
 
 
-class AuditVerifyResponse(BaseModel):
+class ModelEventsVerify(BaseModel):
     ok: bool
+    checked: int
+    first_bad_id: int | None
+    reason: str | None
+    head_id: int | None = None
+    head_hash: str | None = None
+
+
+class AuditVerifyResponse(BaseModel):
+    ok: bool = Field(description="both chains verify: the records and the model lifecycle events")
     checked: int = Field(description="rows verified before the first bad one (all of them when ok)")
     first_bad_id: int | None
     reason: str | None
@@ -170,12 +183,24 @@ class AuditVerifyResponse(BaseModel):
     since_id: int | None = Field(
         default=None, description="incremental verification: the anchored head the check started after"
     )
+    model_events: ModelEventsVerify | None = Field(
+        default=None,
+        description="the model lifecycle chain (service/audit/lifecycle.py): hashes, links, and each "
+        "event's anchor in the records' chain",
+    )
 
 
 class ModelInfo(BaseModel):
-    name: str
+    name: str = Field(description="the name it is served under: its folder's name")
     folder: str | None = Field(None, description="the pair's folder on the server (admin role only)")
     architecture: str | None
+    digest: str = Field(
+        description="version digest (core.identity.version_digest): what every audit row records"
+    )
+    since: str = Field(description="UTC ISO-8601 time since which this version serves")
+    default_version: bool = Field(
+        description="whether it is the default version of its architecture (the served name that sorts last)"
+    )
     class_names: list[str]
     input_size: int
     manifest: dict[str, Any]
@@ -190,6 +215,45 @@ class NotReadyModel(BaseModel):
 class ModelsResponse(BaseModel):
     ready: list[ModelInfo]
     not_ready: list[NotReadyModel]
+    default_models: list[str] = Field(
+        description="the names a /predict without models= runs (CXR_DRIFT_DEFAULT_MODELS, or every served pair)"
+    )
+    strict: bool = Field(description="CXR_DRIFT_STRICT_MODELS: whether one failed folder makes /readyz 503")
+
+
+class ReloadRequest(BaseModel):
+    reason: str | None = Field(
+        default=None, max_length=2000, description="why (kept in the lifecycle records)"
+    )
+
+
+class ReloadResponse(BaseModel):
+    loaded: list[str]
+    replaced: list[str]
+    retired: list[str]
+    unchanged: list[str]
+    failed: list[NotReadyModel]
+    event_ids: list[int] = Field(description="ids of the lifecycle records written (GET /audit/model-events)")
+
+
+class ModelEventOut(BaseModel):
+    id: int
+    created_at: str
+    event: Literal["load", "replace", "retire"]
+    model: str
+    model_architecture: str
+    model_digest: str
+    previous_digest: str | None
+    api_key_name: str | None
+    reason: str | None
+    records_head_id: int | None = Field(description="the newest audit record when the event was written")
+    records_head_hash: str | None
+    prev_hash: str
+    row_hash: str
+
+
+class ModelEventPage(BaseModel):
+    items: list[ModelEventOut]
 
 
 class HealthResponse(BaseModel):
@@ -203,3 +267,6 @@ class ReadyResponse(BaseModel):
     models_failed: list[NotReadyModel]
     database: str
     reasons: list[str]
+    strict: bool = Field(
+        default=True, description="CXR_DRIFT_STRICT_MODELS: a failed model folder makes the service not ready"
+    )

@@ -101,6 +101,23 @@ class Settings(BaseSettings):
     anchor_interval_s: float = 300.0
     anchor_file: Path | None = None
     anchor_key: SecretStr | None = None
+    # the models a /predict without models= runs: names or architectures (an architecture = its default
+    # version, engine.predict.resolve_models), comma-separated or a JSON list; empty: every served pair
+    default_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # true: one model folder that fails to load makes /readyz 503; false: ready while at least one serves
+    strict_models: bool = True
+
+    @field_validator("default_models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

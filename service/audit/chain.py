@@ -91,10 +91,18 @@ DRIFT_CONTENT: tuple[str, ...] = (
     "drift_index",
     "reference_percentile",
     "head_scale_control_iou",
+    "model_architecture",
+    "model_digest",
 )
-# Columns added after the first release (revision 0002): hashed only when set, so every row written before
-# them verifies exactly as it did, and setting or clearing one later still changes the hash.
-DRIFT_OPTIONAL_CONTENT: tuple[str, ...] = ("drift_index", "reference_percentile", "head_scale_control_iou")
+# Columns added after the first release (revisions 0002, 0004): hashed only when set, so every row written
+# before them verifies exactly as it did, and setting or clearing one later still changes the hash.
+DRIFT_OPTIONAL_CONTENT: tuple[str, ...] = (
+    "drift_index",
+    "reference_percentile",
+    "head_scale_control_iou",
+    "model_architecture",
+    "model_digest",
+)
 
 
 @dataclass
@@ -233,6 +241,8 @@ def drift_rows_from_reports(reports: Sequence[DriftReport]) -> list[dict[str, An
         for method, result in report.methods.items():
             row: dict[str, Any] = {
                 "model": report.model,
+                "model_architecture": report.architecture,
+                "model_digest": report.model_digest,
                 "method": method,
                 "target_class": report.target_class["name"],
                 "transfer_class": report.predictions["transfer"]["class"],

@@ -439,10 +439,14 @@ def check_writable(engine: sa.Engine) -> None:
 # ------------------------------------------------------------------------------------- least privilege
 
 SERVICE_ROLE_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-# what the service does with each table: append and read the audit log, read keys and the schema revision
+# what the service does with each table: append and read the audit log and the model lifecycle events,
+# keep the daily rollup (derived from the chained rows, not chained itself: service/audit/rollup.py check()
+# recomputes it from them), read keys and the schema revision
 SERVICE_GRANTS: tuple[tuple[str, str], ...] = (
     ("audit_records", "SELECT, INSERT"),
     ("audit_drift", "SELECT, INSERT"),
+    ("audit_model_events", "SELECT, INSERT"),
+    ("audit_rollup", "SELECT, INSERT, UPDATE"),
     ("api_keys", "SELECT"),
     ("alembic_version", "SELECT"),
 )
@@ -501,7 +505,15 @@ def grant_service_role(url: str, role: str, *, password: str | None = None) -> N
             for table, privileges in SERVICE_GRANTS:
                 connection.exec_driver_sql(f'REVOKE ALL ON "{table}" FROM "{role}"')
                 connection.exec_driver_sql(f'GRANT {privileges} ON "{table}" TO "{role}"')
-            for table in ("audit_records", "audit_drift"):
+            for table, _ in SERVICE_GRANTS:
+                if not connection.execute(
+                    sa.text(
+                        "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                        "AND table_name = :table AND column_name = 'id'"
+                    ),
+                    {"table": table},
+                ).first():
+                    continue
                 sequence = connection.execute(
                     sa.text("SELECT pg_get_serial_sequence(:table, 'id')"), {"table": table}
                 ).scalar()

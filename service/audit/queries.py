@@ -26,7 +26,9 @@ __all__ = [
     "FORMULA_PREFIXES",
     "AuditFilters",
     "RecordPage",
+    "architecture_expression",
     "csv_cell",
+    "digest_condition",
     "drift_conditions",
     "export_csv",
     "get_record",
@@ -44,6 +46,8 @@ class AuditFilters(BaseModel):
     start: datetime | None = None
     end: datetime | None = None
     model: str | None = None
+    architecture: str | None = None
+    digest: str | None = None
     method: str | None = None
     target_class: str | None = None
     agreement: bool | None = None
@@ -72,6 +76,10 @@ def drift_conditions(filters: AuditFilters) -> list[sa.ColumnElement[bool]]:
     conditions: list[sa.ColumnElement[bool]] = []
     if filters.model is not None:
         conditions.append(AuditDrift.model == filters.model)
+    if filters.architecture is not None:
+        conditions.append(architecture_expression() == filters.architecture)
+    if filters.digest is not None:
+        conditions.append(digest_condition(filters.digest))
     if filters.method is not None:
         conditions.append(AuditDrift.method == filters.method)
     if filters.target_class is not None:
@@ -83,6 +91,20 @@ def drift_conditions(filters: AuditFilters) -> list[sa.ColumnElement[bool]]:
     if filters.flagged is not None:
         conditions.append(AuditDrift.flagged.is_(filters.flagged))
     return conditions
+
+
+def architecture_expression() -> sa.ColumnElement[str]:
+    """A drift row's architecture: ``model_architecture``, or for rows written before revision 0004 (which
+    named a pair after its architecture) the ``model`` column."""
+    return sa.func.coalesce(AuditDrift.model_architecture, AuditDrift.model)
+
+
+def digest_condition(digest: str) -> sa.ColumnElement[bool]:
+    """Rows whose version digest is ``digest`` (64 hex digits) or starts with it (a prefix of 8 or more)."""
+    text = digest.strip().lower()
+    if len(text) == 64:
+        return AuditDrift.model_digest == text
+    return AuditDrift.model_digest.startswith(text, autoescape=True)
 
 
 def time_conditions(filters: AuditFilters) -> list[sa.ColumnElement[bool]]:

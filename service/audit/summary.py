@@ -22,7 +22,7 @@ from core.errors import InputError
 from engine.ranking import DEFAULT_ALPHA, DEFAULT_N_BOOT, method_tables, rank_models, reversal_test
 from service.audit import rollup
 from service.audit.db import translate_errors
-from service.audit.queries import AuditFilters, drift_conditions, time_conditions
+from service.audit.queries import AuditFilters, architecture_expression, drift_conditions, time_conditions
 from service.audit.sample import REVERSAL_MAX_RECORDS, per_record_rows
 from service.audit.tables import AuditDrift, AuditRecord
 
@@ -38,7 +38,16 @@ __all__ = [
 ]
 
 CONTROL_METHOD = "gradcampp"  # the method whose head-scale control the audit rows carry
-GROUP_BY_OPTIONS: tuple[str, ...] = ("model", "method", "class", "agreement", "day", "week")
+GROUP_BY_OPTIONS: tuple[str, ...] = (
+    "model",
+    "architecture",
+    "digest",
+    "method",
+    "class",
+    "agreement",
+    "day",
+    "week",
+)
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
 SUMMARY_STATISTICS: tuple[str, ...] = rollup.STATISTICS
 # "auto": the daily rollup (service/audit/rollup.py) when it can answer and the log holds at least
@@ -52,6 +61,10 @@ WINDOWS: tuple[str, ...] = ("day", "week")
 def _group_expression(name: str, dialect: str) -> Any:
     if name == "model":
         return AuditDrift.model
+    if name == "architecture":
+        return architecture_expression()
+    if name == "digest":
+        return AuditDrift.model_digest
     if name == "method":
         return AuditDrift.method
     if name == "class":

@@ -21,6 +21,7 @@ __all__ = [
     "METRIC_COLUMNS",
     "ApiKeyRow",
     "AuditDrift",
+    "AuditModelEvent",
     "AuditRecord",
     "AuditRollup",
     "Base",
@@ -41,7 +42,7 @@ NAMING_CONVENTION = {
 # One float column per drift metric (declared one by one on AuditDrift below; the migration test checks them).
 METRIC_COLUMNS: tuple[str, ...] = SCALAR_METRICS
 
-AUDIT_TABLES: tuple[str, ...] = ("audit_records", "audit_drift")
+AUDIT_TABLES: tuple[str, ...] = ("audit_records", "audit_drift", "audit_model_events")
 
 # Ids are 64-bit on both databases (the API accepts ids up to 2^63-1): ``bigint`` on PostgreSQL (revision
 # 0003), and SQLite's INTEGER PRIMARY KEY, which is 64-bit already and the only type that autoincrements.
@@ -134,6 +135,34 @@ class AuditDrift(Base):
     reference_percentile: Mapped[float | None] = mapped_column(sa.Double)
     # GradCAM++ only: IoU of the head-scale control map with the fine-tuned map (1 - residual drift)
     head_scale_control_iou: Mapped[float | None] = mapped_column(sa.Double)
+    # revision 0004: which version answered (``model`` is the pair's name); NULL on older rows, whose ``model``
+    # was the architecture
+    model_architecture: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    model_digest: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+
+
+class AuditModelEvent(Base):
+    """A model lifecycle event (revision 0004): a pair loaded, replaced by another version, or retired.
+
+    Hash-chained on its own (``prev_hash``/``row_hash``, service/audit/lifecycle.py) and anchored in the
+    records' chain: ``records_head_id``/``records_head_hash`` name the newest audit record when it happened.
+    """
+
+    __tablename__ = "audit_model_events"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    event: Mapped[str] = mapped_column(sa.String(16), index=True)
+    model: Mapped[str] = mapped_column(sa.String(64), index=True)
+    model_architecture: Mapped[str] = mapped_column(sa.String(64))
+    model_digest: Mapped[str] = mapped_column(sa.String(64), index=True)
+    previous_digest: Mapped[str | None] = mapped_column(sa.String(64))
+    api_key_name: Mapped[str | None] = mapped_column(sa.String(100))
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    records_head_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    records_head_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    prev_hash: Mapped[str] = mapped_column(sa.String(64))
+    row_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
 
 
 class AuditRollup(Base):

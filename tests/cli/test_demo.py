@@ -89,3 +89,39 @@ def test_a_tampered_or_uncalibrated_pair_is_not_reused(tmp_path: Path) -> None:
     onnx.write_bytes(onnx.read_bytes()[:-10] + b"0123456789")
     usable, why = _pair_is_usable(folder)
     assert not usable and "finetuned.onnx" in why
+
+
+@pytest.mark.slow
+def test_demo_serves_the_first_pair_and_loads_the_others_as_they_finish(
+    api_artifacts: Path, tmp_path: Path
+) -> None:
+    """The served app gets a pair trained after it started, through the registry's reload, recorded."""
+    import shutil
+
+    from cli.demo import _train_then_serve
+    from service.demo import create_demo_key, prepare_data
+    from tests.api_fixtures import chest_like, headers, make_settings, png_bytes, started, upload
+
+    prepare_data(tmp_path, n=50, image_size=128)
+    shutil.copytree(api_artifacts / "densenet201", tmp_path / "artifacts" / "densenet201")
+    url, _ = create_demo_key(tmp_path)
+    settings = make_settings(tmp_path / "artifacts", url, strict_models=False, migrate_on_start=False)
+    with started(settings) as app:
+        assert app.get("/readyz").json()["models_ready"] == ["densenet201"]
+        options = {"seed": 0, "epochs_transfer": 2, "epochs_finetune": 1, "retrain": False, "say": print}
+        _train_then_serve(app.app, tmp_path, ["resnet50v2"], options)
+        assert app.get("/readyz").json()["models_ready"] == ["densenet201", "resnet50v2"]
+        assert not (tmp_path / "staging" / "resnet50v2").exists()
+        answer = app.post(
+            "/predict",
+            files=upload(png_bytes(chest_like(128, seed=1))),
+            data={"models": "resnet50v2", "methods": "layercam"},
+            headers=headers("predict"),
+        )
+        assert answer.status_code == 200, answer.text
+        events = app.get("/audit/model-events", headers=headers("audit")).json()["items"]
+        assert (events[0]["event"], events[0]["model"], events[0]["reason"]) == (
+            "load",
+            "resnet50v2",
+            "demo: resnet50v2 trained",
+        )

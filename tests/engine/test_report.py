@@ -71,9 +71,12 @@ def _grays(n: int, seed: int = 0) -> list[np.ndarray]:
 
 def test_report_has_the_contract_json_shape(pair: ModelPair) -> None:
     report = drift_report(pair, _grays(1)[0])
+    assert (report.model, report.architecture, report.model_digest) == tuple(vars(pair.identity).values())
     d = json.loads(json.dumps(report.to_dict()))  # JSON-serializable as it is
     assert set(d) == {
         "model",
+        "architecture",
+        "model_digest",
         "class_names",
         "predictions",
         "agreement",

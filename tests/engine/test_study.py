@@ -481,3 +481,29 @@ def test_study_statistics_import_no_plotting_web_stack_or_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == ""
+
+
+def test_study_compares_a_second_set_of_pairs_on_the_same_images(
+    study_inputs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same pair as baseline and candidate: identical per-image values, nothing significant."""
+    import shutil
+
+    artifacts, data = study_inputs
+    baseline = tmp_path / "old"
+    shutil.copytree(artifacts / "resnet50v2", baseline / "resnet50v2-old")
+    out = tmp_path / "versions"
+    argv = ["study", "--model-dir", str(artifacts / "resnet50v2"), "--data", str(data), "--subset", "all"]
+    argv += ["--compare-artifacts", str(baseline), "--bootstrap", "100", "--no-plots", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    versions = json.loads((out / "versions.json").read_text())
+    compared = versions["resnet50v2"]
+    assert (compared["baseline"], compared["candidate"]) == ("resnet50v2", "resnet50v2")
+    rows = [r for r in _read_csv(out / "per_image.csv") if r["method"] == "layercam"]
+    layercam = compared["methods"]["layercam"]
+    assert layercam["a"]["n"] == layercam["b"]["n"] == len(rows)
+    assert layercam["difference"]["drift_score"]["mean_difference"] == pytest.approx(0.0, abs=1e-9)
+    assert (
+        layercam["significant"] is False and layercam["paired"]["note"] == "all paired differences are zero"
+    )
+    assert "versions resnet50v2 layercam" in capsys.readouterr().out

@@ -52,6 +52,8 @@ PROTECTED = [
     ("GET", "/audit/records.csv", "/audit/records.csv", {"audit"}),
     ("GET", "/audit/records/{record_id}", "/audit/records/1", {"audit"}),
     ("GET", "/audit/verify", "/audit/verify", {"audit"}),
+    ("GET", "/audit/model-events", "/audit/model-events", {"audit"}),
+    ("POST", "/admin/models/reload", "/admin/models/reload", set()),
 ]
 PUBLIC = [("GET", "/healthz"), ("GET", "/readyz")]
 
@@ -154,7 +156,7 @@ def test_every_protected_route_checks_key_and_role(
             assert response.status_code == 403, (role, response.text)
             error = error_of(response)
             assert error["code"] == "forbidden" and error["details"]["role"] == role
-    allowed = sorted(roles)[0]
+    allowed = sorted(roles)[0] if roles else "admin"
     bearer = api.request(method, path, headers={"Authorization": f"Bearer {KEYS[allowed]}"})
     assert bearer.status_code not in (401, 403)
 
@@ -314,7 +316,10 @@ def test_audit_routes_agree_with_each_other(api: ApiClient) -> None:
     assert summary.status_code == 200, summary.text
     assert summary.json()["group_by"] == ["model", "method"]
     bad = api.get("/audit/summary", params={"group_by": "planet"}, headers=audit)
-    assert bad.status_code == 422 and "model, method, class, agreement, day, week" in error_of(bad)["message"]
+    assert (
+        bad.status_code == 422
+        and "model, architecture, digest, method, class, agreement, day, week" in error_of(bad)["message"]
+    )
 
     verify = api.get("/audit/verify", headers=audit).json()
     assert verify["ok"] is True and verify["checked"] == len(every) and verify["first_bad_id"] is None
@@ -407,7 +412,10 @@ def test_tampered_row_is_named_by_verify(api_artifacts: Path, database_url: str)
         assert [r.status_code for r in responses] == [200] * 4
         ids = sorted(r.json()["audit_record_id"] for r in responses)
         head = next(r.json()["audit_row_hash"] for r in responses if r.json()["audit_record_id"] == ids[-1])
-        assert app.get("/audit/verify", headers=headers("audit")).json() == {
+        verified = app.get("/audit/verify", headers=headers("audit")).json()
+        events = verified.pop("model_events")  # the two start-up loads, in their own chain
+        assert events["ok"] is True and events["checked"] == len(PAIR_ARCHS)
+        assert verified == {
             "ok": True,
             "checked": 4,
             "first_bad_id": None,

@@ -178,6 +178,12 @@ def test_rows_without_the_revision_0002_columns_hash_as_before(db_engine: sa.Eng
         content, rows, "0" * 64
     )
     assert all(row["drift_index"] is None for row in record["drift"])
+    # revision 0004's identity columns alike: absent from old rows, hashed once set
+    assert all(row["model_digest"] is None and row["model_architecture"] is None for row in record["drift"])
+    with_digest = [{**row, "model_digest": "ab" * 32} for row in rows]
+    assert chain.compute_row_hash(content, with_digest, "0" * 64) != chain.compute_row_hash(
+        content, rows, "0" * 64
+    )
     assert chain.verify(db_engine).ok
 
 
@@ -472,7 +478,9 @@ def test_grouping_by_day_and_week_uses_utc_dates(db_engine: sa.Engine, unit: str
 
 
 def test_group_by_rejects_unknown_values(db_engine: sa.Engine) -> None:
-    with pytest.raises(InputError, match="valid options: model, method, class, agreement, day, week") as info:
+    with pytest.raises(
+        InputError, match="valid options: model, architecture, digest, method, class, agreement, day, week"
+    ) as info:
         summarize(db_engine, filters=AuditFilters(), group_by=["hour"])
     assert info.value.code == "validation_error"
 

@@ -436,6 +436,8 @@ def test_parse_filters_reads_the_api_filters() -> None:
         "start",
         "end",
         "model",
+        "architecture",
+        "digest",
         "method",
         "class",
         "agreement",

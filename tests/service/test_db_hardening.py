@@ -41,16 +41,12 @@ def test_bigint_migration_down_and_up_with_data_then_ids_beyond_int4(pg_url: str
     try:
         appended = [chain.append(engine, make_entry(rng)) for _ in range(3)]
         db.downgrade(pg_url, "0002")
+        # (the chain is verified after the upgrade: today's code reads columns of later revisions)
         assert set(column_types(engine).values()) == {"integer"}
-        result = chain.verify(engine)
-        assert result.ok and result.checked == 3 and result.head_hash == appended[-1].row_hash
         db.upgrade(pg_url)
-        assert column_types(engine) == {
-            "audit_records.id": "bigint",
-            "audit_drift.id": "bigint",
-            "audit_drift.record_id": "bigint",
-            "api_keys.id": "bigint",
-        }
+        types = column_types(engine)
+        assert {"audit_records.id", "audit_drift.id", "audit_drift.record_id", "api_keys.id"} <= set(types)
+        assert set(types.values()) == {"bigint"}, types
         result = chain.verify(engine)
         assert result.ok and result.checked == 3 and result.head_hash == appended[-1].row_hash
         record = queries.get_record(engine, appended[1].id)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.api_fixtures import (
+    KEYS,
     chest_like,
     free_port,
     headers,
@@ -63,6 +64,26 @@ def test_live_server_serves_health_and_an_audited_prediction(api_artifacts: Path
             f"{base}/predict", content=b"\0" * (21 * 1024 * 1024), headers=headers("predict")
         )
         assert too_big.status_code == 413
+
+        # cxr-drift reload: the admin key from the environment, nothing changed, a refusal is exit code 1
+        reload = [sys.executable, "-m", "cli.main", "reload", "--url", base, "--reason", "live test"]
+        done = subprocess.run(
+            reload,
+            env={**env, "CXR_DRIFT_API_KEY": KEYS["admin"]},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "unchanged: densenet201, resnet50v2" in done.stdout and "events: -" in done.stdout
+        refused = subprocess.run(
+            reload,
+            env={**env, "CXR_DRIFT_API_KEY": KEYS["audit"]},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert refused.returncode == 1 and "reload refused (403)" in refused.stderr
     finally:
         server.terminate()
         try:

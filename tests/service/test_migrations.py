@@ -20,7 +20,7 @@ from service.audit.tables import metadata
 from tests.db_fixtures import make_entry
 
 REPO = Path(__file__).resolve().parents[2]
-APP_TABLES = {"audit_records", "audit_drift", "api_keys", "audit_rollup"}
+APP_TABLES = {"audit_records", "audit_drift", "audit_model_events", "api_keys", "audit_rollup"}
 
 
 def table_names(engine: sa.Engine) -> set[str]:
@@ -79,7 +79,7 @@ def test_append_only_triggers_cover_both_audit_tables(empty_db_url: str) -> None
         names = trigger_names(engine)
     finally:
         engine.dispose()
-    for table in ("audit_records", "audit_drift"):
+    for table in ("audit_records", "audit_drift", "audit_model_events"):
         assert any(name.startswith(f"{table}_append_only") for name in names), names
 
 

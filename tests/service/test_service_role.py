@@ -57,6 +57,10 @@ def as_role(url: str, role: str) -> str:
         "INSERT INTO api_keys (name, role, key_hash, created_at) VALUES ('x', 'admin', 'h', now())",
         "UPDATE alembic_version SET version_num = '0001'",
         "CREATE TABLE audit_shadow (id int)",
+        "UPDATE audit_model_events SET reason = 'x'",
+        "DELETE FROM audit_model_events",
+        "DELETE FROM audit_rollup",
+        "TRUNCATE audit_model_events",
     ],
 )
 def test_the_service_role_cannot_change_the_log(pg_url: str, service_role: str, statement: str) -> None:

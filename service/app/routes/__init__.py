@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.app.routes import audit, health, models, predict
+from service.app.routes import admin, audit, health, models, predict
 
 __all__ = ["include_routers"]
 
@@ -14,3 +14,4 @@ def include_routers(app: FastAPI) -> None:
     app.include_router(models.router)
     app.include_router(predict.router)
     app.include_router(audit.router)
+    app.include_router(admin.router)

@@ -21,8 +21,10 @@ from service.app.schemas import (
     AuditRecordPage,
     AuditSummaryResponse,
     AuditVerifyResponse,
+    ModelEventPage,
 )
-from service.audit import chain, queries
+from service.audit import chain, lifecycle, queries
+from service.audit.compare import compare_sides
 from service.audit.db import DatabaseUnavailable, read_bound
 from service.audit.queries import AuditFilters
 from service.audit.summary import GROUP_BY_OPTIONS, summarize
@@ -49,7 +51,17 @@ def audit_filters(
     end: Annotated[
         datetime | None, Query(description="records created before (ISO 8601; no offset = UTC)")
     ] = None,
-    model: Annotated[str | None, Query(description="model pair name")] = None,
+    model: Annotated[str | None, Query(description="model pair name (its folder's name)")] = None,
+    architecture: Annotated[
+        str | None, Query(description="architecture (rows before revision 0004: their model name)")
+    ] = None,
+    digest: Annotated[
+        str | None,
+        Query(
+            pattern="^[0-9a-fA-F]{8,64}$",
+            description="version digest, or a prefix of it (8 or more hex digits)",
+        ),
+    ] = None,
     method: Annotated[MethodName | None, Query()] = None,
     target_class: Annotated[str | None, Query(alias="class", description="target class name")] = None,
     agreement: Annotated[bool | None, Query(description="both checkpoints predicted the same class")] = None,
@@ -57,7 +69,7 @@ def audit_filters(
     flagged: Annotated[bool | None, Query()] = None,
 ) -> AuditFilters:
     start, end = _as_utc("start", start), _as_utc("end", end)
-    for name, text in (("model", model), ("class", target_class)):
+    for name, text in (("model", model), ("architecture", architecture), ("class", target_class)):
         if text is not None and "\x00" in text:
             # PostgreSQL refuses NUL in text parameters (a driver DataError, not a client error otherwise)
             raise ApiError(422, "validation_error", f"{name} must not contain NUL characters")
@@ -69,6 +81,8 @@ def audit_filters(
         start=start,
         end=end,
         model=model,
+        architecture=architecture,
+        digest=digest.lower() if digest is not None else None,
         method=method,
         target_class=target_class,
         agreement=agreement,
@@ -155,11 +169,38 @@ async def summary(
             "else the raw rows; exact: the raw rows; rollup: the rollup or 422 (summary.source says which)"
         ),
     ] = "auto",
+    compare: Annotated[
+        str | None,
+        Query(
+            description="A,B: compare version B with version A (each a model name or a version digest, or "
+            "a prefix of 8+ hex digits) of one architecture: per method drift means with CIs, flagged rates "
+            "and whether the difference is significant (in summary.comparison)"
+        ),
+    ] = None,
+    compare_split: Annotated[
+        datetime | None,
+        Query(description="with compare: side A keeps rows before this instant, side B rows from it on"),
+    ] = None,
 ) -> AuditSummaryResponse:
     groups = _parse_group_by(group_by)
     result = await _call_db(
         engine, summarize, engine, filters=filters, group_by=groups, mode=mode
     )  # bad input: InputError, 422
+    if compare is not None:
+        sides = [part.strip() for part in compare.split(",")]
+        if len(sides) != 2 or not all(sides) or any("\x00" in side for side in sides):
+            raise ApiError(422, "validation_error", f"compare must be two selectors 'A,B', got {compare!r}")
+        result["comparison"] = await _call_db(
+            engine,
+            compare_sides,
+            engine,
+            filters=filters,
+            a=sides[0],
+            b=sides[1],
+            split=_as_utc("compare_split", compare_split),
+        )
+    elif compare_split is not None:
+        raise ApiError(422, "validation_error", "compare_split needs compare=A,B")
     return AuditSummaryResponse(filters=_filters_out(filters), group_by=groups, summary=result)
 
 
@@ -261,4 +302,28 @@ async def verify(
         raise ApiError(422, "validation_error", "since_id and since_hash go together: give both or neither")
     since = None if since_id is None or since_hash is None else (since_id, since_hash)
     result = await _call_db(engine, chain.verify, engine, anchor=anchor, since=since)
-    return AuditVerifyResponse.model_validate(result.to_dict())
+    events = await _call_db(engine, lifecycle.verify_events, engine)
+    body = {**result.to_dict(), "model_events": events.to_dict()}
+    body["ok"] = bool(result.ok and events.ok)
+    return AuditVerifyResponse.model_validate(body)
+
+
+@router.get(
+    "/model-events",
+    response_model=ModelEventPage,
+    summary="model lifecycle records (load, replace, retire), newest first",
+    responses=error_responses(401, 403, 422, 503),
+)
+async def model_events(
+    engine: EngineDep,
+    principal: AuditKeyDep,
+    model: Annotated[str | None, Query(description="one model name")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    before_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+) -> ModelEventPage:
+    if model is not None and "\x00" in model:
+        raise ApiError(422, "validation_error", "model must not contain NUL characters")
+    items = await _call_db(
+        engine, lifecycle.list_events, engine, model=model, limit=limit, before_id=before_id
+    )
+    return ModelEventPage.model_validate({"items": items})

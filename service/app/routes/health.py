@@ -1,9 +1,12 @@
 """Liveness, readiness and Prometheus metrics.
 
 Readiness rule (``GET /readyz``): 200 only if at least one model pair is loaded with its file hashes
-verified, no model-pair folder failed to load, and the audit database accepts a write (within the database
-time limit of the settings). Otherwise 503 with the reasons; database reasons are generic (no host, port,
-user or driver message: those go to the log). ``/healthz`` and ``/readyz`` need no key; ``/metrics`` needs a key of any role.
+verified, no model-pair folder failed to load (only with ``CXR_DRIFT_STRICT_MODELS=true``, the default;
+failed folders are listed either way), every model lifecycle record is written, and the audit database
+accepts a write (within the database time limit of the settings). Otherwise 503 with the reasons. No key is
+needed, so the answer names no server path (failed folders by name, paths in reasons relative to the
+artifacts folder or hidden) and database reasons are generic (no host, port, user or driver message: those
+go to the log). ``/healthz`` and ``/readyz`` need no key; ``/metrics`` needs a key of any role.
 """
 
 from __future__ import annotations
@@ -42,30 +45,40 @@ def healthz(request: Request) -> HealthResponse:
 )
 async def readyz(state: StateDep) -> ReadyResponse:
     reasons: list[str] = []
-    if not state.pairs:
+    snapshot = state.registry.snapshot
+    strict = state.settings.strict_models
+    if not snapshot.served:
         reasons.append("no model pair is loaded")
-    # No key here either: folders and paths in the reasons are shown relative to the artifacts folder (or
-    # hidden), as /models shows them to non-admin keys.
     root = str(state.settings.artifacts_dir)
     failed = [
-        NotReadyModel(name=f.name, folder=None, reason=hide_paths(f.reason, root)) for f in state.failed
+        NotReadyModel(name=f.name, folder=None, reason=hide_paths(f.reason, root)) for f in snapshot.failed
     ]
-    reasons.extend(f"model pair {f.name!r} failed to load: {f.reason}" for f in failed)
+    if strict:
+        reasons.extend(f"model pair {f.name!r} failed to load: {f.reason}" for f in failed)
     database = "ok"
     try:
         await run_in_threadpool(check_writable, state.engine)
     except Exception as exc:
-        # No key is needed here: the answer gives a generic reason, the log the details (host, driver error).
+        # the answer gives a generic reason, the log the details (host, driver error)
         public = exc.public if isinstance(exc, DatabaseUnavailable) else "check failed"
         log.warning("readiness: audit database not ready: %s: %s", type(exc).__name__, exc)
         database = f"not ready: {public}"
         reasons.append(f"audit database {database} (details in the service log)")
+    if state.registry.pending:
+        try:
+            await run_in_threadpool(state.registry.flush_pending)
+        except Exception as exc:
+            log.warning("readiness: lifecycle records not written: %s: %s", type(exc).__name__, exc)
+            reasons.append(
+                f"{len(state.registry.pending)} model lifecycle record(s) not written yet: {type(exc).__name__}"
+            )
     body = ReadyResponse(
         ready=not reasons,
-        models_ready=state.ready_names(),
+        models_ready=sorted(snapshot.served),
         models_failed=failed,
         database=database,
         reasons=reasons,
+        strict=strict,
     )
     if reasons:
         raise ApiError(503, "not_ready", "; ".join(reasons), details=body.model_dump())

@@ -12,9 +12,11 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from engine.predict import resolve_models
 from service.app.deps import AnyKeyDep, StateDep
 from service.app.errors import error_responses
 from service.app.schemas import ModelInfo, ModelsResponse, NotReadyModel
+from service.audit.chain import utc_iso
 
 router = APIRouter(tags=["models"])
 
@@ -62,15 +64,21 @@ def list_models(state: StateDep, principal: AnyKeyDep) -> ModelsResponse:
     def shown(value: Any) -> Any:
         return value if admin else hide_paths(value, root)
 
+    snapshot = state.registry.snapshot  # one consistent view
+    pairs = snapshot.pairs
+    defaults = set(resolve_models(pairs, sorted({p.architecture for p in pairs.values()}), strict=False))
     ready = []
-    for name in state.ready_names():
-        pair = state.pairs[name]
+    for name, served in snapshot.served.items():
+        pair = served.pair
         manifest = _manifest_of(pair)
         ready.append(
             ModelInfo(
                 name=name,
-                folder=state.folders.get(name, "") if admin else None,
+                folder=served.folder if admin else None,
                 architecture=manifest.get("architecture"),
+                digest=served.identity.digest,
+                since=utc_iso(served.since),
+                default_version=name in defaults,
                 class_names=list(pair.class_names),
                 input_size=int(pair.input_size),
                 manifest=shown(manifest),
@@ -78,6 +86,14 @@ def list_models(state: StateDep, principal: AnyKeyDep) -> ModelsResponse:
         )
     not_ready = [
         NotReadyModel(name=f.name, folder=f.folder if admin else None, reason=shown(f.reason))
-        for f in state.failed
+        for f in snapshot.failed
     ]
-    return ModelsResponse(ready=ready, not_ready=not_ready)
+    if not pairs:
+        default_models: list[str] = []
+    elif state.settings.default_models:
+        default_models = resolve_models(pairs, state.settings.default_models, strict=False)
+    else:
+        default_models = sorted(pairs)
+    return ModelsResponse(
+        ready=ready, not_ready=not_ready, default_models=default_models, strict=state.settings.strict_models
+    )

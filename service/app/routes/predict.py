@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["predict"])
 
-_MODELS_HELP = "comma-separated model pair names; default: every loaded pair"
+_MODELS_HELP = (
+    "comma-separated model names (folder names) or architectures (= that architecture's default version: "
+    "the served name that sorts last); default: CXR_DRIFT_DEFAULT_MODELS, or every served pair"
+)
 _METHODS_HELP = f"comma-separated among {', '.join(METHODS)}; default: both"
 _TARGET_HELP = "class index or name; default: the fine-tuned checkpoint's prediction"
 _TOPK_HELP = "top-k percent for the overlap metrics, 5..50 (default 20)"
@@ -82,42 +85,50 @@ async def predict(
 ) -> Response:
     started = time.perf_counter()
     request_id = request_id_of(request.scope)
-    if not state.pairs:
-        raise ApiError(
-            503,
-            "no_models",
-            "no model pair is loaded; see GET /readyz for the reasons",
-            details={"failed": [f.name for f in state.failed]},
+    # One snapshot for the whole request: a reload meanwhile changes what the next request sees, and the
+    # pairs used here stay open until this request is done (service/app/registry.py).
+    with state.registry.use() as snapshot:
+        pairs = snapshot.pairs
+        if not pairs:
+            raise ApiError(
+                503,
+                "no_models",
+                "no model pair is loaded; see GET /readyz for the reasons",
+                details={"failed": [f.name for f in snapshot.failed]},
+            )
+        options = resolve_options(
+            pairs,
+            models=models if models is not None else models_query,
+            methods=methods if methods is not None else methods_query,
+            target_class=target_class if target_class is not None else target_class_query,
+            topk=topk if topk is not None else topk_query,
+            maps=maps if maps is not None else maps_query,
+            default_models=state.settings.default_models,
         )
-    options = resolve_options(
-        state.pairs,
-        models=models if models is not None else models_query,
-        methods=methods if methods is not None else methods_query,
-        target_class=target_class if target_class is not None else target_class_query,
-        topk=topk if topk is not None else topk_query,
-        maps=maps if maps is not None else maps_query,
-    )
-    timings: dict[str, float] = {}
+        timings: dict[str, float] = {}
 
-    parts = len((await request.form()).getlist("file"))  # FastAPI parsed it already: this is its cache
-    if parts != 1:
-        raise ApiError(
-            422, "validation_error", f"send exactly one file part, got {parts}", details={"file_parts": parts}
-        )
-    data = await file.read()
-    t = time.perf_counter()
-    settings = state.settings
-    async with decode_limiter(request.app, settings).slot():
-        image = await run_in_threadpool(
-            decode_image,
-            data,
-            max_pixels=settings.max_pixels,
-            max_pixels_per_byte=settings.max_pixels_per_byte,
-        )
-    del data
-    timings["decode_ms"] = _ms(t)
+        parts = len((await request.form()).getlist("file"))  # FastAPI parsed it already: this is its cache
+        if parts != 1:
+            raise ApiError(
+                422,
+                "validation_error",
+                f"send exactly one file part, got {parts}",
+                details={"file_parts": parts},
+            )
+        data = await file.read()
+        t = time.perf_counter()
+        settings = state.settings
+        async with decode_limiter(request.app, settings).slot():
+            image = await run_in_threadpool(
+                decode_image,
+                data,
+                max_pixels=settings.max_pixels,
+                max_pixels_per_byte=settings.max_pixels_per_byte,
+            )
+        del data
+        timings["decode_ms"] = _ms(t)
 
-    results: Sequence[PairResult] = await run_in_threadpool(predict_pairs, state.pairs, image.gray, options)
+        results: Sequence[PairResult] = await run_in_threadpool(predict_pairs, pairs, image.gray, options)
     timings.update({f"{r.report.model}_ms": r.elapsed_ms for r in results})
     reports = [r.report for r in results]
 
