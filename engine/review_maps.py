@@ -102,10 +102,7 @@ def encode_map(cam: np.ndarray, size: int = REVIEW_GRID) -> dict[str, Any]:
         small = np.where(finite, small, small[finite].min())
     lo, hi = _finite_float(small.min()), _finite_float(small.max())
     span = hi - lo
-    if span > 0:
-        q = np.rint((small - lo) / span * _LEVELS)
-    else:
-        q = np.zeros_like(small)
+    q = np.rint((small - lo) / span * _LEVELS) if span > 0 else np.zeros_like(small)
     data = np.clip(q, 0, _LEVELS).astype(np.uint8)
     return {
         "shape": [int(data.shape[0]), int(data.shape[1])],
