@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     dashboard_secret: SecretStr | None = None
     dashboard_cookie_secure: bool = False
     dashboard_session_minutes: int = 480
+    # Maps for review (engine/review_maps.py): keep each request's attribution maps, box-downsampled to 16x16
+    # and quantised to uint8, in the audit record's hashed payload: none (default), flagged (only requests
+    # with a flagged drift result) or all. Never the image.
+    keep_maps: Literal["none", "flagged", "all"] = "none"
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -171,6 +175,16 @@ class Settings(BaseSettings):
             field = getattr(info, "field_name", "value")
             raise ValueError(f"{field} must be >= 1, got {value}")
         return value
+
+    @field_validator("keep_maps", mode="before")
+    @classmethod
+    def _check_keep_maps(cls, value: object) -> object:
+        from engine.review_maps import KEEP_MAPS
+
+        text = value.strip().lower() if isinstance(value, str) else value
+        if isinstance(value, str) and text not in KEEP_MAPS:
+            raise ValueError(f"keep_maps must be one of {', '.join(KEEP_MAPS)}; got {value!r}")
+        return text
 
     @field_validator("backend", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.report import DriftReport
 from engine.review_maps import (
     REVIEW_GRID,
     box_downsample,
@@ -81,7 +82,7 @@ def test_decode_refuses_malformed_maps(broken: dict) -> None:
         decode_map(broken)
 
 
-def _with_maps(seed: int, *, flagged: bool) -> object:
+def _with_maps(seed: int, *, flagged: bool) -> DriftReport:
     rng = np.random.default_rng(seed)
     report = make_report(rng, model="resnet50v2", methods=("layercam", "gradcampp"))
     for result in report.methods.values():
@@ -103,6 +104,7 @@ def test_review_maps_per_keep_mode() -> None:
     assert every is not None and every["kept"] is True
     kept = every["models"]["resnet50v2"]
     assert set(kept) == {"layercam", "gradcampp"} and set(kept["layercam"]) == {"transfer", "finetuned"}
+    assert calm.maps is not None
     for method, by_checkpoint in kept.items():
         for checkpoint, encoded in by_checkpoint.items():
             oracle = calm.maps[method][checkpoint].reshape(16, 6, 16, 6).mean(axis=(1, 3))

@@ -24,6 +24,7 @@ from core.vocabulary import METHODS
 from engine.overlay import overlay_png
 from engine.predict import MapMode, PairResult, PredictOptions, decode_image, predict_pairs, resolve_options
 from engine.report import DriftReport
+from engine.review_maps import review_maps
 from service.app.deps import PredictKeyDep, StateDep
 from service.app.errors import ApiError, error_responses, request_id_of
 from service.app.schemas import ImageInfo, PredictResponse
@@ -102,7 +103,10 @@ async def predict(
     image = await run_in_threadpool(decode_image, await file.read(), max_pixels=state.settings.max_pixels)
     timings["decode_ms"] = _ms(t)
 
-    results: Sequence[PairResult] = await run_in_threadpool(predict_pairs, state.pairs, image.gray, options)
+    keep_maps = state.settings.keep_maps  # maps for review (engine.review_maps): the engine must draw them
+    results: Sequence[PairResult] = await run_in_threadpool(
+        predict_pairs, state.pairs, image.gray, options, with_maps=keep_maps != "none"
+    )
     timings.update({f"{r.report.model}_ms": r.elapsed_ms for r in results})
     reports = [r.report for r in results]
 
@@ -195,6 +199,7 @@ async def _write_audit(
         options=options.model_dump(),
         reports=list(reports),
         timings_ms=timings_ms,
+        maps=review_maps(reports, state.settings.keep_maps),
     )
     try:
         return await run_in_threadpool(audit.append, state.engine, entry)
