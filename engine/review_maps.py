@@ -28,18 +28,18 @@ import binascii
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from core.vocabulary import KEEP_MAPS
 from engine.overlay import colormap
 from engine.report import DriftReport
 
 __all__ = [
     "KEEP_MAPS",
     "REVIEW_GRID",
-    "KeepMaps",
     "box_downsample",
     "decode_map",
     "encode_map",
@@ -48,8 +48,6 @@ __all__ = [
     "review_maps",
 ]
 
-KeepMaps = Literal["none", "flagged", "all"]
-KEEP_MAPS: tuple[str, ...] = get_args(KeepMaps)
 REVIEW_GRID = 16
 _LEVELS = 255
 

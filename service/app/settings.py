@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from core.vocabulary import BACKENDS, ROLES
+from core.vocabulary import BACKENDS, KEEP_MAPS, ROLES
 from service.app.keys import check_key_name
 
 __all__ = ["ROLES", "Settings", "SettingsKey", "get_settings"]
@@ -179,8 +179,6 @@ class Settings(BaseSettings):
     @field_validator("keep_maps", mode="before")
     @classmethod
     def _check_keep_maps(cls, value: object) -> object:
-        from engine.review_maps import KEEP_MAPS
-
         text = value.strip().lower() if isinstance(value, str) else value
         if isinstance(value, str) and text not in KEEP_MAPS:
             raise ValueError(f"keep_maps must be one of {', '.join(KEEP_MAPS)}; got {value!r}")
