@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "CHECKPOINTS", "METHODS", "ROLES", "SEVERITIES", "SPLITS"]
+__all__ = ["BACKENDS", "CHECKPOINTS", "KEEP_MAPS", "METHODS", "ROLES", "SEVERITIES", "SPLITS"]
 
 # The two checkpoints of a model pair, in the order the drift is measured (transfer -> fine-tuned).
 CHECKPOINTS: tuple[str, ...] = ("transfer", "finetuned")
@@ -16,3 +16,5 @@ BACKENDS: tuple[str, ...] = ("onnx", "torch")
 ROLES: tuple[str, ...] = ("predict", "audit", "admin")
 # Drift severities, mildest first.
 SEVERITIES: tuple[str, ...] = ("low", "moderate", "high")
+# Which requests keep low-resolution maps for review in the audit trail (CXR_DRIFT_KEEP_MAPS).
+KEEP_MAPS: tuple[str, ...] = ("none", "flagged", "all")

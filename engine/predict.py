@@ -214,8 +214,11 @@ def decode_image(data: bytes, *, max_pixels: int, max_pixels_per_byte: float | N
     return DecodedImage(gray=gray, info=info, sha256=digest, nbytes=len(data))
 
 
-def predict_pair(pair: ModelPair, gray: np.ndarray, options: PredictOptions) -> PairResult:
-    """The drift report of one model pair for one image (maps kept when ``options.maps`` asks for them)."""
+def predict_pair(
+    pair: ModelPair, gray: np.ndarray, options: PredictOptions, *, with_maps: bool = False
+) -> PairResult:
+    """The drift report of one model pair for one image (maps kept when ``options.maps`` asks for them, or
+    ``with_maps``: the service keeps low-resolution maps for review, :mod:`engine.review_maps`)."""
     started = time.perf_counter()
     try:
         report = drift_report(
@@ -224,7 +227,7 @@ def predict_pair(pair: ModelPair, gray: np.ndarray, options: PredictOptions) -> 
             methods=tuple(options.methods),
             target_class=options.target_class,
             topk_percent=options.topk,
-            include_maps=options.maps != "none",
+            include_maps=options.maps != "none" or with_maps,
         )
     except InputError as exc:
         raise InputError(
@@ -234,7 +237,7 @@ def predict_pair(pair: ModelPair, gray: np.ndarray, options: PredictOptions) -> 
 
 
 def predict_pairs(
-    pairs: Mapping[str, ModelPair], gray: np.ndarray, options: PredictOptions
+    pairs: Mapping[str, ModelPair], gray: np.ndarray, options: PredictOptions, *, with_maps: bool = False
 ) -> Sequence[PairResult]:
     """:func:`predict_pair` for every model in ``options.models``, in that order."""
-    return [predict_pair(pairs[name], gray, options) for name in options.models]
+    return [predict_pair(pairs[name], gray, options, with_maps=with_maps) for name in options.models]

@@ -4,7 +4,9 @@ Requests spread over ``days`` days, every model x method, written through the re
 (:func:`service.audit.chain.append`). The IoUs follow a per (model, method) level with noise, and one model's
 evidence moves more in the last third of the period, so the plots have something to show: the LayerCAM and
 GradCAM++ rankings of two models differ, and flagged requests rise at the end. Scores are 1 - IoU, severities
-by the default bands, flagged = high, as in the engine.
+by the default bands, flagged = high, as in the engine. With ``keep_maps="flagged"`` (the default) each
+request with a flagged result also keeps synthetic low-resolution maps (a blob per checkpoint, moved further
+apart the larger the drift score) as the service does with ``CXR_DRIFT_KEEP_MAPS=flagged``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from engine.report import DriftReport
+from engine.review_maps import review_maps
 from service.audit import chain
 from tests.db_fixtures import MODELS, make_entry
 
@@ -36,8 +40,34 @@ def _severity(score: float) -> str:
     return "low" if score < 0.4 else ("moderate" if score < 0.7 else "high")
 
 
+def _blob(size: int, cy: float, cx: float, width: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    cam = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))
+    return (cam - cam.min()) / (cam.max() - cam.min())
+
+
+def synthetic_maps(report: DriftReport, rng: np.random.Generator, size: int = 96) -> None:
+    """Give ``report`` transfer/fine-tuned maps per method: one blob each, the fine-tuned one shifted by an
+    amount that grows with the method's drift score (a stand-in for the engine's maps)."""
+    report.maps = {}
+    for method, result in report.methods.items():
+        cy, cx = rng.uniform(0.3, 0.7, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        shift = 0.45 * float(result["drift_score"])
+        report.maps[method] = {
+            "transfer": _blob(size, cy, cx, 0.12),
+            "finetuned": _blob(size, cy + shift * np.sin(angle), cx + shift * np.cos(angle), 0.12),
+        }
+
+
 def seed_audit(
-    engine: sa.Engine, *, days: int = 14, per_day: int = 4, seed: int = 0, start: datetime = SEED_START
+    engine: sa.Engine,
+    *,
+    days: int = 14,
+    per_day: int = 4,
+    seed: int = 0,
+    start: datetime = SEED_START,
+    keep_maps: str = "flagged",
 ) -> list[dict[str, Any]]:
     """Append ``days * per_day`` records; returns what was written per record (time, and per (model,
     method) the IoU, score and flag) so tests can compute expected counts independently."""
@@ -69,8 +99,19 @@ def seed_audit(
                         "drift_score": score,
                         "flagged": severity == "high",
                     }
+            if keep_maps != "none":
+                maps_rng = np.random.default_rng([seed, day, i])  # apart from ``rng``: same values as before
+                for report in entry.reports:
+                    synthetic_maps(report, maps_rng)
+                entry.maps = review_maps(entry.reports, keep_maps)
             appended = chain.append(engine, entry)
             written.append(
-                {"id": appended.id, "created_at": created, "rows": rows, "row_hash": appended.row_hash}
+                {
+                    "id": appended.id,
+                    "created_at": created,
+                    "rows": rows,
+                    "row_hash": appended.row_hash,
+                    "maps": bool(entry.maps and entry.maps["kept"]),
+                }
             )
     return written

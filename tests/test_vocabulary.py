@@ -16,6 +16,10 @@ def test_settings_backend_literal_is_the_backends() -> None:
     assert get_args(Settings.model_fields["backend"].annotation) == vocabulary.BACKENDS
 
 
+def test_settings_keep_maps_literal_is_the_vocabulary() -> None:
+    assert get_args(Settings.model_fields["keep_maps"].annotation) == vocabulary.KEEP_MAPS
+
+
 def test_no_package_spells_out_a_vocabulary_tuple() -> None:
     """A literal tuple or list equal to one of the vocabulary's tuples, outside core/vocabulary.py, is a copy."""
     vocab = {

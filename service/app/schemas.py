@@ -138,6 +138,11 @@ class AuditRecord(_Open):
     drift: list[dict[str, Any]] = Field(default_factory=list)
     reports: list[dict[str, Any]] | None = None
     timings_ms: dict[str, Any] | None = None
+    maps: dict[str, Any] | None = Field(
+        default=None,
+        description="maps kept for review (CXR_DRIFT_KEEP_MAPS; single-record view): keep, grid, kept and "
+        "models -> method -> checkpoint -> {shape, min, max, uint8 (base64)}; absent when none were kept",
+    )
 
 
 class AuditRecordPage(BaseModel):

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from core.vocabulary import BACKENDS, ROLES
+from core.vocabulary import BACKENDS, KEEP_MAPS, ROLES
 from service.app.keys import check_key_name
 
 __all__ = ["ROLES", "Settings", "SettingsKey", "get_settings"]
@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     dashboard_secret: SecretStr | None = None
     dashboard_cookie_secure: bool = False
     dashboard_session_minutes: int = 480
+    # Maps for review (engine/review_maps.py): keep each request's attribution maps, box-downsampled to 16x16
+    # and quantised to uint8, in the audit record's hashed payload: none (default), flagged (only requests
+    # with a flagged drift result) or all. Never the image.
+    keep_maps: Literal["none", "flagged", "all"] = "none"
     # time limits on the database (service.audit.db.DbTimeouts): one operation of a request (append with its
     # chain lock, key lookup, readiness check), and the audit reads (summaries, listings, verify, CSV export)
     db_timeout_s: float = 5.0
@@ -247,6 +251,14 @@ class Settings(BaseSettings):
             field = getattr(info, "field_name", "value")
             raise ValueError(f"{field} must be >= 1, got {value}")
         return value
+
+    @field_validator("keep_maps", mode="before")
+    @classmethod
+    def _check_keep_maps(cls, value: object) -> object:
+        text = value.strip().lower() if isinstance(value, str) else value
+        if isinstance(value, str) and text not in KEEP_MAPS:
+            raise ValueError(f"keep_maps must be one of {', '.join(KEEP_MAPS)}; got {value!r}")
+        return text
 
     @field_validator("backend", mode="before")
     @classmethod

@@ -18,7 +18,9 @@ middle, is detected by :func:`verify`; deleting the newest rows, or rewriting ev
 not (compare the head hash with one kept elsewhere for that).
 
 What is stored of a request is its :class:`engine.report.DriftReport` objects as ``DriftReport.to_dict()``
-(which leaves the maps out: no pixels are ever stored) and its timings. :func:`append` and :func:`verify`
+(which leaves the maps out: no pixels are ever stored), its timings and, when the service keeps maps for
+review (``CXR_DRIFT_KEEP_MAPS``), ``payload["maps"]``: 16x16 uint8 maps (:mod:`engine.review_maps`), hashed
+like the rest of the payload. :func:`append` and :func:`verify`
 raise :class:`~service.audit.db.DatabaseUnavailable` when the database cannot be reached.
 """
 
@@ -120,6 +122,8 @@ class AuditEntry:
     options: dict[str, Any]
     reports: Sequence[DriftReport]
     timings_ms: dict[str, Any]
+    # the payload's "maps" section (engine.review_maps.review_maps), when maps for review are kept
+    maps: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,8 @@ def _record_values(entry: AuditEntry) -> dict[str, Any]:
         )
     # to_dict() leaves the maps out: no image-derived pixels are stored.
     payload = {"reports": [report.to_dict() for report in entry.reports], "timings_ms": entry.timings_ms}
+    if entry.maps is not None:
+        payload["maps"] = entry.maps
     return {
         "request_id": str(entry.request_id),
         # The database keeps microseconds: truncate nothing else, and store UTC.

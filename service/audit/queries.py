@@ -148,6 +148,7 @@ def _record_dict(row: Mapping[Any, Any], *, with_payload: bool) -> dict[str, Any
         payload = row["payload"] or {}
         item["reports"] = payload.get("reports", [])
         item["timings_ms"] = payload.get("timings_ms", {})
+        item["maps"] = payload.get("maps")
     return item
 
 

@@ -22,11 +22,13 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from core.vocabulary import METHODS, SEVERITIES
+from engine.review_maps import decode_map, legend_png, map_png
 from service.app import keys
 from service.app.deps import EngineDep, Principal, StateDep, allowed_roles, authenticate_digest, check_key
 from service.app.errors import ApiError
 from service.app.routes import audit as audit_routes
 from service.app.settings import Settings
+from service.audit import queries
 from service.audit.summary import WINDOWS, requests_over_time, summarize
 from service.dashboard import views
 from service.dashboard.session import (
@@ -47,6 +49,7 @@ DASHBOARD_ROLES = allowed_roles("audit")
 PAGE_SIZES = (25, 50, 100, 200)
 FORM_FIELDS = ("start", "end", "model", "method", "class", "agreement", "severity", "flagged")
 _ANCHOR = re.compile(r"^[0-9a-fA-F]{64}$")
+LEGEND_PNG = legend_png()
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.globals.update(fmt=views.fmt, quote=quote)
@@ -79,7 +82,7 @@ def install(app: FastAPI, settings: Settings) -> None:
         assert isinstance(exc, ApiError)
         path = request.url.path
         is_page = path.startswith("/dashboard") and not path.startswith("/dashboard/static/")
-        if not is_page or path.endswith(".csv"):
+        if not is_page or path.endswith((".csv", ".png")):
             assert api_error_handler is not None, "install_error_handlers(app) runs first"
             answer = api_error_handler(request, exc)
             return await answer if inspect.isawaitable(answer) else answer
@@ -412,6 +415,41 @@ async def record(request: Request, record_id: str, session: PageSession, engine:
     item = found.model_dump()
     context = {"record": item, "row": views.record_rows([item])[0], "detail": views.record_detail(item)}
     return _render(request, "record.html", context, session=session)
+
+
+@router.get("/records/{record_id}/maps/{model}/{method}/{checkpoint}.png")
+async def record_map(
+    record_id: str, model: str, method: str, checkpoint: str, session: AssetSession, engine: EngineDep
+) -> Response:
+    """One attribution map a record kept for review (``payload["maps"]``), drawn as a PNG."""
+    if not record_id.isdigit() or not 1 <= int(record_id) <= audit_routes.MAX_ID:
+        raise ApiError(404, "not_found", f"{record_id!r} is not a record id")
+    found = await audit_routes._call_db(engine, queries.get_record, engine, int(record_id))
+    try:
+        models = ((found or {}).get("maps") or {}).get("models") or {}
+        encoded = ((models.get(model) or {}).get(method) or {}).get(checkpoint)
+    except AttributeError:  # a stored payload edited into another shape: /audit/verify names the row
+        encoded = None
+    if not isinstance(encoded, dict):
+        raise ApiError(
+            404,
+            "not_found",
+            f"record {record_id} kept no {checkpoint!r} map of {model!r} x {method!r}",
+            details={"id": int(record_id), "model": model, "method": method, "checkpoint": checkpoint},
+        )
+    try:
+        png = await run_in_threadpool(lambda: map_png(decode_map(encoded)))
+    except ValueError as exc:
+        raise ApiError(
+            500, "unreadable_map", f"record {record_id}: the kept map cannot be read: {exc}"
+        ) from exc
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/maps-legend.png")
+async def maps_legend(session: AssetSession) -> Response:
+    """The colour scale of the kept maps (0 left, 1 right)."""
+    return Response(LEGEND_PNG, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.get("/integrity")

@@ -11,7 +11,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from markupsafe import Markup
 from pydantic import TypeAdapter, ValidationError
@@ -410,10 +410,12 @@ def record_rows(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def record_detail(record: Mapping[str, Any]) -> dict[str, Any]:
     """A record's page: per model its predictions and per method its metrics, flags and diagnostics.
 
-    ``maps`` per method is read when a report carries low-resolution attribution maps (maps for review,
-    not stored yet): a mapping of map name (e.g. "transfer", "finetuned") to the URL of a PNG the
-    dashboard serves (same origin: the CSP allows 'self' only, so no data: URIs). Until then it is None and
-    the page says the maps were not kept."""
+    ``maps`` per method: when the record kept its low-resolution attribution maps (``record["maps"]``,
+    maps for review, :mod:`engine.review_maps`), a list of (label, URL of the PNG the dashboard serves:
+    same origin, the CSP allows 'self' only, so no data: URIs), transfer and fine-tuned first; else None,
+    and ``maps_note`` says why none were kept."""
+    kept = record.get("maps") or {}
+    kept_models = kept.get("models") or {}
     reports = []
     for report in record.get("reports") or []:
         methods = report.get("methods") or {}
@@ -455,7 +457,7 @@ def record_detail(record: Mapping[str, Any]) -> dict[str, Any]:
                         "drift_index": fmt(r.get("drift_index")),
                         "reference_percentile": fmt(r.get("reference_percentile"), 1),
                         "diagnostics": {k: fmt(v) for k, v in (r.get("diagnostics") or {}).items()},
-                        "maps": r.get("maps"),
+                        "maps": map_links(record["id"], str(report.get("model")), m, kept_models),
                     }
                     for m, r in methods.items()
                 ],
@@ -472,7 +474,44 @@ def record_detail(record: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "reports": reports,
         "timings": {k: fmt(v, 1) for k, v in (record.get("timings_ms") or {}).items()},
+        "maps_note": maps_note(record.get("maps")),
+        "maps_grid": kept.get("grid"),
     }
+
+
+MAP_LABELS = {
+    "transfer": "transfer",
+    "finetuned": "fine-tuned",
+    "transfer_own": "transfer, own prediction",
+    "finetuned_own": "fine-tuned, own prediction",
+}
+
+
+def map_links(
+    record_id: int, model: str, method: str, kept_models: Mapping[str, Any]
+) -> list[tuple[str, str]] | None:
+    """(label, PNG URL) of each kept map of ``model`` x ``method``, in :data:`MAP_LABELS` order."""
+    by_checkpoint = (kept_models.get(model) or {}).get(method) or {}
+    names = [n for n in MAP_LABELS if n in by_checkpoint]
+    names += sorted(str(n) for n in by_checkpoint if n not in MAP_LABELS)
+    base = f"/dashboard/records/{record_id}/maps/{quote(model, safe='')}/{quote(method, safe='')}"
+    links = [(MAP_LABELS.get(n) or n, f"{base}/{quote(n, safe='')}.png") for n in names]
+    return links or None
+
+
+def maps_note(maps: Mapping[str, Any] | None) -> str:
+    """Why a record shows no maps (empty when it kept some)."""
+    if not maps:
+        return (
+            "Maps were not kept: CXR_DRIFT_KEEP_MAPS=none at the time (the audit trail keeps maps only when "
+            "maps for review are enabled, and never the image)."
+        )
+    if not maps.get("kept"):
+        return (
+            f"Maps were not kept: CXR_DRIFT_KEEP_MAPS={maps.get('keep')} at the time and no drift result of "
+            "this request was flagged."
+        )
+    return ""
 
 
 # -------------------------------------------------------------------------------------------- models

@@ -170,7 +170,15 @@ def test_open_a_flagged_record(page: Any, site: tuple[str, list[dict[str, Any]]]
     assert page.locator("table.methods tr.flagged").count() == len(flagged_pairs)
     assert page.locator("table.predictions").count() == 2 * len(record["reports"])
     assert record["request_id"] in page.inner_text("main")
-    assert "Not kept for this record" in page.inner_text(".maps")
+    # the seeded data keeps the maps of flagged requests (CXR_DRIFT_KEEP_MAPS=flagged): every one loads
+    assert record["maps"]["kept"] is True
+    images = page.locator(".maps img")
+    expected = sum(len(c) for by in record["maps"]["models"].values() for c in by.values())
+    assert images.count() == expected + len(record["reports"])  # + one colour scale per model
+    page.wait_for_load_state("networkidle")
+    widths = page.eval_on_selector_all(".maps img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
+    assert widths and all(w > 0 for w in widths), widths
+    assert page.locator(".map-legend img").first.evaluate("e => e.naturalWidth") == 256
 
 
 def test_verify_the_chain_and_an_anchor(page: Any, site: tuple[str, list[dict[str, Any]]]) -> None:

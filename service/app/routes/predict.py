@@ -24,6 +24,7 @@ from core.vocabulary import METHODS
 from engine.overlay import overlay_png
 from engine.predict import MapMode, PairResult, PredictOptions, decode_image, predict_pairs, resolve_options
 from engine.report import DriftReport
+from engine.review_maps import review_maps
 from service.app.concurrency import decode_limiter
 from service.app.deps import PredictKeyDep, StateDep
 from service.app.errors import ApiError, error_responses, request_id_of
@@ -128,7 +129,11 @@ async def predict(
         del data
         timings["decode_ms"] = _ms(t)
 
-        results: Sequence[PairResult] = await run_in_threadpool(predict_pairs, pairs, image.gray, options)
+        # maps for review (engine.review_maps): the engine must draw them even when the client wants none
+        keep_maps = state.settings.keep_maps
+        results: Sequence[PairResult] = await run_in_threadpool(
+            predict_pairs, pairs, image.gray, options, with_maps=keep_maps != "none"
+        )
     timings.update({f"{r.report.model}_ms": r.elapsed_ms for r in results})
     reports = [r.report for r in results]
 
@@ -221,6 +226,7 @@ async def _write_audit(
         options=options.model_dump(),
         reports=list(reports),
         timings_ms=timings_ms,
+        maps=review_maps(reports, state.settings.keep_maps),
     )
     try:
         return await run_in_threadpool(audit.append, state.engine, entry)
