@@ -11,14 +11,13 @@ import csv
 import io
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict
 
 from service.audit.chain import DRIFT_CONTENT, utc_iso
 from service.audit.db import translate_errors
+from service.audit.filters import AuditFilters
 from service.audit.tables import AuditDrift, AuditRecord
 
 __all__ = [
@@ -35,31 +34,6 @@ __all__ = [
     "list_records",
     "time_conditions",
 ]
-
-
-class AuditFilters(BaseModel):
-    """Filters of summaries, listings and exports (unset: no filter). ``start`` is inclusive, ``end``
-    exclusive; both must be timezone-aware. The same model describes the filters in API responses."""
-
-    model_config = ConfigDict(frozen=True)
-
-    start: datetime | None = None
-    end: datetime | None = None
-    model: str | None = None
-    architecture: str | None = None
-    digest: str | None = None
-    method: str | None = None
-    target_class: str | None = None
-    agreement: bool | None = None
-    severity: str | None = None
-    flagged: bool | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The filters as JSON values (timestamps as ``datetime.isoformat()``)."""
-        return {
-            name: (value.isoformat() if isinstance(value, datetime) else value)
-            for name, value in self.model_dump().items()
-        }
 
 
 @dataclass

@@ -29,15 +29,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 
+from service.audit.filters import AuditFilters
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord, AuditRollup
-
-if TYPE_CHECKING:  # queries imports chain, which calls add(): no import cycle at run time
-    from service.audit.queries import AuditFilters
 
 __all__ = [
     "BINS",
