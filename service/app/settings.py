@@ -111,21 +111,10 @@ class Settings(BaseSettings):
     # true: one model folder that fails to load makes /readyz 503; false: ready while at least one serves
     strict_models: bool = True
 
-    @field_validator("default_models", mode="before")
+    @field_validator("api_keys", "default_models", mode="before")
     @classmethod
-    def _split_models(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                import json
-
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
-
-    @field_validator("api_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
+        """A list from the environment: comma-separated, or a JSON list."""
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
