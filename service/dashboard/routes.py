@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 import secrets
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -471,8 +472,14 @@ async def integrity(request: Request, session: PageSession, engine: EngineDep, a
 
 @router.get("/models")
 async def models(request: Request, session: PageSession, state: StateDep) -> Response:
-    manifests = {name: _manifest(pair) for name, pair in state.pairs.items()}
-    context = {"rows": views.model_rows(manifests, state.folders), "failed": state.failed}
+    snapshot = state.registry.snapshot  # one consistent view
+    manifests = {name: _manifest(served.pair) for name, served in snapshot.served.items()}
+    versions = {name: (served.identity.digest, served.since) for name, served in snapshot.served.items()}
+    # server paths for the admin role only, as in /models
+    admin = session.role == "admin"
+    folders = snapshot.folders if admin else {}
+    failed = [f if admin else replace(f, folder="") for f in snapshot.failed]
+    context = {"rows": views.model_rows(manifests, folders, versions), "failed": failed}
     return _render(request, "models.html", context, session=session)
 
 

@@ -518,13 +518,16 @@ def maps_note(maps: Mapping[str, Any] | None) -> str:
 
 
 def model_rows(
-    manifests: Mapping[str, Mapping[str, Any]], folders: Mapping[str, str]
+    manifests: Mapping[str, Mapping[str, Any]],
+    folders: Mapping[str, str],
+    versions: Mapping[str, tuple[str, datetime]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per served pair from its manifest: identity columns (``columns``: add a version or digest
-    here), test metrics per checkpoint, and the drift calibration (or why there is none)."""
+    """One row per served pair from its manifest: identity columns (version digest and serving since from
+    ``versions``), test metrics per checkpoint, and the drift calibration (or why there is none)."""
     rows = []
     for name in sorted(manifests):
         manifest = manifests[name]
+        digest, since = (versions or {}).get(name, ("", None))
         checkpoints = manifest.get("checkpoints") or {}
         calibration = manifest.get("drift_calibration") or None
         rows.append(
@@ -532,12 +535,15 @@ def model_rows(
                 "name": name,
                 "columns": [
                     ("architecture", manifest.get("architecture") or "—"),
+                    ("version digest", f"{digest[:12]}…" if digest else "—"),
+                    ("serving since", since.strftime("%Y-%m-%d %H:%M UTC") if since else "—"),
                     ("input size", f"{manifest.get('input_size', '—')} px"),
                     ("classes", len(manifest.get("class_names") or [])),
                     ("exported", manifest.get("created_at") or "—"),
                     ("package version", manifest.get("cxr_drift_version") or "—"),
                 ],
                 "folder": folders.get(name, ""),
+                "digest": digest,
                 "class_names": list(manifest.get("class_names") or []),
                 "metrics": [
                     {

@@ -407,6 +407,25 @@ def test_integrity_page_verifies_anchors(
     assert api.get("/dashboard/integrity?anchor=xyz").status_code == 422
 
 
+def test_models_page_shows_versions_and_paths_to_admins_only(tmp_path: Path, api_artifacts: Path) -> None:
+    from core.identity import version_digest
+    from core.manifest import read_manifest
+
+    with started(make_settings(api_artifacts, sqlite_url(tmp_path))) as client:
+        digests = {
+            name: version_digest(read_manifest(folder))
+            for name, folder in client.app.state.cxr.folders.items()
+        }
+        assert digests
+        sign_in(client, KEYS["audit"])
+        page = client.get("/dashboard/models").text
+        for name, digest in digests.items():
+            assert f'title="version digest {digest}"' in page and f"{digest[:12]}…" in page, name
+        assert "serving since" in page and str(api_artifacts) not in page
+        sign_in(client, KEYS["admin"])  # a fresh browser
+        assert str(api_artifacts) in client.get("/dashboard/models").text
+
+
 def test_models_page_empty_state(api: ApiClient) -> None:
     sign_in(api, KEYS["audit"])
     page = api.get("/dashboard/models")
