@@ -49,21 +49,7 @@ MODELS = ("densenet201", "inceptionv3", "resnet50v2")
 METHODS = ("gradcampp", "layercam")
 CLASSES = ("normal", "lobar_consolidation", "lower_zone_opacities", "diffuse_opacity", "upper_zone_nodules")
 START = datetime(2025, 12, 1, tzinfo=UTC)
-RECORD_COLUMNS = (
-    "id",
-    "request_id",
-    "created_at",
-    "api_key_name",
-    "image_sha256",
-    "image_format",
-    "image_width",
-    "image_height",
-    "image_nbytes",
-    "options",
-    "payload",
-    "prev_hash",
-    "row_hash",
-)
+RECORD_COLUMNS = ("id", *chain.RECORD_CONTENT, "prev_hash", "row_hash")  # the stored columns
 DRIFT_COLUMNS = ("id", "record_id", *chain.DRIFT_CONTENT)
 
 
@@ -130,6 +116,8 @@ def generate(n: int, days: int, seed: int) -> Iterator[tuple[dict[str, Any], lis
                         "head_scale_control_iou": _round(min(1.0, iou + 0.05))
                         if method == "gradcampp"
                         else None,
+                        "model_architecture": model,  # revision 0004's identity (no digest: no real pair)
+                        "model_digest": None,
                     }
                 )
             reports.append(
