@@ -15,7 +15,9 @@ with ``pytest_plugins = ["tests.db_fixtures"]`` in conftest.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -52,6 +54,37 @@ def _render(url: sa.URL) -> str:
     return url.render_as_string(hide_password=False)
 
 
+# server states that pass: the shared server is out of connection slots, or restarting after a crash
+TRANSIENT_PG_ERRORS = (
+    "too many clients",
+    "remaining connection slots",
+    "starting up",
+    "recovery mode",
+    "shutting down",
+)
+
+
+@contextlib.contextmanager
+def connect_when_ready(engine: sa.Engine, wait_s: float = 60.0) -> Iterator[sa.Connection]:
+    """``engine.connect()``, retried while the server is in a transient state (:data:`TRANSIENT_PG_ERRORS`).
+
+    The shared server serves other clients too; a test should not fail because one of them held every slot
+    for a moment. Another error, or a state lasting past ``wait_s``, raises with the server's message.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            connection = engine.connect()
+            break
+        except sa.exc.OperationalError as error:
+            message = str(error.orig)
+            if not any(state in message for state in TRANSIENT_PG_ERRORS) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with connection:
+        yield connection
+
+
 @pytest.fixture(scope="session")
 def pg_database_url() -> Iterator[str]:
     """URL of a fresh PostgreSQL database for this test session (per xdist worker), dropped at the end."""
@@ -61,7 +94,7 @@ def pg_database_url() -> Iterator[str]:
     )
     name = f"cxr_drift_test_{uuid.uuid4().hex[:12]}"
     try:
-        with admin.connect() as connection:
+        with connect_when_ready(admin) as connection:
             connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
     except sa.exc.OperationalError as error:
         admin.dispose()
@@ -80,7 +113,7 @@ def pg_url(pg_database_url: str) -> Iterator[str]:
     base = sa.make_url(pg_database_url)
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    with admin.connect() as connection:
+    with connect_when_ready(admin) as connection:
         connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
     try:
         yield _render(base.update_query_dict({"options": f"-csearch_path={schema}"}))
