@@ -5,7 +5,8 @@ Runs the demo of the checkout at ``--repo`` (its code on PYTHONPATH) in a fresh 
 then polls ``GET /models`` until every architecture is served; prints the seconds of each, then stops the
 demo. On the way it prints each ``[demo]`` line of the demo's log with the second it appeared, the load
 average, and at the end each trained pair's stage timings and test metrics (from its ``train/metrics.json``).
-``--second-run`` then starts the demo again in the same folder and times its first answer (everything reused).
+``--second-run`` then starts the demo again in the same folder and times its first answer (everything reused);
+``--dir`` runs it in a given folder instead of a fresh one (e.g. one an earlier run left).
 Compare two checkouts side by side with the same options, e.g. before and after issue 9:
 
     python bench/demo_first_answer.py --repo /work/main -- --n 60 --epochs-transfer 1 --epochs-finetune 1
@@ -138,11 +139,12 @@ def main() -> int:
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--second-run", action="store_true", help="then time a second run in the same folder")
+    parser.add_argument("--dir", type=Path, help="the demo's folder (default: a fresh temporary one)")
     parser.add_argument("demo_args", nargs="*")
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="demo-bench-"))
+    folder = args.dir or Path(tempfile.mkdtemp(prefix="demo-bench-"))
     print(f"demo folder {folder}", flush=True)
-    time_demo(args, folder, free_port(), label="first run")
+    time_demo(args, folder, free_port(), label="run" if args.dir else "first run")
     stage_report(folder / "artifacts")
     if args.second_run:
         time_demo(args, folder, free_port(), label="second run")
