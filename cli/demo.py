@@ -20,6 +20,7 @@ import uvicorn
 from service.app.main import create_app
 from service.app.settings import Settings
 from service.demo import (
+    DEMO_EPOCHS_FINETUNE,
     DEMO_IMAGE_SIZE,
     DEMO_N,
     DEMO_TRAIN_MINUTES,
@@ -44,7 +45,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--archs", default="all", help="comma-separated architectures (default: all registered)")
     p.add_argument("--epochs-transfer", type=int, default=None, help="stage-1 epochs (default: train's)")
-    p.add_argument("--epochs-finetune", type=int, default=None, help="stage-2 epochs (default: train's)")
+    p.add_argument(
+        "--epochs-finetune",
+        type=int,
+        default=None,
+        help="stage-2 epochs (default: "
+        + ", ".join(f"{n} for {a}" for a, n in DEMO_EPOCHS_FINETUNE.items())
+        + "; else train's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true", help="train again even if valid model pairs exist")
     p.add_argument("--host", default="127.0.0.1")

@@ -34,12 +34,14 @@ from training.synth import generate_dataset
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DEMO_EPOCHS_FINETUNE",
     "DEMO_IMAGE_SIZE",
     "DEMO_INPUT_SIZE",
     "DEMO_N",
     "DEMO_TRAIN_MINUTES",
     "create_demo_key",
     "demo_archs",
+    "demo_train_config",
     "pair_is_usable",
     "prepare_data",
     "prepare_demo",
@@ -54,9 +56,14 @@ DEMO_INPUT_SIZE = {"densenet201": 128, "resnet50v2": 128, "inceptionv3": 160}
 # needs epochs; 160 px sources already exceed every demo input size.
 DEMO_N = 600
 DEMO_IMAGE_SIZE = 160
-# Training time of each demo pair, measured on 2 CPU cores (minutes; README): the quickest trains first, so
-# the demo serves as soon as possible.
-DEMO_TRAIN_MINUTES = {"inceptionv3": 4.6, "resnet50v2": 4.8, "densenet201": 6.5}
+# Fine-tune epochs of a demo pair when ``--epochs-finetune`` is not given (else train's default, 4). The
+# pair the demo first answers with (the quickest, InceptionV3) fine-tunes for 2 epochs: its fine-tuning was
+# ~290 s of the ~430 s to the first answer on 2 cores (BENCHMARKS.md, "The demo").
+DEMO_EPOCHS_FINETUNE = {"inceptionv3": 2}
+# Training time of each demo pair on 2 quiet CPU cores (minutes; README): the quickest trains first, so the
+# demo serves as soon as possible. Measured with 4 fine-tune epochs; InceptionV3's is that less its 2 fewer
+# epochs (~72 s each).
+DEMO_TRAIN_MINUTES = {"inceptionv3": 2.2, "resnet50v2": 4.8, "densenet201": 6.5}
 # The demo calibrates on its 90 validation images: fewer than a p99 wants (engine.calibrate.MIN_REFERENCE).
 DEMO_MIN_REFERENCE = 30
 
@@ -166,6 +173,35 @@ def prepare_data(
     return data, sample
 
 
+def demo_train_config(
+    root: Path,
+    arch: str,
+    *,
+    seed: int = 0,
+    epochs_transfer: int | None = None,
+    epochs_finetune: int | None = None,
+) -> TrainConfig:
+    """The training run of the demo pair of ``arch``: data ``root/data``, output ``root/staging/<arch>``, its
+    reduced input size, random init on the CPU; epochs given here win over the demo's and train's defaults."""
+    overrides: dict[str, Any] = {}
+    if epochs_transfer is not None:
+        overrides["epochs_transfer"] = epochs_transfer
+    if epochs_finetune is None:
+        epochs_finetune = DEMO_EPOCHS_FINETUNE.get(arch)
+    if epochs_finetune is not None:
+        overrides["epochs_finetune"] = epochs_finetune
+    return TrainConfig(
+        arch=arch,
+        data=str(root / "data"),
+        out=str(root / "staging" / arch),
+        input_size=DEMO_INPUT_SIZE.get(arch),
+        pretrained="none",
+        seed=seed,
+        device="cpu",
+        **overrides,
+    )
+
+
 def prepare_pair(
     root: Path,
     arch: str,
@@ -199,24 +235,13 @@ def prepare_pair(
     if staging.exists():
         shutil.rmtree(staging)
     staging.parent.mkdir(parents=True, exist_ok=True)
-    overrides: dict[str, Any] = {}
-    if epochs_transfer is not None:
-        overrides["epochs_transfer"] = epochs_transfer
-    if epochs_finetune is not None:
-        overrides["epochs_finetune"] = epochs_finetune
-    config = TrainConfig(
-        arch=arch,
-        data=str(data),
-        out=str(staging),
-        input_size=DEMO_INPUT_SIZE.get(arch),
-        pretrained="none",
-        seed=seed,
-        device="cpu",
-        **overrides,
+    config = demo_train_config(
+        root, arch, seed=seed, epochs_transfer=epochs_transfer, epochs_finetune=epochs_finetune
     )
     train_pair(config)
     calibration = calibrate_demo_pair(staging, data, say=say)
     manifest = json.loads((staging / "manifest.json").read_text())
+    stages = json.loads((staging / "train" / "metrics.json").read_text())
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists():
         shutil.rmtree(folder)
@@ -226,7 +251,9 @@ def prepare_pair(
         for name in CHECKPOINTS
     }
     say(
-        f"[demo] {arch}: done in {time.perf_counter() - started:.0f} s; test accuracy "
+        f"[demo] {arch}: done in {time.perf_counter() - started:.0f} s (transfer "
+        f"{stages['transfer']['seconds']:.0f} s, fine-tuning {config.epochs_finetune} epochs "
+        f"{stages['finetuned']['seconds']:.0f} s); test accuracy "
         f"transfer {accs['transfer']:.3f}, fine-tuned {accs['finetuned']:.3f}; drift calibrated on "
         f"{calibration['n']} validation images ({calibration['subset']})"
     )

@@ -125,3 +125,26 @@ def test_demo_serves_the_first_pair_and_loads_the_others_as_they_finish(
             "resnet50v2",
             "demo: resnet50v2 trained",
         )
+
+
+def test_the_demo_recipe_fine_tunes_the_first_served_pair_for_fewer_epochs(tmp_path: Path) -> None:
+    """InceptionV3 (trained and served first) fine-tunes for 2 epochs, the others for train's default;
+    ``--epochs-*`` win; every pair is still a transfer + fine-tune pair from a random init."""
+    from service.demo import DEMO_INPUT_SIZE, DEMO_TRAIN_MINUTES, demo_archs, demo_train_config
+    from training.config import TrainConfig
+
+    default = TrainConfig(arch="x", data="d", out="o").epochs_finetune
+    configs = {arch: demo_train_config(tmp_path, arch) for arch in demo_archs("all")}
+    assert min(DEMO_TRAIN_MINUTES, key=DEMO_TRAIN_MINUTES.__getitem__) == "inceptionv3"
+    assert configs["inceptionv3"].epochs_finetune == 2 < default
+    assert {a: c.epochs_finetune for a, c in configs.items() if a != "inceptionv3"} == {
+        "densenet201": default,
+        "resnet50v2": default,
+    }
+    for arch, config in configs.items():
+        assert config.epochs_transfer > 0 and config.epochs_finetune > 0
+        assert (config.pretrained, config.device) == ("none", "cpu")
+        assert config.input_size == DEMO_INPUT_SIZE[arch]
+        assert (config.data, config.out) == (str(tmp_path / "data"), str(tmp_path / "staging" / arch))
+    chosen = demo_train_config(tmp_path, "inceptionv3", epochs_transfer=3, epochs_finetune=5)
+    assert (chosen.epochs_transfer, chosen.epochs_finetune) == (3, 5)
