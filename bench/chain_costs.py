@@ -7,7 +7,8 @@ Seeds --records + --new records (3 models x 2 methods, ~4 kB payload) with bench
 file and a fresh PostgreSQL database (dropped at the end), then per database: a full ``chain.verify`` (time
 per row), ``chain.verify(since=...)`` anchored at record --records (so it checks the last --new rows; p50
 of 3), and --appends appends through ``chain.append`` of the test-suite's entries (p50 and appends/s, one
-writer). Run it from two checkouts on the same machine to compare code versions.
+writer). Run it from two checkouts on the same machine to compare code versions. --legacy-json seeds the
+JSON columns as rows written before canonical storage hold them (verification then parses them).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def measure(engine: sa.Engine, records: int, new: int, appends: int) -> dict[str
         t0 = time.perf_counter()
         chain.append(engine, entry)
         latencies.append(time.perf_counter() - t0)
+    if not appends:
+        return out
     out["append"] = {
         "n": appends,
         "p50_ms": round(1000 * statistics.median(latencies), 2),
@@ -90,7 +93,17 @@ def main() -> None:
     parser.add_argument("--db", default="sqlite,postgresql")
     parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--legacy-json",
+        action="store_true",
+        help="seed the JSON columns in the form rows written before canonical storage hold (json.dumps)",
+    )
     args = parser.parse_args()
+    if args.legacy_json:
+        from bench import audit_scale
+        from service.audit.db import legacy_stored_json
+
+        audit_scale.stored_json = legacy_stored_json
     names = args.db.split(",")
     workdir = Path(tempfile.mkdtemp(prefix="chain_costs_"))
     urls: dict[str, str] = {}
