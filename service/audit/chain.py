@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -211,22 +211,18 @@ _AFTER = _RECORD_ORDER[_RECORD_ORDER.index("payload") + 1 :]
 # verify's fast path relies on this layout (see _stored_row_hash): the two texts side by side, then one string
 assert _RECORD_ORDER[len(_BEFORE) : len(_BEFORE) + 2] == _SPLICED and _AFTER == ("request_id",)
 _PAYLOAD_KEY = ',"payload":'
+_OPTIONAL = frozenset(DRIFT_OPTIONAL_CONTENT)
 
 
-def _drift_json(drift_rows: Sequence[Mapping[str, Any]]) -> str:
-    """The canonical JSON of the drift rows as :func:`compute_row_hash` hashes them (values plain JSON)."""
-    rows = sorted(
-        (
-            {
-                name: row[name]
-                for name in DRIFT_CONTENT
-                if name not in DRIFT_OPTIONAL_CONTENT or row.get(name) is not None
-            }
-            for row in drift_rows
-        ),
-        key=lambda row: (row["model"], row["method"]),
-    )
-    return stored_json(rows)
+def _drift_content(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """A drift row's hashed content from its (name, value) pairs of DRIFT_CONTENT: optional ones when set."""
+    return {name: value for name, value in values if value is not None or name not in _OPTIONAL}
+
+
+def _drift_json(contents: list[dict[str, Any]]) -> str:
+    """The canonical JSON of drift rows' content as :func:`compute_row_hash` hashes it (plain JSON values)."""
+    contents.sort(key=lambda row: (row["model"], row["method"]))
+    return stored_json(contents)
 
 
 def _document_parts(content: Mapping[str, Any], drift_json: str) -> tuple[str, str]:
@@ -348,9 +344,10 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
     # everything but prev_hash is serialised before the chain lock is taken; the JSON columns are written as
     # the very text that is hashed
     texts = {name: stored_json(record[name]) for name in _SPLICED}
-    parts = _document_parts(
-        {**record, "created_at": utc_iso(record["created_at"]), **texts}, _drift_json(drift_rows)
+    drift_json = _drift_json(
+        [_drift_content((name, row[name]) for name in DRIFT_CONTENT) for row in drift_rows]
     )
+    parts = _document_parts({**record, "created_at": utc_iso(record["created_at"]), **texts}, drift_json)
     stored = {**record, **{name: _json_text(text, dialect) for name, text in texts.items()}}
     with translate_errors("append an audit record"), engine.connect() as connection:
         if dialect == "sqlite":
@@ -578,37 +575,41 @@ def _stored_row_hash(record: Sequence[Any], drift: Sequence[Sequence[Any]], sqli
     prev_hash, row_hash = record[1], record[2]
     content = dict(zip(RECORD_CONTENT, record[3:], strict=True))
     content["created_at"] = utc_iso(_stored_created_at(content["created_at"]))
-    names = DRIFT_CONTENT
-    typed = not sqlite or all(row[-1] == 1 for row in drift)
-    if typed and all(isinstance(content[n], str) and _PAYLOAD_KEY not in content[n] for n in _SPLICED):
-        rows = [dict(zip(names, row[1 : 1 + len(names)], strict=True)) for row in drift]
-        if sqlite:  # stored as 0 or 1 (checked by the flag)
+    drift_json = None
+    if not sqlite or all(row[-1] == 1 for row in drift):
+        rows = [_drift_content(zip(DRIFT_CONTENT, row[1:], strict=False)) for row in drift]
+        if sqlite:  # booleans are stored as 0 or 1 (checked by the flag)
             for row in rows:
-                row.update({name: None if row[name] is None else row[name] == 1 for name in _DRIFT_BOOLEANS})
-        actual = _spliced_hash(_document_parts(content, _drift_json(rows)), prev_hash)
-        if actual == row_hash:
-            return actual
+                for name in _DRIFT_BOOLEANS:
+                    row[name] = None if row[name] is None else row[name] == 1
+        drift_json = _drift_json(rows)
+        if all(isinstance(content[n], str) and _PAYLOAD_KEY not in content[n] for n in _SPLICED):
+            actual = _spliced_hash(_document_parts(content, drift_json), prev_hash)
+            if actual == row_hash:
+                return actual
     for name in _SPLICED:
-        content[name] = stored_json(_parse_stored_json(name, content[name]))
-    rows = [dict(zip(names, row[1 : 1 + len(names)], strict=True)) for row in drift]
-    if sqlite:
-        rows = [_parse_stored_drift(row) for row in rows]
-    return _spliced_hash(_document_parts(content, _drift_json(rows)), prev_hash)
+        content[name] = _canonical_stored_json(name, content[name])
+    if drift_json is None:  # SQLite: a value without its column's storage type; this names it
+        stored = [_parse_stored_drift(dict(zip(DRIFT_CONTENT, row[1:], strict=False))) for row in drift]
+        drift_json = _drift_json([_drift_content(row.items()) for row in stored])
+    return _spliced_hash(_document_parts(content, drift_json), prev_hash)
 
 
-def _parse_stored_json(name: str, value: Any) -> Any:
-    """A JSON column's value from its stored text, which must be the text append() writes for it."""
+def _canonical_stored_json(name: str, value: Any) -> str:
+    """The canonical JSON of a JSON column's value, from its stored text, which must be the text append()
+    writes for that value (or wrote, before canonical storage)."""
     if isinstance(value, bytes):
         value = value.decode("utf-8")
     if not isinstance(value, str):
-        return value  # SQLite gave a number back: it is hashed as read
+        return stored_json(value)  # SQLite gave a number back: it is hashed as read
     parsed = json.loads(value)
+    canonical = stored_json(parsed)
     # SQL reads the text (SQLite's json_extract takes a duplicated key's first value, Python its last):
     # require the text to be exactly what append() wrote for the value that is hashed.
-    if value != stored_json(parsed) and value != legacy_stored_json(parsed):
+    if value != canonical and value != legacy_stored_json(parsed):
         json.loads(value, object_pairs_hook=_no_duplicate_keys)  # names a duplicated key
         raise ValueError(f"{name}: the stored JSON text is not the form append() writes")
-    return parsed
+    return canonical
 
 
 def _stored_created_at(created: Any) -> datetime:

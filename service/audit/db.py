@@ -94,7 +94,11 @@ def stored_json(value: Any) -> str:
     this function, or :func:`legacy_stored_json`, of its parsed value, so the bytes SQL reads
     (``json_extract``, ``->>``) are the bytes that are hashed.
     """
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return _CANONICAL_JSON.encode(value)
+
+
+# json.dumps with these arguments, without building an encoder per call (verification calls it per row)
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def legacy_stored_json(value: Any) -> str:

@@ -56,7 +56,8 @@ def test_spliced_hash_equals_compute_row_hash() -> None:
             "created_at": chain.utc_iso(record["created_at"]),
             **{name: db.stored_json(record[name]) for name in ("options", "payload")},
         }
-        spliced = chain._spliced_hash(chain._document_parts(content, chain._drift_json(rows)), prev)
+        contents = [chain._drift_content((name, row[name]) for name in chain.DRIFT_CONTENT) for row in rows]
+        spliced = chain._spliced_hash(chain._document_parts(content, chain._drift_json(contents)), prev)
         assert spliced == chain.compute_row_hash(record, rows, prev)
         # the stored JSON text is the canonical JSON of the value, the text the hash covers
         assert db.stored_json(record["payload"]) == chain.canonical_json(record["payload"])
