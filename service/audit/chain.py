@@ -209,7 +209,8 @@ _RECORD_ORDER = tuple(sorted(RECORD_CONTENT))  # the order sort_keys writes them
 _BEFORE = _RECORD_ORDER[: _RECORD_ORDER.index("options")]
 _AFTER = _RECORD_ORDER[_RECORD_ORDER.index("payload") + 1 :]
 # verify's fast path relies on this layout (see _stored_row_hash): the two texts side by side, then one string
-assert _RECORD_ORDER[len(_BEFORE) : len(_BEFORE) + 2] == _SPLICED and _AFTER == ("request_id",)
+if _RECORD_ORDER[len(_BEFORE) : len(_BEFORE) + 2] != _SPLICED or _AFTER != ("request_id",):
+    raise RuntimeError(f"record columns {_RECORD_ORDER}: re-examine _stored_row_hash before changing them")
 _PAYLOAD_KEY = ',"payload":'
 _OPTIONAL = frozenset(DRIFT_OPTIONAL_CONTENT)
 
