@@ -40,7 +40,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.audit import chain, rollup
-from service.audit.db import make_engine, upgrade
+from service.audit.db import make_engine, stored_json, upgrade
 from service.audit.queries import AuditFilters
 from service.audit.summary import summarize
 from service.audit.tables import METRIC_COLUMNS, AuditRollup
@@ -189,14 +189,14 @@ class Writer:
         if isinstance(value, datetime):  # as UtcDateTime stores it
             return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
         if isinstance(value, dict):
-            return json.dumps(value)
+            return stored_json(value)
         return value
 
     @staticmethod
     def _copy(cursor: Any, table: str, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
         with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
             for row in rows:
-                copy.write_row([json.dumps(row[c]) if isinstance(row[c], dict) else row[c] for c in columns])
+                copy.write_row([stored_json(row[c]) if isinstance(row[c], dict) else row[c] for c in columns])
 
     def finish(self, rollups: dict[tuple[str, str, str], rollup.Accumulator]) -> None:
         with self.engine.begin() as connection:

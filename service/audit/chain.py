@@ -11,7 +11,8 @@ where ``content`` is every stored column of the record except ``id``, ``row_hash
 (model, method), and ``canonical_json`` is JSON with sorted keys, no whitespace, ASCII only, floats in
 Python's shortest round-trip ``repr``, no NaN/inf (stored as null), and timestamps as UTC ISO-8601
 ``YYYY-MM-DDTHH:MM:SS.ffffffZ``. The first row links to ``GENESIS_HASH`` (64 zeros). UPDATE and DELETE
-are also rejected by triggers in the database (created by the migration).
+are also rejected by triggers in the database (created by the migration). The JSON columns hold their
+canonical JSON, the very text that is hashed, so verification hashes it without parsing it.
 
 What a chain can and cannot show: changing any stored value of a row, or deleting/inserting a row in the
 middle, is detected by :func:`verify`; deleting the newest rows, or rewriting every hash after a change, is
@@ -27,11 +28,10 @@ raise :class:`~service.audit.db.DatabaseUnavailable` when the database cannot be
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +41,7 @@ from sqlalchemy import exc, func
 
 from engine.report import DriftReport, MethodResult
 from service.audit import db, rollup
-from service.audit.db import SQLITE_IMMEDIATE, stored_json, translate_errors
+from service.audit.db import SQLITE_IMMEDIATE, legacy_stored_json, stored_json, translate_errors
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
 __all__ = [
@@ -174,10 +174,11 @@ def _canonical_value(value: Any) -> Any:
 
 
 def canonical_json(value: Any) -> str:
-    """Sorted keys, no whitespace, ASCII, floats as shortest round-trip repr, UTC ISO timestamps."""
-    return json.dumps(
-        _canonical_value(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    """Sorted keys, no whitespace, ASCII, floats as shortest round-trip repr, UTC ISO timestamps.
+
+    Of a JSON value (str keys, no timestamps) it is :func:`~service.audit.db.stored_json`, the text the JSON
+    columns hold."""
+    return stored_json(_canonical_value(value))
 
 
 def compute_row_hash(
@@ -198,6 +199,48 @@ def compute_row_hash(
     )
     document = canonical_json({"record": content, "drift": rows, "prev_hash": prev_hash})
     return hashlib.sha256(document.encode("ascii")).hexdigest()
+
+
+# The same document assembled from canonical pieces, so that the JSON columns' stored text (which is their
+# canonical JSON, db.stored_json) is hashed as it is, and append serialises everything but prev_hash before
+# it takes the chain lock. Tests check it against compute_row_hash, the definition.
+_SPLICED = ("options", "payload")
+_RECORD_ORDER = tuple(sorted(RECORD_CONTENT))  # the order sort_keys writes them in
+_BEFORE = _RECORD_ORDER[: _RECORD_ORDER.index("options")]
+_AFTER = _RECORD_ORDER[_RECORD_ORDER.index("payload") + 1 :]
+# verify's fast path relies on this layout (see _stored_row_hash): the two texts side by side, then one string
+if _RECORD_ORDER[len(_BEFORE) : len(_BEFORE) + 2] != _SPLICED or _AFTER != ("request_id",):
+    raise RuntimeError(f"record columns {_RECORD_ORDER}: re-examine _stored_row_hash before changing them")
+_PAYLOAD_KEY = ',"payload":'
+_OPTIONAL = frozenset(DRIFT_OPTIONAL_CONTENT)
+
+
+def _drift_content(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """A drift row's hashed content from its (name, value) pairs of DRIFT_CONTENT: optional ones when set."""
+    return {name: value for name, value in values if value is not None or name not in _OPTIONAL}
+
+
+def _drift_json(contents: list[dict[str, Any]]) -> str:
+    """The canonical JSON of drift rows' content as :func:`compute_row_hash` hashes it (plain JSON values)."""
+    contents.sort(key=lambda row: (row["model"], row["method"]))
+    return stored_json(contents)
+
+
+def _document_parts(content: Mapping[str, Any], drift_json: str) -> tuple[str, str]:
+    """The hashed document before and after the ``prev_hash`` value.
+
+    ``content``: the record's hashed columns, ``created_at`` as its :func:`utc_iso` text and ``options`` and
+    ``payload`` as their canonical JSON text, spliced in as they are.
+    """
+    before = stored_json({name: content[name] for name in _BEFORE})
+    after = stored_json({name: content[name] for name in _AFTER})
+    record = f'{before[:-1]},"options":{content["options"]}{_PAYLOAD_KEY}{content["payload"]},{after[1:]}'
+    return '{"drift":' + drift_json + ',"prev_hash":', ',"record":' + record + "}"
+
+
+def _spliced_hash(parts: tuple[str, str], prev_hash: str) -> str:
+    document = parts[0] + stored_json(prev_hash) + parts[1]
+    return hashlib.sha256(document.encode("utf-8")).hexdigest()
 
 
 # ------------------------------------------------------------------------------------ entry preparation
@@ -299,6 +342,14 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
     record = _record_values(entry)
     drift_rows = drift_rows_from_reports(entry.reports)
     dialect = engine.dialect.name
+    # everything but prev_hash is serialised before the chain lock is taken; the JSON columns are written as
+    # the very text that is hashed
+    texts = {name: stored_json(record[name]) for name in _SPLICED}
+    drift_json = _drift_json(
+        [_drift_content((name, row[name]) for name in DRIFT_CONTENT) for row in drift_rows]
+    )
+    parts = _document_parts({**record, "created_at": utc_iso(record["created_at"]), **texts}, drift_json)
+    stored = {**record, **{name: _json_text(text, dialect) for name, text in texts.items()}}
     with translate_errors("append an audit record"), engine.connect() as connection:
         if dialect == "sqlite":
             connection.execution_options(**{SQLITE_IMMEDIATE: True})
@@ -313,10 +364,10 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
                     sa.select(AuditRecord.row_hash).order_by(AuditRecord.id.desc()).limit(1)
                 ).scalar_one_or_none()
                 prev_hash = last or GENESIS_HASH
-                row_hash = compute_row_hash(record, drift_rows, prev_hash)
+                row_hash = _spliced_hash(parts, prev_hash)
                 record_id = connection.execute(
                     sa.insert(AuditRecord)
-                    .values(**record, prev_hash=prev_hash, row_hash=row_hash)
+                    .values(**stored, prev_hash=prev_hash, row_hash=row_hash)
                     .returning(AuditRecord.id)
                 ).scalar_one()
                 if drift_rows:
@@ -330,6 +381,12 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
             ) from error
     log.debug("audit record %s appended: id=%d hash=%s", entry.request_id, record_id, row_hash)
     return AppendResult(id=record_id, row_hash=row_hash, prev_hash=prev_hash)
+
+
+def _json_text(text: str, dialect: str) -> sa.ColumnElement[Any]:
+    """A JSON column's value given as its text (PostgreSQL `json` keeps it as written, SQLite stores it)."""
+    value = sa.literal(text, sa.Text)
+    return value if dialect == "sqlite" else sa.cast(value, sa.JSON)
 
 
 def _transaction_limits(connection: sa.Connection) -> list[sa.ColumnElement[Any]]:
@@ -369,8 +426,9 @@ def verify(
     A row is bad when its ``prev_hash`` is not the previous row's ``row_hash`` ("broken link": a row was
     deleted or inserted before it), when its stored content no longer hashes to ``row_hash`` ("content
     hash mismatch": a value was changed), or when a stored value cannot be read back at all or is not in the
-    one form :func:`append` writes ("unreadable row": e.g. a JSON text with a duplicated key or reformatted,
-    a SQLite timestamp or boolean written differently), so what SQL reads is always what is hashed.
+    form :func:`append` writes ("unreadable row": e.g. a JSON text with a duplicated key or reformatted,
+    a SQLite timestamp or boolean written differently), so what SQL reads is always what is hashed. JSON
+    texts are canonical JSON (``db.stored_json``; rows written before hold ``db.legacy_stored_json``).
 
     The result names the chain head (``head_id``, ``head_hash``: the newest verified row). Deleting the
     newest rows leaves a valid shorter chain, so keep the head hash somewhere else (a log, a ticket, a
@@ -383,37 +441,37 @@ def verify(
     later row must link to the one before it; ``checked`` counts the rows after the anchor. What the full
     walk adds is only the rows up to the anchor, which the earlier run covered.
     """
-    # JSON and timestamp columns are read raw and parsed here, so a tampered value is a bad row, not an
-    # exception half-way through the stream (SQLite stores them as text that can be edited into anything).
-    # The JSON columns are read as their stored text on both databases (PostgreSQL `json` keeps the text as
-    # written), and SQLite's drift columns as stored (SQLite does not enforce column types): verification
-    # then checks that what SQL reads is exactly what is hashed (see _parse_stored_record/_parse_stored_drift).
+    # JSON and timestamp columns are read raw, so a tampered value is a bad row, not an exception half-way
+    # through the walk (SQLite stores them as text that can be edited into anything). The JSON columns are
+    # read as their stored text on both databases (PostgreSQL `json` keeps the text as written), and SQLite's
+    # drift columns as stored (SQLite does not enforce column types), with a flag that SQLite computes: every
+    # value has its column's storage type. Verification then checks that what SQL reads is exactly what is
+    # hashed (see _stored_row_hash).
     sqlite = engine.dialect.name == "sqlite"
+    coerce = sa.type_coerce if sqlite else sa.cast
     raw = {
-        "options": (sa.type_coerce if sqlite else sa.cast)(AuditRecord.options, sa.Text).label("options"),
-        "payload": (sa.type_coerce if sqlite else sa.cast)(AuditRecord.payload, sa.Text).label("payload"),
+        "options": coerce(AuditRecord.options, sa.Text).label("options"),
+        "payload": coerce(AuditRecord.payload, sa.Text).label("payload"),
         "created_at": sa.type_coerce(AuditRecord.created_at, sa.String).label("created_at"),
     }
-    record_columns = [column.name for column in AuditRecord.__table__.columns]
-    selected = [raw.get(name, getattr(AuditRecord, name)) for name in record_columns]
+    records_statement = sa.select(
+        AuditRecord.id,
+        AuditRecord.prev_hash,
+        AuditRecord.row_hash,
+        *(raw.get(name, getattr(AuditRecord, name)) for name in RECORD_CONTENT),
+    ).order_by(AuditRecord.id)
     drift_columns = [
-        (
-            sa.type_coerce(getattr(AuditDrift, name), sa.types.NullType())
-            if sqlite
-            else getattr(AuditDrift, name)
-        ).label(f"d_{name}")
+        sa.type_coerce(getattr(AuditDrift, name), sa.types.NullType())
+        if sqlite
+        else getattr(AuditDrift, name)
         for name in DRIFT_CONTENT
     ]
-    statement = (
-        sa.select(*selected, AuditDrift.id.label("d_id"), *drift_columns)
-        .outerjoin(AuditDrift, AuditDrift.record_id == AuditRecord.id)
-        .order_by(AuditRecord.id, AuditDrift.model, AuditDrift.method)
+    drift_statement = sa.select(
+        AuditDrift.record_id, *drift_columns, *([_sqlite_drift_types_ok()] if sqlite else [])
     )
     checked = 0
     expected_prev = GENESIS_HASH
     since_id, since_hash = (None, None) if since is None else (int(since[0]), since[1].strip().lower())
-    if since_id is not None:
-        statement = statement.where(AuditRecord.id >= since_id)
     head_id: int | None = None
     anchor = anchor.strip().lower() if anchor is not None else None
     anchor_found = False
@@ -430,44 +488,50 @@ def verify(
             since_id=since_id,
         )
 
+    # Pages of records by id, each with its drift rows in a second query (no record x drift join). Rows are
+    # never changed and appends are serialised (each commits its record and drift rows together, with ids in
+    # commit order), so a later statement sees at least what an earlier one saw.
+    after = None if since_id is None else since_id - 1
     with translate_errors("verify the audit chain"), engine.connect() as connection:
-        result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(statement)
-        for record_id, rows in itertools.groupby(result.mappings(), key=lambda row: row["id"]):
-            rows_list = list(rows)
-            record = {name: rows_list[0][name] for name in record_columns}
-            drift = [
-                {name: row[f"d_{name}"] for name in DRIFT_CONTENT}
-                for row in rows_list
-                if row["d_id"] is not None
-            ]
-            at_anchor = since_id is not None and head_id is None
-            if at_anchor and (record_id != since_id or record["row_hash"] != since_hash):
-                return bad(record_id, f"since: row {since_id} does not hold the anchored hash {since_hash}")
-            if at_anchor:
-                expected_prev = str(record["prev_hash"])  # verified up to here by the earlier run
-            if record["prev_hash"] != expected_prev:
-                return bad(
-                    record_id,
-                    f"broken link: prev_hash {str(record['prev_hash'])[:12]}... does not match the previous "
-                    f"row's row_hash {expected_prev[:12]}... (a row before it was deleted or inserted)",
-                )
-            try:
-                record = _parse_stored_record(record)
-                if sqlite:
-                    drift = [_parse_stored_drift(row) for row in drift]
-                actual = compute_row_hash(record, drift, record["prev_hash"])
-            except (ValueError, TypeError, OverflowError) as error:
-                return bad(record_id, f"unreadable row: {type(error).__name__}: {error}"[:500])
-            if actual != record["row_hash"]:
-                return bad(
-                    record_id,
-                    f"content hash mismatch: stored row_hash {str(record['row_hash'])[:12]}..., "
-                    f"content hashes to {actual[:12]}... (the record or its drift rows were changed)",
-                )
-            expected_prev = record["row_hash"]
-            head_id = record_id
-            anchor_found = anchor_found or expected_prev == anchor
-            checked += 0 if at_anchor else 1
+        while True:
+            page = records_statement if after is None else records_statement.where(AuditRecord.id > after)
+            records = connection.execute(page.limit(batch_size)).all()
+            if not records:
+                break
+            drift_of: dict[int, list[sa.Row[Any]]] = {}
+            in_page = AuditDrift.record_id.between(records[0][0], records[-1][0])
+            for row in connection.execute(drift_statement.where(in_page)).all():
+                drift_of.setdefault(row[0], []).append(row)
+            for record in records:
+                record_id, prev_hash, row_hash = record[0], record[1], record[2]
+                at_anchor = since_id is not None and head_id is None
+                if at_anchor and (record_id != since_id or row_hash != since_hash):
+                    return bad(
+                        record_id, f"since: row {since_id} does not hold the anchored hash {since_hash}"
+                    )
+                if at_anchor:
+                    expected_prev = str(prev_hash)  # verified up to here by the earlier run
+                if prev_hash != expected_prev:
+                    return bad(
+                        record_id,
+                        f"broken link: prev_hash {str(prev_hash)[:12]}... does not match the previous "
+                        f"row's row_hash {expected_prev[:12]}... (a row before it was deleted or inserted)",
+                    )
+                try:
+                    actual = _stored_row_hash(record, drift_of.get(record_id, []), sqlite)
+                except (ValueError, TypeError, OverflowError) as error:
+                    return bad(record_id, f"unreadable row: {type(error).__name__}: {error}"[:500])
+                if actual != row_hash:
+                    return bad(
+                        record_id,
+                        f"content hash mismatch: stored row_hash {str(row_hash)[:12]}..., "
+                        f"content hashes to {actual[:12]}... (the record or its drift rows were changed)",
+                    )
+                expected_prev = row_hash
+                head_id = record_id
+                anchor_found = anchor_found or expected_prev == anchor
+                checked += 0 if at_anchor else 1
+            after = records[-1][0]
     if since_id is not None and head_id is None:
         return bad(since_id, f"since: row {since_id} does not hold the anchored hash {since_hash}")
     if anchor is not None and not anchor_found:
@@ -494,23 +558,63 @@ def verify(
     )
 
 
-def _parse_stored_record(record: dict[str, Any]) -> dict[str, Any]:
-    """JSON columns and ``created_at`` as :func:`append` hashed them, from their raw stored form.
+def _stored_row_hash(record: Sequence[Any], drift: Sequence[Sequence[Any]], sqlite: bool) -> str:
+    """The hash of a stored record, from its columns as :func:`verify` reads them raw.
 
-    PostgreSQL's driver hands JSON and timestamps over already parsed; SQLite gives their text.
+    ``record``: id, prev_hash, row_hash, then :data:`RECORD_CONTENT`; ``drift``: its rows, each record_id,
+    then :data:`DRIFT_CONTENT` and, on SQLite, the flag "every value has its column's storage type". Raises
+    ValueError or TypeError when a stored value is not in the one form append() writes.
+
+    The JSON texts are hashed as they are stored when they are canonical (what append writes): if the hash
+    then matches, the stored text is byte for byte the text append hashed, so it has no duplicated key and
+    is not reformatted, and SQL reads what is hashed. That holds because the document around the two texts
+    is rebuilt from the other columns, whose canonical form fixes where it ends before ``options`` and starts
+    after ``payload``, and neither text contains the separator ``,"payload":`` between them, so no part of
+    one can have moved into the other. Any other text (a row written before canonical storage, or a changed
+    one) is parsed: it must be exactly db.stored_json or db.legacy_stored_json of its value, which is hashed.
     """
-    parsed = dict(record)
-    for name in ("options", "payload"):
-        value = parsed[name]
-        if isinstance(value, bytes):
-            value = value.decode("utf-8")
-        if isinstance(value, str):
-            # SQL reads the text (SQLite's json_extract takes a duplicated key's first value, Python its
-            # last): require the text to be exactly what append() wrote for the value that is hashed.
-            parsed[name] = json.loads(value, object_pairs_hook=_no_duplicate_keys)
-            if stored_json(parsed[name]) != value:
-                raise ValueError(f"{name}: the stored JSON text is not the form append() writes")
-    created = parsed["created_at"]
+    prev_hash, row_hash = record[1], record[2]
+    content = dict(zip(RECORD_CONTENT, record[3:], strict=True))
+    content["created_at"] = utc_iso(_stored_created_at(content["created_at"]))
+    drift_json = None
+    if not sqlite or all(row[-1] == 1 for row in drift):
+        rows = [_drift_content(zip(DRIFT_CONTENT, row[1:], strict=False)) for row in drift]
+        if sqlite:  # booleans are stored as 0 or 1 (checked by the flag)
+            for row in rows:
+                for name in _DRIFT_BOOLEANS:
+                    row[name] = None if row[name] is None else row[name] == 1
+        drift_json = _drift_json(rows)
+        if all(isinstance(content[n], str) and _PAYLOAD_KEY not in content[n] for n in _SPLICED):
+            actual = _spliced_hash(_document_parts(content, drift_json), prev_hash)
+            if actual == row_hash:
+                return actual
+    for name in _SPLICED:
+        content[name] = _canonical_stored_json(name, content[name])
+    if drift_json is None:  # SQLite: a value without its column's storage type; this names it
+        stored = [_parse_stored_drift(dict(zip(DRIFT_CONTENT, row[1:], strict=False))) for row in drift]
+        drift_json = _drift_json([_drift_content(row.items()) for row in stored])
+    return _spliced_hash(_document_parts(content, drift_json), prev_hash)
+
+
+def _canonical_stored_json(name: str, value: Any) -> str:
+    """The canonical JSON of a JSON column's value, from its stored text, which must be the text append()
+    writes for that value (or wrote, before canonical storage)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if not isinstance(value, str):
+        return stored_json(value)  # SQLite gave a number back: it is hashed as read
+    parsed = json.loads(value)
+    canonical = stored_json(parsed)
+    # SQL reads the text (SQLite's json_extract takes a duplicated key's first value, Python its last):
+    # require the text to be exactly what append() wrote for the value that is hashed.
+    if value != canonical and value != legacy_stored_json(parsed):
+        json.loads(value, object_pairs_hook=_no_duplicate_keys)  # names a duplicated key
+        raise ValueError(f"{name}: the stored JSON text is not the form append() writes")
+    return canonical
+
+
+def _stored_created_at(created: Any) -> datetime:
+    """``created_at`` as append() stored it: PostgreSQL's driver gives a timestamp, SQLite its text."""
     if isinstance(created, str):
         text = created
         created = datetime.fromisoformat(text)
@@ -519,12 +623,14 @@ def _parse_stored_record(record: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"created_at: stored text {text[:40]!r} is not the form append() writes")
     if not isinstance(created, datetime):
         raise TypeError(f"created_at: expected a timestamp, got {type(created).__name__}")
-    parsed["created_at"] = created.replace(tzinfo=UTC) if created.tzinfo is None else created
-    return parsed
+    return created.replace(tzinfo=UTC) if created.tzinfo is None else created
 
 
 # how SQLAlchemy stores a naive UTC datetime in SQLite
 _SQLITE_TIMESTAMP = "%Y-%m-%d %H:%M:%S.%f"
+_DRIFT_BOOLEANS = tuple(
+    name for name in DRIFT_CONTENT if isinstance(AuditDrift.__table__.columns[name].type, sa.Boolean)
+)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -532,6 +638,23 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate JSON key(s) {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
     return dict(pairs)
+
+
+def _sqlite_drift_types_ok() -> sa.ColumnElement[Any]:
+    """SQLite: whether every hashed drift value has its column's storage type (the checks of
+    :func:`_parse_stored_drift`, which names the value when this is false)."""
+    checks = []
+    for name in DRIFT_CONTENT:
+        column = getattr(AuditDrift, name)
+        kind = func.typeof(column)
+        column_type = AuditDrift.__table__.columns[name].type
+        if isinstance(column_type, sa.Boolean):
+            checks.append(sa.or_(kind == "null", sa.and_(kind == "integer", column.in_([0, 1]))))
+        elif isinstance(column_type, sa.Float):
+            checks.append(kind.in_(["null", "real"]))
+        elif isinstance(column_type, sa.String):
+            checks.append(kind.in_(["null", "text"]))
+    return sa.case((sa.and_(*checks), 1), else_=0).label("types_ok")
 
 
 def _parse_stored_drift(row: dict[str, Any]) -> dict[str, Any]:

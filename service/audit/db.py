@@ -43,6 +43,7 @@ __all__ = [
     "downgrade",
     "grant_service_role",
     "head_revision",
+    "legacy_stored_json",
     "make_engine",
     "migrations_dir",
     "read_bound",
@@ -86,11 +87,22 @@ def translate_errors(action: str) -> Iterator[None]:
 
 
 def stored_json(value: Any) -> str:
-    """The exact text written to the JSON columns (``json.dumps`` with its defaults, on both databases).
+    """The exact text written to the JSON columns: canonical JSON (sorted keys, no whitespace, ASCII, no NaN).
 
-    Verification (``service.audit.chain.verify``) requires a stored JSON text to be exactly this function
-    of its parsed value, so the bytes SQL reads (``json_extract``, ``->>``) are the bytes that are hashed.
+    It is the text the row hash covers (``service.audit.chain.canonical_json`` of a JSON value), so
+    verification hashes the stored bytes as they are. Verification requires a stored JSON text to be exactly
+    this function, or :func:`legacy_stored_json`, of its parsed value, so the bytes SQL reads
+    (``json_extract``, ``->>``) are the bytes that are hashed.
     """
+    return _CANONICAL_JSON.encode(value)
+
+
+# json.dumps with these arguments, without building an encoder per call (verification calls it per row)
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def legacy_stored_json(value: Any) -> str:
+    """The text rows written before canonical storage hold (``json.dumps`` with its defaults)."""
     return json.dumps(value)
 
 

@@ -202,7 +202,7 @@ def test_reformatted_json_text_fails_verification(db_engine: sa.Engine) -> None:
     with db_engine.begin() as connection:
         connection.execute(
             sa.text(
-                f"UPDATE audit_records SET options = (replace(options{cast}, ': ', ':')){back} WHERE id = :id"
+                f"UPDATE audit_records SET options = (replace(options{cast}, '{{', '{{ ')){back} WHERE id = :id"
             ),
             {"id": ids[0]},
         )
@@ -215,6 +215,8 @@ def test_reformatted_json_text_fails_verification(db_engine: sa.Engine) -> None:
     [
         ("UPDATE audit_records SET created_at = replace(created_at, ' ', 'T') WHERE id = :id", "created_at"),
         ("UPDATE audit_drift SET agreement = 2 WHERE record_id = :id AND agreement = 1", "agreement"),
+        ("UPDATE audit_drift SET iou = CAST(CAST(iou AS TEXT) AS BLOB) WHERE record_id = :id", "iou"),
+        ("UPDATE audit_drift SET severity = CAST(severity AS BLOB) WHERE record_id = :id", "severity"),
     ],
 )
 def test_sqlite_values_that_sql_reads_differently_fail_verification(
