@@ -9,8 +9,12 @@ one image). Raises :class:`~service.audit.db.DatabaseUnavailable` when the datab
 
 from __future__ import annotations
 
+import collections
+import copy
 import itertools
+import json
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +27,7 @@ from engine.ranking import DEFAULT_ALPHA, DEFAULT_N_BOOT, method_tables, rank_mo
 from service.audit import rollup
 from service.audit.db import translate_errors
 from service.audit.queries import AuditFilters, architecture_expression, drift_conditions, time_conditions
-from service.audit.sample import REVERSAL_MAX_RECORDS, per_record_rows
+from service.audit.sample import REVERSAL_MAX_RECORDS, Draw, draw, per_record_rows
 from service.audit.tables import AuditDrift, AuditRecord
 
 __all__ = [
@@ -253,6 +257,9 @@ def summarize(
     which answered and which numbers are exact (rollup: percentiles approximate, each metric with its
     ``percentile_max_error``). Above ``reversal_max_records`` records in the time window the reversal test
     runs on a seeded random sample of records (:mod:`service.audit.sample`), described in ``ranking.sample``.
+    The reversal tests are reused (``ranking.reused``) when a recent summary ran them on the same records
+    under the same filters and options (the key holds the row hash of the newest selected record, which
+    covers every record before it): the answer is the same as recomputing, at a fraction of the cost.
     """
     names = _check_group_by(group_by)
     if mode not in MODES:
@@ -300,11 +307,19 @@ def summarize(
                 .where(*conditions)
                 .group_by(AuditDrift.method, AuditDrift.model)
             ).all()
-        per_record, sample = per_record_rows(
-            connection, on_time, conditions, max_records=reversal_max_records, seed=seed
-        )
-    ranking = _ranking(ranking_rows, per_record, n_boot=n_boot, seed=seed, alpha=alpha)
-    ranking["sample"] = sample
+        selected = draw(connection, on_time, max_records=reversal_max_records, seed=seed)
+        methods = tuple(sorted({row[0] for row in ranking_rows}))
+        key = _comparisons_key(connection, engine, selected, filters, methods, (n_boot, seed, alpha))
+        comparisons = None if key is None else _COMPARISONS.get(key)
+        reused = comparisons is not None
+        if comparisons is None:
+            per_record = per_record_rows(connection, conditions, selected)
+            comparisons = _comparisons(methods, per_record, n_boot=n_boot, seed=seed, alpha=alpha)
+            if key is not None:
+                _COMPARISONS.put(key, comparisons)
+    ranking = _ranking(ranking_rows, copy.deepcopy(comparisons), alpha=alpha)
+    ranking["sample"] = selected.description
+    ranking["reused"] = reused
     return {
         "filters": filters.to_dict(),
         "group_by": names,
@@ -343,30 +358,64 @@ def _exact_groups(
     return groups
 
 
-def _ranking(
-    rows: Sequence[Any], per_record: Sequence[Any], *, n_boot: int, seed: int, alpha: float
-) -> dict[str, Any]:
-    """Per method, the models by mean IoU (:func:`engine.ranking.rank_models`), and every pair of methods
-    compared with :func:`engine.ranking.reversal_test` on the per-record IoUs."""
-    entries: dict[str, dict[str, dict[str, Any]]] = {}
-    for method, model, count, mean_iou, mean_drift in rows:
-        entries.setdefault(method, {})[model] = {
-            "model": model,
-            "count": int(count),
-            "mean_iou": _float_or_none(mean_iou),
-            "mean_drift_score": _float_or_none(mean_drift),
-        }
-    mean_ious = {
-        method: {model: entry["mean_iou"] for model, entry in by_model.items()}
-        for method, by_model in entries.items()
-    }
-    per_method: dict[str, list[dict[str, Any]]] = {}
-    for method, by_model in entries.items():
-        order = rank_models(mean_ious[method])
-        unranked = sorted(model for model in by_model if model not in order)
-        per_method[method] = [
-            {**by_model[model], "rank": rank} for rank, model in enumerate(order, start=1)
-        ] + [{**by_model[model], "rank": None} for model in unranked]
+class _Recent:
+    """The last ``size`` values by key (least recently used out first), shared by threads."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+# Reversal tests by the records they ran on (see _comparisons_key): a repeated summary reuses its test.
+_COMPARISONS = _Recent(64)
+
+
+def _comparisons_key(
+    connection: sa.Connection,
+    engine: sa.Engine,
+    selected: Draw,
+    filters: AuditFilters,
+    methods: tuple[str, ...],
+    options: tuple[Any, ...],
+) -> tuple[Any, ...] | None:
+    """What the reversal tests depend on: the database, the chain up to the newest selected record (its
+    row hash covers every record and drift row before it), the selected ids, the filters, the methods and
+    the test's options. None (never reused) when no record is selected."""
+    if selected.id_range is None:
+        return None
+    head = connection.execute(
+        sa.select(AuditRecord.row_hash).where(AuditRecord.id == selected.id_range[1])
+    ).scalar_one_or_none()
+    if head is None:
+        return None
+    database = engine.url.render_as_string(hide_password=True)
+    return (database, head, selected.key, json.dumps(filters.to_dict(), default=str), methods, options)
+
+
+def _comparisons(
+    methods: Sequence[str], per_record: Sequence[Any], *, n_boot: int, seed: int, alpha: float
+) -> list[dict[str, Any]]:
+    """Every pair of ``methods`` compared with :func:`engine.ranking.reversal_test` on the per-record
+    IoUs."""
     tables = method_tables((record_id, model, method, iou) for record_id, model, method, iou, _ in per_record)
     # GradCAM++ under the head-scale control (docs/DESIGN.md section 3): the same test with it in place
     controls = method_tables(
@@ -375,7 +424,7 @@ def _ranking(
         if method == CONTROL_METHOD and control is not None
     ).get(CONTROL_METHOD)
     comparisons = []
-    for first, second in itertools.combinations(sorted(entries), 2):
+    for first, second in itertools.combinations(sorted(methods), 2):
         options: dict[str, Any] = {"n_boot": n_boot, "seed": seed, "alpha": alpha}
         test = reversal_test(
             tables.get(first, {}),
@@ -421,6 +470,30 @@ def _ranking(
                 },
             }
         )
+    return comparisons
+
+
+def _ranking(rows: Sequence[Any], comparisons: list[dict[str, Any]], *, alpha: float) -> dict[str, Any]:
+    """Per method, the models by mean IoU (:func:`engine.ranking.rank_models`), and the comparisons."""
+    entries: dict[str, dict[str, dict[str, Any]]] = {}
+    for method, model, count, mean_iou, mean_drift in rows:
+        entries.setdefault(method, {})[model] = {
+            "model": model,
+            "count": int(count),
+            "mean_iou": _float_or_none(mean_iou),
+            "mean_drift_score": _float_or_none(mean_drift),
+        }
+    mean_ious = {
+        method: {model: entry["mean_iou"] for model, entry in by_model.items()}
+        for method, by_model in entries.items()
+    }
+    per_method: dict[str, list[dict[str, Any]]] = {}
+    for method, by_model in entries.items():
+        order = rank_models(mean_ious[method])
+        unranked = sorted(model for model in by_model if model not in order)
+        per_method[method] = [
+            {**by_model[model], "rank": rank} for rank, model in enumerate(order, start=1)
+        ] + [{**by_model[model], "rank": None} for model in unranked]
     return {
         "by": "mean_iou",
         "order": "descending: most stable (highest mean IoU) first",

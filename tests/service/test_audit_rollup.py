@@ -147,3 +147,23 @@ def test_reversal_test_runs_on_a_seeded_sample_above_the_bound(populated: sa.Eng
     assert first["sample"]["id_range"] == other["sample"]["id_range"]
     full = summarize(populated, filters=AuditFilters(), n_boot=50)["ranking"]
     assert full["sample"] is None and full["comparisons"][0]["n_images"] == 24
+
+
+def test_reversal_tests_are_reused_only_on_the_same_records(populated: sa.Engine) -> None:
+    summary._COMPARISONS.clear()
+    options: dict[str, Any] = {"filters": AuditFilters(), "n_boot": 50, "reversal_max_records": 10}
+    first = summarize(populated, **options)["ranking"]
+    again = summarize(populated, **options)["ranking"]
+    assert (first["reused"], again["reused"]) == (False, True)
+    assert again["comparisons"] == first["comparisons"]
+    summary._COMPARISONS.clear()
+    assert summarize(populated, **options)["ranking"]["comparisons"] == first["comparisons"]  # recomputed
+    other = summarize(populated, **{**options, "filters": AuditFilters(model=MODELS[0])})["ranking"]
+    assert other["reused"] is False
+    # a new record moves the window's newest id and row hash: a new draw, computed afresh
+    chain.append(populated, make_entry(np.random.default_rng(5), created_at=START + timedelta(days=8)))
+    later = summarize(populated, **options)["ranking"]
+    assert later["reused"] is False
+    assert later["sample"]["id_range"][1] == first["sample"]["id_range"][1] + 1
+    full = summarize(populated, filters=AuditFilters(), n_boot=50)["ranking"]
+    assert full["reused"] is False and full["comparisons"][0]["n_images"] == 25
