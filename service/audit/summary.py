@@ -13,6 +13,7 @@ import collections
 import copy
 import itertools
 import json
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ __all__ = [
     "summarize",
 ]
 
+log = logging.getLogger(__name__)
+
 CONTROL_METHOD = "gradcampp"  # the method whose head-scale control the audit rows carry
 GROUP_BY_OPTIONS: tuple[str, ...] = (
     "model",
@@ -59,6 +62,9 @@ SUMMARY_STATISTICS: tuple[str, ...] = rollup.STATISTICS
 # "rollup": the rollup or a 422 saying why it cannot answer.
 MODES: tuple[str, ...] = ("auto", "exact", "rollup")
 ROLLUP_MIN_ROWS = 50_000
+# A rollup summary adds the records after the rollup's watermark from the raw rows; above this many it first
+# catches the rollup up (rollup.catch_up), so the tail a summary reads stays short.
+CATCH_UP_AFTER = 2_000
 WINDOWS: tuple[str, ...] = ("day", "week")
 
 
@@ -275,7 +281,10 @@ def summarize(
             mode == "auto" and not_rollup is None and rollup.log_size(connection) >= ROLLUP_MIN_ROWS
         )
         if use_rollup:
-            loaded = rollup.load(connection, filters, order_by=names)
+            if rollup.behind(connection) > CATCH_UP_AFTER:
+                _catch_up(engine)
+                connection.rollback()  # end this read transaction: the next read sees the caught-up rollup
+            loaded = rollup.load(connection, filters, conditions, order_by=names)
             groups = rollup.summary_groups(loaded, names, PERCENTILES)
             ranking_rows: Sequence[Any] = rollup.ranking_rows(loaded)
             source = {
@@ -287,6 +296,8 @@ def summarize(
                 "ranges": {name: list(rollup.RANGES[name]) for name in SUMMARY_STATISTICS},
                 "note": "mean and sd from sums (equal to the exact path up to floating-point rounding); "
                 "percentiles from fixed-bin histograms, each off by at most the metric's percentile_max_error",
+                "watermark": loaded.watermark,
+                "tail_rows": loaded.tail_rows,
             }
         else:
             groups = _exact_groups(connection, names, conditions, dialect)
@@ -356,6 +367,15 @@ def _exact_groups(
             }
         )
     return groups
+
+
+def _catch_up(engine: sa.Engine) -> None:
+    """Catch the rollup up; a failure (a read-only role, a busy database) leaves a longer tail, which the
+    summary still reads, so it is logged, not raised."""
+    try:
+        rollup.catch_up(engine)
+    except sa.exc.DBAPIError as error:
+        log.warning("rollup catch-up failed (the summary reads the tail from the raw rows): %s", error)
 
 
 class _Recent:
