@@ -567,16 +567,6 @@ def load(
     return Loaded(keys=keys, counts=counts, stats=stats, hist=hist, watermark=after, tail_rows=tail_rows)
 
 
-def log_size(connection: sa.Connection) -> int:
-    """Drift rows in the whole log: the rollup's (one small table scan) and the tail's (an index range)."""
-    rolled = sa.select(func.coalesce(func.sum(AuditRollup.count), 0)).scalar_subquery()
-    after = sa.select(AuditRollupState.watermark).scalar_subquery()
-    tail = (
-        sa.select(func.count()).select_from(AuditDrift).where(AuditDrift.record_id > after).scalar_subquery()
-    )
-    return int(connection.execute(sa.select(rolled + tail)).scalar_one())
-
-
 def _order_statistics(
     hist: np.ndarray, low: np.ndarray, high: np.ndarray, j: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -57,8 +57,8 @@ GROUP_BY_OPTIONS: tuple[str, ...] = (
 )
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
 SUMMARY_STATISTICS: tuple[str, ...] = rollup.STATISTICS
-# "auto": the daily rollup (service/audit/rollup.py) when it can answer and the log holds at least
-# ROLLUP_MIN_ROWS drift rows (a smaller log is fast and exact on the raw rows); "exact": always the raw rows;
+# "auto": the daily rollup (service/audit/rollup.py) when it can answer and the query covers at least
+# ROLLUP_MIN_ROWS drift rows (fewer are fast and exact on the raw rows); "exact": always the raw rows;
 # "rollup": the rollup or a 422 saying why it cannot answer.
 MODES: tuple[str, ...] = ("auto", "exact", "rollup")
 ROLLUP_MIN_ROWS = 50_000
@@ -277,14 +277,13 @@ def summarize(
     on_time = time_conditions(filters)
     conditions = on_time + drift_conditions(filters)
     with translate_errors("summarize the audit log"), engine.connect() as connection:
-        use_rollup = mode == "rollup" or (
-            mode == "auto" and not_rollup is None and rollup.log_size(connection) >= ROLLUP_MIN_ROWS
-        )
-        if use_rollup:
+        loaded = None
+        if mode != "exact" and not_rollup is None:
             if rollup.behind(connection) > CATCH_UP_AFTER:
                 _catch_up(engine)
                 connection.rollback()  # end this read transaction: the next read sees the caught-up rollup
             loaded = rollup.load(connection, filters, conditions, order_by=names)
+        if loaded is not None and (mode == "rollup" or loaded.total >= ROLLUP_MIN_ROWS):
             groups = rollup.summary_groups(loaded, names, PERCENTILES)
             ranking_rows: Sequence[Any] = rollup.ranking_rows(loaded)
             source = {
@@ -304,7 +303,7 @@ def summarize(
             reason = "mode=exact" if mode == "exact" else not_rollup
             source = {
                 "path": "exact",
-                "reason": reason or f"the log holds fewer than {ROLLUP_MIN_ROWS} drift rows",
+                "reason": reason or f"the query covers fewer than {ROLLUP_MIN_ROWS} drift rows",
             }
             ranking_rows = connection.execute(
                 sa.select(
