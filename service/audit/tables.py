@@ -82,6 +82,8 @@ class AuditRecord(Base):
     """One served request. ``row_hash`` = SHA-256 of the canonical content, drift rows and ``prev_hash``."""
 
     __tablename__ = "audit_records"
+    # revision 0007: the id range of a time window from the index alone (service/audit/sample.py draw)
+    __table_args__ = (sa.Index("ix_audit_records_created_at_id", "created_at", "id"),)
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(sa.String(64), unique=True)
