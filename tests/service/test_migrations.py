@@ -218,6 +218,27 @@ def test_db_command(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None
     assert "not migrated" in run("current")
 
 
+def test_db_rollup_command_catches_up_and_checks(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    commands_db.configure_parser(parser)
+    db.upgrade(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    try:
+        rng = np.random.default_rng(6)
+        for _ in range(3):
+            chain.append(engine, make_entry(rng))
+    finally:
+        engine.dispose()
+
+    def run(*argv: str) -> str:
+        assert commands_db.run(parser.parse_args([*argv, "--database-url", sqlite_url])) == 0
+        return capsys.readouterr().out
+
+    assert "3 record id(s) added, watermark 3" in run("rollup")
+    checked = run("rollup", "--check")
+    assert "0 record id(s) added, watermark 3" in checked and "rollup check: 0 difference(s)" in checked
+
+
 def test_missing_url_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CXR_DRIFT_DATABASE_URL", raising=False)
     parser = argparse.ArgumentParser()
