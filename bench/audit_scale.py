@@ -428,7 +428,7 @@ def measure(engine: sa.Engine, args: argparse.Namespace, n: int) -> dict[str, An
         out["model x method, with the appended records in the tail"] = _summary_times(call, args.repeats)
         t0 = time.perf_counter()
         covered = rollup.catch_up(engine)
-        out["catch_up"] = {"record_ids": covered, "s": round(time.perf_counter() - t0, 2)}
+        out["catch_up"] = {"records": covered, "s": round(time.perf_counter() - t0, 2)}
         tqdm.write(f"  append/tail/catch-up: {out}")
     out["uptime_after"] = _uptime()
     if not args.verify:

@@ -68,7 +68,7 @@ def _rollup(url: str, check: bool) -> int:
         covered = rollup.catch_up(engine)
         with engine.connect() as connection:
             mark = rollup.watermark(connection)
-        print(f"rollup: {covered} record id(s) added, watermark {mark}")
+        print(f"rollup: {covered} record(s) added, watermark {mark}")
         if not check:
             return 0
         problems = rollup.check(engine)

@@ -44,7 +44,7 @@ def upgrade() -> None:
 
     state = op.create_table(
         "audit_rollup_state",
-        sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("id", sa.BigInteger(), autoincrement=False, nullable=False),
         sa.Column("watermark", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_audit_rollup_state"),
     )

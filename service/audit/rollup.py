@@ -256,26 +256,31 @@ def _newest(connection: sa.Connection) -> int:
 
 
 def behind(connection: sa.Connection) -> int:
-    """Record ids after the watermark (the tail a summary reads from the raw rows), in one query."""
-    newest = sa.select(func.coalesce(func.max(AuditRecord.id), 0)).scalar_subquery()
-    return int(connection.execute(sa.select(newest - AuditRollupState.watermark)).scalar_one())
+    """Records after the watermark (the tail a summary reads from the raw rows), in one query."""
+    after = sa.select(AuditRollupState.watermark).scalar_subquery()
+    statement = sa.select(func.count()).select_from(AuditRecord).where(AuditRecord.id > after)
+    return int(connection.execute(statement).scalar_one())
 
 
 def _catch_up_batch(connection: sa.Connection, batch_records: int) -> int:
-    """Add the records after the watermark (at most ``batch_records`` ids) and advance it; returns the
-    number of ids covered (0: up to date). The caller's transaction holds the rollup lock."""
-    start, newest = watermark(connection), _newest(connection)
-    if newest <= start:
+    """Add the next ``batch_records`` records after the watermark and advance it to the last of them;
+    returns how many were added (0: up to date). Batches go by records, not ids (ids may have gaps: a
+    rolled-back append, a sequence moved on). The caller's transaction holds the rollup lock."""
+    start = watermark(connection)
+    batch = (
+        sa.select(AuditRecord.id).where(AuditRecord.id > start).order_by(AuditRecord.id).limit(batch_records)
+    ).subquery()
+    count, upto = connection.execute(sa.select(func.count(), func.max(batch.c.id))).one()
+    if not count:
         return 0
-    upto = min(newest, start + batch_records)
     _merge_into(connection, recompute(connection, AuditDrift.record_id > start, AuditDrift.record_id <= upto))
     connection.execute(sa.update(AuditRollupState).values(watermark=upto))
-    return upto - start
+    return int(count)
 
 
 def catch_up_connection(connection: sa.Connection, *, batch_records: int = CATCH_UP_BATCH) -> int:
-    """Bring the rollup up to the newest record in the caller's transaction (migrations); returns the ids
-    covered."""
+    """Bring the rollup up to the newest record in the caller's transaction (migrations); returns the
+    records added."""
     total = 0
     while covered := _catch_up_batch(connection, batch_records):
         total += covered
@@ -283,9 +288,9 @@ def catch_up_connection(connection: sa.Connection, *, batch_records: int = CATCH
 
 
 def catch_up(engine: sa.Engine, *, batch_records: int = CATCH_UP_BATCH) -> int:
-    """Bring the rollup up to the newest committed record, ``batch_records`` ids per transaction, each under
-    the rollup lock (PostgreSQL advisory lock ``ROLLUP_LOCK_KEY``; SQLite ``BEGIN IMMEDIATE``); returns the
-    ids covered. Concurrent callers take turns; appends go on meanwhile (on SQLite they wait for a batch's
+    """Bring the rollup up to the newest committed record, ``batch_records`` records per transaction, each
+    under the rollup lock (PostgreSQL advisory lock ``ROLLUP_LOCK_KEY``; SQLite ``BEGIN IMMEDIATE``); returns
+    the records added. Concurrent callers take turns; appends go on meanwhile (on SQLite they wait for a batch's
     transaction, as for any writer)."""
     total = 0
     while True:

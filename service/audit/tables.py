@@ -210,5 +210,7 @@ class AuditRollupState(Base):
 
     __tablename__ = "audit_rollup_state"
 
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger, primary_key=True, autoincrement=False
+    )  # ids are 64-bit (0003)
     watermark: Mapped[int] = mapped_column(sa.BigInteger)

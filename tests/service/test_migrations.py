@@ -234,9 +234,9 @@ def test_db_rollup_command_catches_up_and_checks(sqlite_url: str, capsys: pytest
         assert commands_db.run(parser.parse_args([*argv, "--database-url", sqlite_url])) == 0
         return capsys.readouterr().out
 
-    assert "3 record id(s) added, watermark 3" in run("rollup")
+    assert "3 record(s) added, watermark 3" in run("rollup")
     checked = run("rollup", "--check")
-    assert "0 record id(s) added, watermark 3" in checked and "rollup check: 0 difference(s)" in checked
+    assert "0 record(s) added, watermark 3" in checked and "rollup check: 0 difference(s)" in checked
 
 
 def test_missing_url_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
