@@ -6,6 +6,7 @@
     cxr-drift db grant --role NAME [--database-url URL]
     cxr-drift db anchor [--out FILE] [--database-url URL]
     cxr-drift db verify-anchor FILE [--database-url URL]
+    cxr-drift db rollup [--check] [--database-url URL]
 
 The URL defaults to ``CXR_DRIFT_DATABASE_URL``. PostgreSQL least privilege: run these as the owner of the
 tables; ``grant`` creates (if needed) the role the service connects as and lets it only INSERT and SELECT
@@ -13,7 +14,9 @@ the audit tables (password from ``CXR_DRIFT_SERVICE_ROLE_PASSWORD`` if set). ``u
 for ``CXR_DRIFT_SERVICE_ROLE`` when that is set (the compose file's one-shot ``migrate`` service).
 ``anchor`` prints (and appends to FILE) the chain head as a JSON line, ``verify-anchor`` checks the last
 line of FILE against the database (exit 1 if it does not hold); both sign/check with ``CXR_DRIFT_ANCHOR_KEY``
-when it is set.
+when it is set. ``rollup`` adds the records after the rollup's watermark to it (service/audit/rollup.py
+``catch_up``; summaries also do it when the tail grows long); ``--check`` then recomputes the rollup from the
+rows and exits 1 on a difference.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from cli.options import add_database_url, database_url
 from core.errors import UsageError
 from service.app.settings import get_settings
-from service.audit import anchor, db
+from service.audit import anchor, db, rollup
 from service.audit.chain import canonical_json
 
 __all__ = ["configure_parser", "run"]
@@ -52,6 +55,29 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     check = actions.add_parser("verify-anchor", help="check the last anchor line of FILE against the chain")
     check.add_argument("file", type=Path, help="a file of anchor lines (the service's anchor_file)")
     add_database_url(check)
+    rolled = actions.add_parser("rollup", help="catch the summary rollup up to the newest record")
+    rolled.add_argument(
+        "--check", action="store_true", help="then compare it with the rows (exit 1 on a difference)"
+    )
+    add_database_url(rolled)
+
+
+def _rollup(url: str, check: bool) -> int:
+    engine = db.make_engine(url)
+    try:
+        covered = rollup.catch_up(engine)
+        with engine.connect() as connection:
+            mark = rollup.watermark(connection)
+        print(f"rollup: {covered} record(s) added, watermark {mark}")
+        if not check:
+            return 0
+        problems = rollup.check(engine)
+    finally:
+        engine.dispose()
+    for problem in problems:
+        print(problem)
+    print(f"rollup check: {len(problems)} difference(s)")
+    return 1 if problems else 0
 
 
 def _grant(url: str, role: str | None) -> None:
@@ -92,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
                 _grant(url, None)
         elif args.db_action == "grant":
             _grant(url, args.role)
+        elif args.db_action == "rollup":
+            return _rollup(url, args.check)
         elif args.db_action in ("anchor", "verify-anchor"):
             return _anchor(url, args)
         elif args.db_action == "downgrade":
@@ -106,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"current: {current or '(empty: not migrated)'}  newest: {db.head_revision()}")
         else:
             raise UsageError(
-                f"unknown db action {args.db_action!r}; valid options: upgrade, downgrade, current, grant, anchor, verify-anchor"
+                f"unknown db action {args.db_action!r}; valid options: upgrade, downgrade, current, grant, anchor, verify-anchor, rollup"
             )
     except db.DatabaseUnavailable as error:
         raise OSError(str(error)) from error

@@ -264,8 +264,11 @@ def _bootstrap(
     for start in range(0, n_boot, rows):
         size = min(n_boot, start + rows) - start
         idx = rng.integers(0, n, size=(size, n))
-        ma = np.stack([xa[:, c][idx].mean(axis=1) for c in range(k)], axis=1)
-        mb = np.stack([xb[:, c][idx].mean(axis=1) for c in range(k)], axis=1)
+        # each resample as how often it draws each row: the resampled means of every column are then one
+        # matrix product (the same draws and means as indexing x[idx], up to floating-point summation order)
+        counts = np.bincount((idx + n * np.arange(size)[:, None]).ravel(), minlength=size * n)
+        weights = counts.reshape(size, n).astype(np.float64)
+        ma, mb = (weights @ xa) / n, (weights @ xb) / n
         disc = _discordant(ma, mb, pairs)
         differs += int(disc.any(axis=1).sum())
         swapped += disc.sum(axis=0)

@@ -23,7 +23,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_table(
+    table = op.create_table(
         "audit_rollup",
         sa.Column("day", sa.String(10), nullable=False),
         sa.Column("model", sa.String(64), nullable=False),
@@ -35,9 +35,17 @@ def upgrade() -> None:
         sa.Column("hist", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("day", "model", "method", name="pk_audit_rollup"),
     )
-    from service.audit import rollup  # the one definition of the rollup (the app's, at this revision)
+    _backfill(table)
 
-    rollup.rebuild(op.get_bind())
+
+def _backfill(table: sa.Table) -> None:
+    """This revision's rollup (by day, model, method) from the app's rollup of every row."""
+    from service.audit import rollup  # the one definition of the rollup (the app's)
+
+    daily = rollup.by_day_model_method(rollup.recompute(op.get_bind()))
+    rows = [{"day": k[0], "model": k[1], "method": k[2], **acc.values()} for k, acc in sorted(daily.items())]
+    if rows:
+        op.bulk_insert(table, rows)
 
 
 def downgrade() -> None:

@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc, func
 
 from engine.report import DriftReport, MethodResult
-from service.audit import db, rollup
+from service.audit import db
 from service.audit.db import SQLITE_IMMEDIATE, legacy_stored_json, stored_json, translate_errors
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
@@ -374,7 +374,6 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
                     connection.execute(
                         sa.insert(AuditDrift), [{**row, "record_id": record_id} for row in drift_rows]
                     )
-                    rollup.add(connection, record["created_at"], drift_rows)  # same transaction and lock
         except exc.IntegrityError as error:
             raise ValueError(
                 f"audit record for request_id {entry.request_id!r} not written: {error.orig}"

@@ -459,6 +459,7 @@ SERVICE_GRANTS: tuple[tuple[str, str], ...] = (
     ("audit_drift", "SELECT, INSERT"),
     ("audit_model_events", "SELECT, INSERT"),
     ("audit_rollup", "SELECT, INSERT, UPDATE"),
+    ("audit_rollup_state", "SELECT, UPDATE"),
     ("api_keys", "SELECT"),
     ("alembic_version", "SELECT"),
 )

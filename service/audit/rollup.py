@@ -1,13 +1,21 @@
 """Daily rollups of the audit log: summaries over millions of drift rows without reading them.
 
-``audit_rollup`` holds one row per (UTC day, model, method) with the number of drift rows, how many agree
+``audit_rollup`` holds one row per (UTC day, model, method, architecture, version digest) with the number of drift rows, how many agree
 and are flagged, and two blobs: ``stats`` (float64, shape 5 x S over the S = :data:`STATISTICS`: non-null
 count, sum, sum of squares, min, max) and ``hist`` (uint32, S x (BINS + 2): a fixed-bin histogram of each
-statistic over its declared range :data:`RANGES`, with an underflow and an overflow bin). :func:`add` keeps
-it up to date inside :func:`service.audit.chain.append`'s transaction (under the chain lock), so a committed
-record is always in the rollup; :func:`rebuild` recomputes it from the raw rows (migration backfill, bulk
-loads) and :func:`check` compares the stored rollup with one recomputed from the rows, so a rollup is only
-as trustworthy as the chain it is derived from (run it after :func:`service.audit.chain.verify`).
+statistic over its declared range :data:`RANGES`, with an underflow and an overflow bin).
+
+The rollup covers the records up to a **watermark** (``audit_rollup_state``, revision 0007): appends do not
+touch it (no read-modify-write of histograms under the chain lock). :func:`catch_up` adds the records after
+the watermark in batches, each a transaction under its own lock (not the chain's), and advances it; the
+summary runs it when the tail is longer than ``CATCH_UP_AFTER`` records (``cxr-drift db rollup`` runs it
+too), and :func:`load` reads the rollup with the watermark in one statement and adds the tail after it from
+the raw rows (:func:`accumulate`, the same function), so an answer always covers every committed record.
+Records are append-only and their ids are given in commit order under the chain lock, so the records up to
+a watermark never change. :func:`rebuild` recomputes the rollup from the raw rows (migration backfill, bulk
+loads) and :func:`check` compares the stored rollup with one recomputed from the rows up to the watermark,
+so a rollup is only as trustworthy as the chain it is derived from (run it after
+:func:`service.audit.chain.verify`).
 
 What the rollup answers (:func:`summary_groups`), and how exactly:
 
@@ -20,8 +28,9 @@ What the rollup answers (:func:`summary_groups`), and how exactly:
   the bins its percentiles came from (range / BINS inside the range; for the under/overflow bins the
   distance from the range edge to the group's exact min/max).
 
-Only queries whose dimensions are rollup dimensions can use it: group by ``model``, ``method``, ``day``,
-``week``; filter on ``model``, ``method`` and ``start``/``end`` at UTC midnights (:func:`eligible`).
+Only queries whose dimensions are rollup dimensions can use it: group by ``model``, ``method``,
+``architecture``, ``digest``, ``day``, ``week``; filter on those and ``start``/``end`` at UTC midnights
+(:func:`eligible`).
 """
 
 from __future__ import annotations
@@ -33,9 +42,11 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
+from sqlalchemy import func
 
+from service.audit.db import SQLITE_IMMEDIATE
 from service.audit.filters import AuditFilters
-from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord, AuditRollup
+from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord, AuditRollup, AuditRollupState
 
 __all__ = [
     "BINS",
@@ -44,7 +55,8 @@ __all__ = [
     "STATISTICS",
     "Accumulator",
     "accumulate",
-    "add",
+    "catch_up",
+    "catch_up_connection",
     "check",
     "eligible",
     "rebuild",
@@ -78,8 +90,15 @@ RANGES: dict[str, tuple[float, float]] = {
 _LOW = np.array([RANGES[name][0] for name in STATISTICS])
 _HIGH = np.array([RANGES[name][1] for name in STATISTICS])
 _WIDTH = (_HIGH - _LOW) / BINS
-ROLLUP_DIMENSIONS: frozenset[str] = frozenset({"model", "method", "day", "week"})
+ROLLUP_DIMENSIONS: frozenset[str] = frozenset({"model", "method", "architecture", "digest", "day", "week"})
+# Key of the PostgreSQL advisory lock of catch_up (not the chain's: catching up never holds up an append).
+ROLLUP_LOCK_KEY = 0x0C58_D41F_7A12
+CATCH_UP_BATCH = 20_000  # records per catch-up transaction
 _S = len(STATISTICS)
+# A rollup row's key: UTC day, model, method, architecture (the model's when the row has none, as
+# queries.architecture_expression), version digest ("" for none).
+Key = tuple[str, str, str, str, str]
+KEY_COLUMNS: tuple[str, ...] = ("day", "model", "method", "architecture", "digest")
 
 
 def utc_day(created_at: dt.datetime) -> str:
@@ -127,6 +146,23 @@ class Accumulator:
         )
 
 
+def _key(row: Mapping[Any, Any]) -> Key:
+    return (row["day"], row["model"], row["method"], row["architecture"], row["digest"])
+
+
+def by_day_model_method(rollups: Mapping[Key, Accumulator]) -> dict[tuple[str, str, str], Accumulator]:
+    """The rollup keyed as revision 0006 kept it, by (day, model, method): architectures and versions
+    merged (the migrations between 0006 and 0007)."""
+    out: dict[tuple[str, str, str], Accumulator] = {}
+    for key, acc in rollups.items():
+        short = key[:3]
+        if short in out:
+            out[short].merge(acc)
+        else:
+            out[short] = Accumulator(acc.count, acc.agreed, acc.flagged, acc.stats.copy(), acc.hist.copy())
+    return out
+
+
 def _empty_stats() -> np.ndarray:
     stats = np.zeros((5, _S))
     stats[3] = np.nan  # min/max of no values: NaN (np.fmin/fmax ignore it)
@@ -143,12 +179,20 @@ def _bins(values: np.ndarray) -> np.ndarray:
     return np.nan_to_num(index, nan=0).astype(np.int64)
 
 
-def accumulate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], Accumulator]:
-    """Rollups keyed by (day, model, method) of drift rows carrying ``created_at`` and the drift columns."""
-    grouped: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+def accumulate(rows: Iterable[Mapping[str, Any]]) -> dict[Key, Accumulator]:
+    """Rollups keyed by :data:`Key` of drift rows carrying ``created_at`` and the drift columns."""
+    grouped: dict[Key, list[Mapping[str, Any]]] = {}
     for row in rows:
-        grouped.setdefault((utc_day(row["created_at"]), row["model"], row["method"]), []).append(row)
-    out: dict[tuple[str, str, str], Accumulator] = {}
+        architecture = row.get("model_architecture") or row["model"]
+        key = (
+            utc_day(row["created_at"]),
+            row["model"],
+            row["method"],
+            architecture,
+            row.get("model_digest") or "",
+        )
+        grouped.setdefault(key, []).append(row)
+    out: dict[Key, Accumulator] = {}
     for key, members in grouped.items():
         values = np.array(
             [[np.nan if row[name] is None else float(row[name]) for name in STATISTICS] for row in members],
@@ -172,34 +216,29 @@ def accumulate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], 
     return out
 
 
-def add(connection: sa.Connection, created_at: dt.datetime, drift_rows: Sequence[Mapping[str, Any]]) -> None:
-    """Add one record's drift rows to the rollup, in the caller's transaction (which holds the chain lock:
-    appends are serialised, so read-modify-write cannot race another append). Three round trips: one read
-    of the record's day, one batch of updates, one of inserts."""
-    deltas = accumulate({**row, "created_at": created_at} for row in drift_rows)
+def _merge_into(connection: sa.Connection, deltas: Mapping[Key, Accumulator]) -> None:
+    """Add ``deltas`` to the stored rollup rows (read-modify-write: the caller holds the rollup lock).
+    Three round trips: one read of the days concerned, one batch of updates, one of inserts."""
     if not deltas:
         return
-    day = utc_day(created_at)
+    days = sorted({key[0] for key in deltas})
     stored = {
-        (row["day"], row["model"], row["method"]): Accumulator.from_row(row)
-        for row in connection.execute(sa.select(AuditRollup).where(AuditRollup.day == day)).mappings()
+        _key(row): Accumulator.from_row(row)
+        for row in connection.execute(sa.select(AuditRollup).where(AuditRollup.day.in_(days))).mappings()
     }
     updates, inserts = [], []
     for key, delta in deltas.items():
-        values = {"k_day": key[0], "k_model": key[1], "k_method": key[2]}
         if key in stored:
             stored[key].merge(delta)
-            updates.append({**values, **stored[key].values()})
+            updates.append(
+                {**{f"k_{c}": v for c, v in zip(KEY_COLUMNS, key, strict=True)}, **stored[key].values()}
+            )
         else:
-            inserts.append({"day": key[0], "model": key[1], "method": key[2], **delta.values()})
+            inserts.append({**dict(zip(KEY_COLUMNS, key, strict=True)), **delta.values()})
     if updates:
         statement = (
             sa.update(AuditRollup)
-            .where(
-                AuditRollup.day == sa.bindparam("k_day"),
-                AuditRollup.model == sa.bindparam("k_model"),
-                AuditRollup.method == sa.bindparam("k_method"),
-            )
+            .where(*(getattr(AuditRollup, c) == sa.bindparam(f"k_{c}") for c in KEY_COLUMNS))
             .values({name: sa.bindparam(name) for name in ("count", "agreed", "flagged", "stats", "hist")})
         )
         connection.execute(statement, updates)
@@ -207,17 +246,82 @@ def add(connection: sa.Connection, created_at: dt.datetime, drift_rows: Sequence
         connection.execute(sa.insert(AuditRollup), inserts)
 
 
-def _raw_rows(connection: sa.Connection, batch_size: int = 20_000) -> Iterable[dict[str, Any]]:
+def watermark(connection: sa.Connection) -> int:
+    """The highest record id the rollup covers."""
+    return int(connection.execute(sa.select(AuditRollupState.watermark)).scalar_one())
+
+
+def _newest(connection: sa.Connection) -> int:
+    return int(connection.execute(sa.select(func.coalesce(func.max(AuditRecord.id), 0))).scalar_one())
+
+
+def behind(connection: sa.Connection) -> int:
+    """Records after the watermark (the tail a summary reads from the raw rows), in one query."""
+    after = sa.select(AuditRollupState.watermark).scalar_subquery()
+    statement = sa.select(func.count()).select_from(AuditRecord).where(AuditRecord.id > after)
+    return int(connection.execute(statement).scalar_one())
+
+
+def _catch_up_batch(connection: sa.Connection, batch_records: int) -> int:
+    """Add the next ``batch_records`` records after the watermark and advance it to the last of them;
+    returns how many were added (0: up to date). Batches go by records, not ids (ids may have gaps: a
+    rolled-back append, a sequence moved on). The caller's transaction holds the rollup lock."""
+    start = watermark(connection)
+    batch = (
+        sa.select(AuditRecord.id).where(AuditRecord.id > start).order_by(AuditRecord.id).limit(batch_records)
+    ).subquery()
+    count, upto = connection.execute(sa.select(func.count(), func.max(batch.c.id))).one()
+    if not count:
+        return 0
+    _merge_into(connection, recompute(connection, AuditDrift.record_id > start, AuditDrift.record_id <= upto))
+    connection.execute(sa.update(AuditRollupState).values(watermark=upto))
+    return int(count)
+
+
+def catch_up_connection(connection: sa.Connection, *, batch_records: int = CATCH_UP_BATCH) -> int:
+    """Bring the rollup up to the newest record in the caller's transaction (migrations); returns the
+    records added."""
+    total = 0
+    while covered := _catch_up_batch(connection, batch_records):
+        total += covered
+    return total
+
+
+def catch_up(engine: sa.Engine, *, batch_records: int = CATCH_UP_BATCH) -> int:
+    """Bring the rollup up to the newest committed record, ``batch_records`` records per transaction, each
+    under the rollup lock (PostgreSQL advisory lock ``ROLLUP_LOCK_KEY``; SQLite ``BEGIN IMMEDIATE``); returns
+    the records added. Concurrent callers take turns; appends go on meanwhile (on SQLite they wait for a batch's
+    transaction, as for any writer)."""
+    total = 0
+    while True:
+        with engine.connect() as connection:
+            if engine.dialect.name == "sqlite":
+                connection.execution_options(**{SQLITE_IMMEDIATE: True})
+            with connection.begin():
+                if engine.dialect.name == "postgresql":
+                    connection.execute(sa.select(func.pg_advisory_xact_lock(ROLLUP_LOCK_KEY)))
+                covered = _catch_up_batch(connection, batch_records)
+        if not covered:
+            return total
+        total += covered
+
+
+def _raw_rows(
+    connection: sa.Connection, conditions: Sequence[sa.ColumnElement[bool]], batch_size: int = 20_000
+) -> Iterable[dict[str, Any]]:
     statement = (
         sa.select(
             AuditRecord.created_at,
             AuditDrift.model,
             AuditDrift.method,
+            AuditDrift.model_architecture,
+            AuditDrift.model_digest,
             AuditDrift.agreement,
             AuditDrift.flagged,
             *(getattr(AuditDrift, name) for name in STATISTICS),
         )
         .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
+        .where(*conditions)
         .order_by(AuditDrift.record_id)
     )
     options = {"stream_results": True, "yield_per": batch_size}
@@ -227,10 +331,11 @@ def _raw_rows(connection: sa.Connection, batch_size: int = 20_000) -> Iterable[d
 
 
 def recompute(
-    connection: sa.Connection, *, batch_size: int = 20_000
-) -> dict[tuple[str, str, str], Accumulator]:
-    """The rollup recomputed from every drift row (streamed, in batches)."""
-    total: dict[tuple[str, str, str], Accumulator] = {}
+    connection: sa.Connection, *conditions: sa.ColumnElement[bool], batch_size: int = 20_000
+) -> dict[Key, Accumulator]:
+    """The rollup recomputed from the drift rows under ``conditions`` (default: all; streamed, in
+    batches)."""
+    total: dict[Key, Accumulator] = {}
     batch: list[dict[str, Any]] = []
 
     def flush() -> None:
@@ -241,7 +346,7 @@ def recompute(
                 total[key] = acc
         batch.clear()
 
-    for row in _raw_rows(connection, batch_size):
+    for row in _raw_rows(connection, conditions, batch_size):
         batch.append(row)
         if len(batch) >= batch_size:
             flush()
@@ -249,42 +354,51 @@ def recompute(
     return total
 
 
-def rebuild(connection: sa.Connection) -> int:
-    """Replace the rollup by one recomputed from the raw rows; returns the number of rollup rows."""
-    total = recompute(connection)
+def rebuild(connection: sa.Connection, *, set_watermark: bool = True) -> int:
+    """Replace the rollup by one recomputed from the raw rows up to the newest record and set the watermark
+    there (``set_watermark=False``: revision 0006, which has no watermark); returns the number of rollup
+    rows. Run it with no catch-up going on (a migration, a bulk load)."""
+    newest = _newest(connection)
+    total = recompute(connection, AuditDrift.record_id <= newest)
     connection.execute(sa.delete(AuditRollup))
+    if set_watermark:
+        connection.execute(sa.update(AuditRollupState).values(watermark=newest))
     if total:
         connection.execute(
             sa.insert(AuditRollup),
-            [
-                {"day": k[0], "model": k[1], "method": k[2], **acc.values()}
-                for k, acc in sorted(total.items())
-            ],
+            [{**dict(zip(KEY_COLUMNS, k, strict=True)), **acc.values()} for k, acc in sorted(total.items())],
         )
     return len(total)
 
 
+def stored(connection: sa.Connection) -> dict[Key, Accumulator]:
+    """The stored rollup rows by key."""
+    return {
+        _key(row): Accumulator.from_row(row) for row in connection.execute(sa.select(AuditRollup)).mappings()
+    }
+
+
 def check(engine: sa.Engine, *, rel_tol: float = 1e-9) -> list[str]:
-    """Differences between the stored rollup and one recomputed from the raw rows (empty: they agree).
+    """Differences between the stored rollup and one recomputed from the raw rows up to the watermark
+    (empty: they agree).
 
     Counts, non-null counts, min, max and histograms must match exactly; sums and sums of squares to
     ``rel_tol`` (they were added in a different order)."""
-    with engine.connect() as connection:
-        expected = recompute(connection)
-        stored = {
-            (row["day"], row["model"], row["method"]): Accumulator.from_row(row)
-            for row in connection.execute(sa.select(AuditRollup)).mappings()
-        }
+    # one snapshot: the watermark, the stored rollup and the rows up to the watermark
+    options = {"isolation_level": "REPEATABLE READ"} if engine.dialect.name == "postgresql" else {}
+    with engine.connect().execution_options(**options) as connection, connection.begin():
+        have_all = stored(connection)
+        expected = recompute(connection, AuditDrift.record_id <= watermark(connection))
     problems: list[str] = []
-    for key in sorted(set(expected) | set(stored)):
-        label = "/".join(key)
-        if key not in stored:
+    for key in sorted(set(expected) | set(have_all)):
+        label = "/".join(part or "-" for part in key)
+        if key not in have_all:
             problems.append(f"{label}: rows without a rollup")
             continue
         if key not in expected:
             problems.append(f"{label}: a rollup without rows")
             continue
-        want, have = expected[key], stored[key]
+        want, have = expected[key], have_all[key]
         if (want.count, want.agreed, want.flagged) != (have.count, have.agreed, have.flagged):
             problems.append(
                 f"{label}: counts (rows, agreed, flagged) {(have.count, have.agreed, have.flagged)} "
@@ -342,6 +456,12 @@ def _day_bounds(filters: AuditFilters) -> list[sa.ColumnElement[bool]]:
         conditions.append(AuditRollup.model == filters.model)
     if filters.method is not None:
         conditions.append(AuditRollup.method == filters.method)
+    if filters.architecture is not None:
+        conditions.append(AuditRollup.architecture == filters.architecture)
+    if filters.digest is not None:  # as queries.digest_condition: the full digest or a prefix
+        text = filters.digest.strip().lower()
+        column = AuditRollup.digest
+        conditions.append(column == text if len(text) == 64 else column.startswith(text, autoescape=True))
     return conditions
 
 
@@ -358,13 +478,15 @@ class Merged:
 
 @dataclass
 class Loaded:
-    """Rollup rows as arrays: ``keys`` (day, model, method) per row, ``counts`` (K x 3: rows, agreed,
-    flagged), ``stats`` (K x 5 x S), ``hist`` (K x S x (BINS + 2))."""
+    """Rollup rows as arrays: ``keys`` (:data:`Key`) per row, ``counts`` (K x 3: rows, agreed,
+    flagged), ``stats`` (K x 5 x S), ``hist`` (K x S x (BINS + 2)); the tail's rows come last."""
 
-    keys: list[tuple[str, str, str]]
+    keys: list[Key]
     counts: np.ndarray
     stats: np.ndarray
     hist: np.ndarray
+    watermark: int = 0  # the rollup rows cover records up to this id
+    tail_rows: int = 0  # drift rows after it, accumulated from the raw rows
 
     @property
     def total(self) -> int:
@@ -374,10 +496,11 @@ class Loaded:
         """The rows merged per ``group_by`` key (values in ``group_by`` order), vectorised."""
         index: dict[tuple[Any, ...], int] = {}
         group_of = np.empty(len(self.keys), dtype=np.int64)
-        for i, (day, model, method) in enumerate(self.keys):
-            parts = {"day": day, "model": model, "method": method}
+        for i, key in enumerate(self.keys):
+            parts: dict[str, Any] = dict(zip(KEY_COLUMNS, key, strict=True))
+            parts["digest"] = parts["digest"] or None  # no version digest: null, as on the raw rows
             if "week" in group_by:
-                parts["week"] = _week(day)
+                parts["week"] = _week(key[0])
             group_of[i] = index.setdefault(tuple(parts[name] for name in group_by), len(index))
         k, g = len(self.keys), len(index)
         # sort rows by group and reduce each run (no BLAS: its spinning threads cost more than they save here)
@@ -401,36 +524,52 @@ class Loaded:
         )
 
 
-def load(connection: sa.Connection, filters: AuditFilters, order_by: Sequence[str] = ()) -> Loaded:
-    """The rollup rows under the rollup filters (model, method, days), in one query, sorted by ``order_by``
-    (group_by names; week sorts as day) so that merging them needs no reordering."""
-    columns = {"day": AuditRollup.day, "week": AuditRollup.day, "model": AuditRollup.model}
-    columns["method"] = AuditRollup.method
+def load(
+    connection: sa.Connection,
+    filters: AuditFilters,
+    conditions: Sequence[sa.ColumnElement[bool]],
+    order_by: Sequence[str] = (),
+) -> Loaded:
+    """The rollup rows under the rollup filters (model, method, days), sorted by ``order_by`` (group_by
+    names; week sorts as day) so that merging them needs no reordering, then the tail: the records after
+    the watermark, accumulated from their raw rows under ``conditions`` (the same filters on the raw rows:
+    the summary's; one row per key at the end). The rollup rows and the watermark are read in one statement (one snapshot: a
+    concurrent catch-up cannot make a record count twice or not at all)."""
+    columns = {name: getattr(AuditRollup, name) for name in KEY_COLUMNS} | {"week": AuditRollup.day}
     ordering = list(dict.fromkeys(columns[name] for name in order_by))
-    statement = sa.select(
-        AuditRollup.day,
-        AuditRollup.model,
-        AuditRollup.method,
-        AuditRollup.count,
-        AuditRollup.agreed,
-        AuditRollup.flagged,
-        AuditRollup.stats,
-        AuditRollup.hist,
-    ).where(*_day_bounds(filters))
-    rows = connection.execute(statement.order_by(*ordering) if ordering else statement).all()
-    k = len(rows)
-    return Loaded(
-        keys=[(row[0], row[1], row[2]) for row in rows],
-        counts=np.array([tuple(row[3:6]) for row in rows], dtype=np.int64).reshape(k, 3),
-        stats=np.frombuffer(b"".join(bytes(row[6]) for row in rows), dtype="<f8").reshape(k, 5, _S),
-        hist=np.frombuffer(b"".join(bytes(row[7]) for row in rows), dtype="<u4").reshape(k, _S, BINS + 2),
+    statement = (
+        sa.select(
+            AuditRollupState.watermark,
+            AuditRollup.day,
+            AuditRollup.model,
+            AuditRollup.method,
+            AuditRollup.architecture,
+            AuditRollup.digest,
+            AuditRollup.count,
+            AuditRollup.agreed,
+            AuditRollup.flagged,
+            AuditRollup.stats,
+            AuditRollup.hist,
+        )
+        .select_from(AuditRollupState)
+        .outerjoin(AuditRollup, sa.and_(sa.true(), *_day_bounds(filters)))
     )
-
-
-def log_size(connection: sa.Connection) -> int:
-    """Drift rows in the whole log (from the rollup: one small table scan)."""
-    statement = sa.select(sa.func.coalesce(sa.func.sum(AuditRollup.count), 0))
-    return int(connection.execute(statement).scalar_one())
+    result = connection.execute(statement.order_by(*ordering) if ordering else statement).all()
+    after = int(result[0][0])
+    rows = [row[1:] for row in result if row[1] is not None]
+    tail = recompute(connection, AuditDrift.record_id > after, *conditions)
+    k = len(rows)
+    keys: list[Key] = [tuple(row[:5]) for row in rows] + sorted(tail)  # type: ignore[assignment]
+    accumulators = [tail[key] for key in sorted(tail)]
+    counts = np.array([tuple(row[5:8]) for row in rows], dtype=np.int64).reshape(k, 3)
+    stats = np.frombuffer(b"".join(bytes(row[8]) for row in rows), dtype="<f8").reshape(k, 5, _S)
+    hist = np.frombuffer(b"".join(bytes(row[9]) for row in rows), dtype="<u4").reshape(k, _S, BINS + 2)
+    if accumulators:
+        counts = np.concatenate([counts, [[a.count, a.agreed, a.flagged] for a in accumulators]])
+        stats = np.concatenate([stats, np.stack([a.stats for a in accumulators])])
+        hist = np.concatenate([hist.astype(np.int64), np.stack([a.hist for a in accumulators])])
+    tail_rows = sum(a.count for a in accumulators)
+    return Loaded(keys=keys, counts=counts, stats=stats, hist=hist, watermark=after, tail_rows=tail_rows)
 
 
 def _order_statistics(
@@ -501,7 +640,8 @@ def summary_groups(
     """The summary's ``groups`` (same shape as the exact path, plus ``percentile_max_error``), by key."""
     merged = loaded.merge(group_by)
     statistics = _statistics(merged, percentiles)
-    order = sorted(range(len(merged.keys)), key=lambda g: merged.keys[g])
+    # by key, a null digest first (as SQLite orders NULL; PostgreSQL puts it last)
+    order = sorted(range(len(merged.keys)), key=lambda g: tuple(v or "" for v in merged.keys[g]))
     groups = []
     for g in order:
         count = int(merged.counts[g, 0])

@@ -9,8 +9,13 @@ one image). Raises :class:`~service.audit.db.DatabaseUnavailable` when the datab
 
 from __future__ import annotations
 
+import collections
+import copy
 import itertools
+import json
+import logging
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +28,7 @@ from engine.ranking import DEFAULT_ALPHA, DEFAULT_N_BOOT, method_tables, rank_mo
 from service.audit import rollup
 from service.audit.db import translate_errors
 from service.audit.queries import AuditFilters, architecture_expression, drift_conditions, time_conditions
-from service.audit.sample import REVERSAL_MAX_RECORDS, per_record_rows
+from service.audit.sample import REVERSAL_MAX_RECORDS, Draw, draw, per_record_rows
 from service.audit.tables import AuditDrift, AuditRecord
 
 __all__ = [
@@ -36,6 +41,8 @@ __all__ = [
     "requests_over_time",
     "summarize",
 ]
+
+log = logging.getLogger(__name__)
 
 CONTROL_METHOD = "gradcampp"  # the method whose head-scale control the audit rows carry
 GROUP_BY_OPTIONS: tuple[str, ...] = (
@@ -50,11 +57,14 @@ GROUP_BY_OPTIONS: tuple[str, ...] = (
 )
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
 SUMMARY_STATISTICS: tuple[str, ...] = rollup.STATISTICS
-# "auto": the daily rollup (service/audit/rollup.py) when it can answer and the log holds at least
-# ROLLUP_MIN_ROWS drift rows (a smaller log is fast and exact on the raw rows); "exact": always the raw rows;
+# "auto": the daily rollup (service/audit/rollup.py) when it can answer and the query covers at least
+# ROLLUP_MIN_ROWS drift rows (fewer are fast and exact on the raw rows); "exact": always the raw rows;
 # "rollup": the rollup or a 422 saying why it cannot answer.
 MODES: tuple[str, ...] = ("auto", "exact", "rollup")
 ROLLUP_MIN_ROWS = 50_000
+# A rollup summary adds the records after the rollup's watermark from the raw rows; above this many it first
+# catches the rollup up (rollup.catch_up), so the tail a summary reads stays short.
+CATCH_UP_AFTER = 2_000
 WINDOWS: tuple[str, ...] = ("day", "week")
 
 
@@ -253,6 +263,9 @@ def summarize(
     which answered and which numbers are exact (rollup: percentiles approximate, each metric with its
     ``percentile_max_error``). Above ``reversal_max_records`` records in the time window the reversal test
     runs on a seeded random sample of records (:mod:`service.audit.sample`), described in ``ranking.sample``.
+    The reversal tests are reused (``ranking.reused``) when a recent summary ran them on the same records
+    under the same filters and options (the key holds the row hash of the newest selected record, which
+    covers every record before it): the answer is the same as recomputing, at a fraction of the cost.
     """
     names = _check_group_by(group_by)
     if mode not in MODES:
@@ -264,11 +277,13 @@ def summarize(
     on_time = time_conditions(filters)
     conditions = on_time + drift_conditions(filters)
     with translate_errors("summarize the audit log"), engine.connect() as connection:
-        use_rollup = mode == "rollup" or (
-            mode == "auto" and not_rollup is None and rollup.log_size(connection) >= ROLLUP_MIN_ROWS
-        )
-        if use_rollup:
-            loaded = rollup.load(connection, filters, order_by=names)
+        loaded = None
+        if mode != "exact" and not_rollup is None:
+            if rollup.behind(connection) > CATCH_UP_AFTER:
+                _catch_up(engine)
+                connection.rollback()  # end this read transaction: the next read sees the caught-up rollup
+            loaded = rollup.load(connection, filters, conditions, order_by=names)
+        if loaded is not None and (mode == "rollup" or loaded.total >= ROLLUP_MIN_ROWS):
             groups = rollup.summary_groups(loaded, names, PERCENTILES)
             ranking_rows: Sequence[Any] = rollup.ranking_rows(loaded)
             source = {
@@ -280,13 +295,15 @@ def summarize(
                 "ranges": {name: list(rollup.RANGES[name]) for name in SUMMARY_STATISTICS},
                 "note": "mean and sd from sums (equal to the exact path up to floating-point rounding); "
                 "percentiles from fixed-bin histograms, each off by at most the metric's percentile_max_error",
+                "watermark": loaded.watermark,
+                "tail_rows": loaded.tail_rows,
             }
         else:
             groups = _exact_groups(connection, names, conditions, dialect)
             reason = "mode=exact" if mode == "exact" else not_rollup
             source = {
                 "path": "exact",
-                "reason": reason or f"the log holds fewer than {ROLLUP_MIN_ROWS} drift rows",
+                "reason": reason or f"the query covers fewer than {ROLLUP_MIN_ROWS} drift rows",
             }
             ranking_rows = connection.execute(
                 sa.select(
@@ -300,11 +317,19 @@ def summarize(
                 .where(*conditions)
                 .group_by(AuditDrift.method, AuditDrift.model)
             ).all()
-        per_record, sample = per_record_rows(
-            connection, on_time, conditions, max_records=reversal_max_records, seed=seed
-        )
-    ranking = _ranking(ranking_rows, per_record, n_boot=n_boot, seed=seed, alpha=alpha)
-    ranking["sample"] = sample
+        selected = draw(connection, on_time, max_records=reversal_max_records, seed=seed)
+        methods = tuple(sorted({row[0] for row in ranking_rows}))
+        key = _comparisons_key(connection, engine, selected, filters, methods, (n_boot, seed, alpha))
+        comparisons = None if key is None else _COMPARISONS.get(key)
+        reused = comparisons is not None
+        if comparisons is None:
+            per_record = per_record_rows(connection, conditions, selected)
+            comparisons = _comparisons(methods, per_record, n_boot=n_boot, seed=seed, alpha=alpha)
+            if key is not None:
+                _COMPARISONS.put(key, comparisons)
+    ranking = _ranking(ranking_rows, copy.deepcopy(comparisons), alpha=alpha)
+    ranking["sample"] = selected.description
+    ranking["reused"] = reused
     return {
         "filters": filters.to_dict(),
         "group_by": names,
@@ -343,30 +368,73 @@ def _exact_groups(
     return groups
 
 
-def _ranking(
-    rows: Sequence[Any], per_record: Sequence[Any], *, n_boot: int, seed: int, alpha: float
-) -> dict[str, Any]:
-    """Per method, the models by mean IoU (:func:`engine.ranking.rank_models`), and every pair of methods
-    compared with :func:`engine.ranking.reversal_test` on the per-record IoUs."""
-    entries: dict[str, dict[str, dict[str, Any]]] = {}
-    for method, model, count, mean_iou, mean_drift in rows:
-        entries.setdefault(method, {})[model] = {
-            "model": model,
-            "count": int(count),
-            "mean_iou": _float_or_none(mean_iou),
-            "mean_drift_score": _float_or_none(mean_drift),
-        }
-    mean_ious = {
-        method: {model: entry["mean_iou"] for model, entry in by_model.items()}
-        for method, by_model in entries.items()
-    }
-    per_method: dict[str, list[dict[str, Any]]] = {}
-    for method, by_model in entries.items():
-        order = rank_models(mean_ious[method])
-        unranked = sorted(model for model in by_model if model not in order)
-        per_method[method] = [
-            {**by_model[model], "rank": rank} for rank, model in enumerate(order, start=1)
-        ] + [{**by_model[model], "rank": None} for model in unranked]
+def _catch_up(engine: sa.Engine) -> None:
+    """Catch the rollup up; a failure (a read-only role, a busy database) leaves a longer tail, which the
+    summary still reads, so it is logged, not raised."""
+    try:
+        rollup.catch_up(engine)
+    except sa.exc.DBAPIError as error:
+        log.warning("rollup catch-up failed (the summary reads the tail from the raw rows): %s", error)
+
+
+class _Recent:
+    """The last ``size`` values by key (least recently used out first), shared by threads."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+# Reversal tests by the records they ran on (see _comparisons_key): a repeated summary reuses its test.
+_COMPARISONS = _Recent(64)
+
+
+def _comparisons_key(
+    connection: sa.Connection,
+    engine: sa.Engine,
+    selected: Draw,
+    filters: AuditFilters,
+    methods: tuple[str, ...],
+    options: tuple[Any, ...],
+) -> tuple[Any, ...] | None:
+    """What the reversal tests depend on: the database, the chain up to the newest selected record (its
+    row hash covers every record and drift row before it), the selected ids, the filters, the methods and
+    the test's options. None (never reused) when no record is selected."""
+    if selected.id_range is None:
+        return None
+    head = connection.execute(
+        sa.select(AuditRecord.row_hash).where(AuditRecord.id == selected.id_range[1])
+    ).scalar_one_or_none()
+    if head is None:
+        return None
+    database = engine.url.render_as_string(hide_password=True)
+    return (database, head, selected.key, json.dumps(filters.to_dict(), default=str), methods, options)
+
+
+def _comparisons(
+    methods: Sequence[str], per_record: Sequence[Any], *, n_boot: int, seed: int, alpha: float
+) -> list[dict[str, Any]]:
+    """Every pair of ``methods`` compared with :func:`engine.ranking.reversal_test` on the per-record
+    IoUs."""
     tables = method_tables((record_id, model, method, iou) for record_id, model, method, iou, _ in per_record)
     # GradCAM++ under the head-scale control (docs/DESIGN.md section 3): the same test with it in place
     controls = method_tables(
@@ -375,7 +443,7 @@ def _ranking(
         if method == CONTROL_METHOD and control is not None
     ).get(CONTROL_METHOD)
     comparisons = []
-    for first, second in itertools.combinations(sorted(entries), 2):
+    for first, second in itertools.combinations(sorted(methods), 2):
         options: dict[str, Any] = {"n_boot": n_boot, "seed": seed, "alpha": alpha}
         test = reversal_test(
             tables.get(first, {}),
@@ -421,6 +489,30 @@ def _ranking(
                 },
             }
         )
+    return comparisons
+
+
+def _ranking(rows: Sequence[Any], comparisons: list[dict[str, Any]], *, alpha: float) -> dict[str, Any]:
+    """Per method, the models by mean IoU (:func:`engine.ranking.rank_models`), and the comparisons."""
+    entries: dict[str, dict[str, dict[str, Any]]] = {}
+    for method, model, count, mean_iou, mean_drift in rows:
+        entries.setdefault(method, {})[model] = {
+            "model": model,
+            "count": int(count),
+            "mean_iou": _float_or_none(mean_iou),
+            "mean_drift_score": _float_or_none(mean_drift),
+        }
+    mean_ious = {
+        method: {model: entry["mean_iou"] for model, entry in by_model.items()}
+        for method, by_model in entries.items()
+    }
+    per_method: dict[str, list[dict[str, Any]]] = {}
+    for method, by_model in entries.items():
+        order = rank_models(mean_ious[method])
+        unranked = sorted(model for model in by_model if model not in order)
+        per_method[method] = [
+            {**by_model[model], "rank": rank} for rank, model in enumerate(order, start=1)
+        ] + [{**by_model[model], "rank": None} for model in unranked]
     return {
         "by": "mean_iou",
         "order": "descending: most stable (highest mean IoU) first",

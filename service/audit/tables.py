@@ -24,6 +24,7 @@ __all__ = [
     "AuditModelEvent",
     "AuditRecord",
     "AuditRollup",
+    "AuditRollupState",
     "Base",
     "IdType",
     "UtcDateTime",
@@ -81,6 +82,8 @@ class AuditRecord(Base):
     """One served request. ``row_hash`` = SHA-256 of the canonical content, drift rows and ``prev_hash``."""
 
     __tablename__ = "audit_records"
+    # revision 0007: the id range of a time window from the index alone (service/audit/sample.py draw)
+    __table_args__ = (sa.Index("ix_audit_records_created_at_id", "created_at", "id"),)
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(sa.String(64), unique=True)
@@ -166,9 +169,11 @@ class AuditModelEvent(Base):
 
 
 class AuditRollup(Base):
-    """Revision 0006: one (UTC day, model, method) of drift rows, rolled up (service/audit/rollup.py).
+    """Revision 0006: one (UTC day, model, method) of drift rows, rolled up (service/audit/rollup.py);
+    revision 0007 adds architecture and version digest to the key.
 
-    Derived data, not part of the hash chain: kept up to date in each append's transaction and checked
+    Derived data, not part of the hash chain: brought up to the watermark of ``audit_rollup_state`` (revision
+    0007; before it, in each append's transaction) and checked
     against the (verified) raw rows by ``rollup.check``."""
 
     __tablename__ = "audit_rollup"
@@ -181,6 +186,9 @@ class AuditRollup(Base):
     flagged: Mapped[int] = mapped_column(sa.BigInteger)
     stats: Mapped[bytes] = mapped_column(sa.LargeBinary)  # float64 [n, sum, sum of squares, min, max] x S
     hist: Mapped[bytes] = mapped_column(sa.LargeBinary)  # uint32 S x (BINS + 2)
+    # revision 0007: the architecture (model_architecture, else the model) and version digest ("" for none)
+    architecture: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
 
 
 class ApiKeyRow(Base):
@@ -194,3 +202,15 @@ class ApiKeyRow(Base):
     key_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column()
     revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class AuditRollupState(Base):
+    """Revision 0007: how far ``audit_rollup`` goes, in one row (``id`` 1): ``watermark`` is the highest
+    record id whose drift rows are in the rollup (service/audit/rollup.py ``catch_up``)."""
+
+    __tablename__ = "audit_rollup_state"
+
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger, primary_key=True, autoincrement=False
+    )  # ids are 64-bit (0003)
+    watermark: Mapped[int] = mapped_column(sa.BigInteger)

@@ -19,6 +19,7 @@ from service.audit.tables import AuditRollup
 from tests.db_fixtures import MODELS, make_entry
 
 START = datetime(2026, 11, 27, 22, 0, tzinfo=UTC)
+DIGEST = "a1b2c3d4" * 8
 
 
 @pytest.fixture
@@ -30,7 +31,12 @@ def populated(db_engine: sa.Engine) -> sa.Engine:
             entry.reports[0].methods["gradcampp"]["metrics"]["emd"] = 1.7
         if i % 6 == 0:
             entry.reports[1].methods["layercam"]["metrics"]["ssim"] = None
+        if i % 3 == 0:  # a second version of the first model, under an architecture name of its own
+            entry.reports[0].model_digest = DIGEST
+            entry.reports[0].architecture = "arch-v2"
         chain.append(db_engine, entry)
+        if i == 13:  # the first 14 records in the rollup, the other 10 after its watermark (the tail)
+            assert rollup.catch_up(db_engine) == 14
     return db_engine
 
 
@@ -53,6 +59,7 @@ def test_rollup_answers_like_the_exact_path(
     exact = summarize(populated, filters=filters, group_by=group_by, mode="exact", n_boot=50)
     rolled = summarize(populated, filters=filters, group_by=group_by, mode="rollup", n_boot=50)
     assert exact["source"]["path"] == "exact" and rolled["source"]["path"] == "rollup"
+    assert rolled["source"]["watermark"] == 14
     assert rolled["total"] == exact["total"] > 0
     assert [g["key"] for g in rolled["groups"]] == [g["key"] for g in exact["groups"]]
     for want, have in zip(exact["groups"], rolled["groups"], strict=True):
@@ -116,16 +123,24 @@ def test_auto_uses_the_rollup_above_the_threshold(
 def test_check_finds_a_tampered_or_missing_rollup(populated: sa.Engine) -> None:
     assert rollup.check(populated) == []
     with populated.begin() as connection:
-        day, model, method = connection.execute(
-            sa.select(AuditRollup.day, AuditRollup.model, AuditRollup.method)
+        day, model, method, architecture, digest = connection.execute(
+            sa.select(
+                AuditRollup.day,
+                AuditRollup.model,
+                AuditRollup.method,
+                AuditRollup.architecture,
+                AuditRollup.digest,
+            )
         ).first()  # type: ignore[misc]
         key = (AuditRollup.day == day) & (AuditRollup.model == model) & (AuditRollup.method == method)
+        key &= (AuditRollup.architecture == architecture) & (AuditRollup.digest == digest)
+        label = f"{day}/{model}/{method}/{architecture}/{digest or '-'}"
         connection.execute(sa.update(AuditRollup).where(key).values(count=AuditRollup.count + 1))
     (problem,) = rollup.check(populated)
-    assert f"{day}/{model}/{method}: counts" in problem
+    assert f"{label}: counts" in problem
     with populated.begin() as connection:
         connection.execute(sa.delete(AuditRollup).where(key))
-    assert rollup.check(populated) == [f"{day}/{model}/{method}: rows without a rollup"]
+    assert rollup.check(populated) == [f"{label}: rows without a rollup"]
     with populated.begin() as connection:
         assert rollup.rebuild(connection) > 0
     assert rollup.check(populated) == []
@@ -147,3 +162,96 @@ def test_reversal_test_runs_on_a_seeded_sample_above_the_bound(populated: sa.Eng
     assert first["sample"]["id_range"] == other["sample"]["id_range"]
     full = summarize(populated, filters=AuditFilters(), n_boot=50)["ranking"]
     assert full["sample"] is None and full["comparisons"][0]["n_images"] == 24
+
+
+def test_reversal_tests_are_reused_only_on_the_same_records(populated: sa.Engine) -> None:
+    summary._COMPARISONS.clear()
+    options: dict[str, Any] = {"filters": AuditFilters(), "n_boot": 50, "reversal_max_records": 10}
+    first = summarize(populated, **options)["ranking"]
+    again = summarize(populated, **options)["ranking"]
+    assert (first["reused"], again["reused"]) == (False, True)
+    assert again["comparisons"] == first["comparisons"]
+    summary._COMPARISONS.clear()
+    assert summarize(populated, **options)["ranking"]["comparisons"] == first["comparisons"]  # recomputed
+    other = summarize(populated, **{**options, "filters": AuditFilters(model=MODELS[0])})["ranking"]
+    assert other["reused"] is False
+    # a new record moves the window's newest id and row hash: a new draw, computed afresh
+    chain.append(populated, make_entry(np.random.default_rng(5), created_at=START + timedelta(days=8)))
+    later = summarize(populated, **options)["ranking"]
+    assert later["reused"] is False
+    assert later["sample"]["id_range"][1] == first["sample"]["id_range"][1] + 1
+    full = summarize(populated, filters=AuditFilters(), n_boot=50)["ranking"]
+    assert full["reused"] is False and full["comparisons"][0]["n_images"] == 25
+
+
+def _groups(result: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The groups' keys, counts and per-metric (n, mean, sd, percentiles) for comparing two answers."""
+    out = []
+    for group in result["groups"]:
+        metrics = [
+            (name, stats["n"], stats["mean"], stats["sd"], *(stats[f"p{p}"] for p in (5, 25, 50, 75, 95)))
+            for name, stats in sorted(group["metrics"].items())
+        ]
+        out.append((group["key"], group["count"], group["agreement_rate"], group["flagged_rate"], metrics))
+    return out
+
+
+@pytest.mark.parametrize(("group_by", "filters"), CASES)
+def test_the_tail_after_the_watermark_adds_up_to_the_caught_up_rollup(
+    populated: sa.Engine, group_by: list[str], filters: AuditFilters
+) -> None:
+    """Rollup + tail (10 records read from the raw rows) answers as the rollup holding all 24 records."""
+    options: dict[str, Any] = {"filters": filters, "group_by": group_by, "mode": "rollup", "n_boot": 20}
+    with_tail = summarize(populated, **options)
+    # records 15-24 are from 2026-12-02 on: in the tail unless the filters end before
+    in_tail = filters.end is None or filters.end > START + timedelta(hours=7 * 14)
+    assert with_tail["source"]["watermark"] == 14 and (with_tail["source"]["tail_rows"] > 0) == in_tail
+    assert rollup.catch_up(populated) == 10
+    caught_up = summarize(populated, **options)
+    assert caught_up["source"]["watermark"] == 24 and caught_up["source"]["tail_rows"] == 0
+    want, have = _groups(caught_up), _groups(with_tail)
+    assert [g[:4] for g in have] == [g[:4] for g in want]  # keys, counts and rates: exact
+    for (*_, metrics_want), (*_, metrics_have) in zip(want, have, strict=True):
+        for row_want, row_have in zip(metrics_want, metrics_have, strict=True):
+            assert row_have[:2] == row_want[:2]
+            for a, b in zip(row_have[2:], row_want[2:], strict=True):  # sums added in another order
+                assert a == b if b is None else a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    assert rollup.check(populated) == []
+
+
+def test_catch_up_goes_in_batches_and_leaves_appends_out_of_the_rollup(populated: sa.Engine) -> None:
+    with populated.connect() as connection:
+        assert (rollup.watermark(connection), rollup.behind(connection)) == (14, 10)
+    assert rollup.catch_up(populated, batch_records=3) == 10  # 4 transactions
+    chain.append(populated, make_entry(np.random.default_rng(9), created_at=START))
+    with populated.connect() as connection:
+        assert (rollup.watermark(connection), rollup.behind(connection)) == (24, 1)
+        loaded = rollup.load(connection, AuditFilters(), [])
+    assert loaded.total == 25 * len(MODELS) * 2 and loaded.tail_rows == len(MODELS) * 2  # rollup + tail
+    assert rollup.check(populated) == []  # the rollup up to its watermark
+    assert rollup.catch_up(populated) == 1 and rollup.catch_up(populated) == 0
+
+
+def test_a_summary_catches_a_long_tail_up(populated: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(summary, "CATCH_UP_AFTER", 5)
+    result = summarize(populated, filters=AuditFilters(), mode="rollup", n_boot=20)
+    assert result["source"]["watermark"] == 24 and result["source"]["tail_rows"] == 0
+
+
+def test_digest_and_architecture_are_rollup_dimensions(populated: sa.Engine) -> None:
+    for group_by, filters in (
+        (["digest", "method"], AuditFilters()),
+        (["architecture", "method"], AuditFilters()),
+        (["model"], AuditFilters(architecture="arch-v2")),
+        (["method"], AuditFilters(digest=DIGEST[:8])),
+        (["method"], AuditFilters(digest=DIGEST)),
+    ):
+        exact = summarize(populated, filters=filters, group_by=group_by, mode="exact", n_boot=20)
+        rolled = summarize(populated, filters=filters, group_by=group_by, mode="rollup", n_boot=20)
+        assert rolled["source"]["path"] == "rollup"
+        assert len(exact["groups"]) >= 2 if "digest" in group_by else exact["total"] > 0
+        # a null digest sorts first on SQLite, last on PostgreSQL: compare by key
+        order = sorted(_groups(exact), key=lambda g: str(g[0]))
+        assert [g[:4] for g in sorted(_groups(rolled), key=lambda g: str(g[0]))] == [g[:4] for g in order]
+    none = summarize(populated, filters=AuditFilters(digest="0123abcd"), mode="rollup", n_boot=20)
+    assert none["total"] == 0

@@ -20,7 +20,14 @@ from service.audit.tables import metadata
 from tests.db_fixtures import make_entry
 
 REPO = Path(__file__).resolve().parents[2]
-APP_TABLES = {"audit_records", "audit_drift", "audit_model_events", "api_keys", "audit_rollup"}
+APP_TABLES = {
+    "audit_records",
+    "audit_drift",
+    "audit_model_events",
+    "api_keys",
+    "audit_rollup",
+    "audit_rollup_state",
+}
 
 
 def table_names(engine: sa.Engine) -> set[str]:
@@ -135,6 +142,7 @@ def test_0006_backfills_the_rollup_from_existing_rows(empty_db_url: str) -> None
         rng = np.random.default_rng(3)
         for _ in range(4):
             chain.append(engine, make_entry(rng))
+        rollup.catch_up(engine)
         with engine.connect() as connection:
             before = {
                 tuple(row[:3]): row for row in connection.execute(sa.select(AuditRollup.__table__)).all()
@@ -155,6 +163,46 @@ def test_0006_backfills_the_rollup_from_existing_rows(empty_db_url: str) -> None
         engine.dispose()
 
 
+def test_0007_moves_the_rollup_behind_a_watermark_and_back(empty_db_url: str) -> None:
+    """Down to 0006 the rollup covers every record again (tail caught up, versions merged per day, model
+    and method); up to 0007 it is rebuilt by architecture and version with the watermark at the newest."""
+    from service.audit import rollup
+
+    db.upgrade(empty_db_url)
+    engine = db.make_engine(empty_db_url)
+    try:
+        rng = np.random.default_rng(4)
+        entries = [make_entry(rng) for _ in range(5)]
+        entries[1].reports[0].model_digest = "ab" * 32  # a second version of one model
+        for entry in entries[:3]:
+            chain.append(engine, entry)
+        assert rollup.catch_up(engine) == 3
+        for entry in entries[3:]:
+            chain.append(engine, entry)  # after the watermark
+        with engine.connect() as connection:
+            want = rollup.by_day_model_method(rollup.recompute(connection))
+        db.downgrade(empty_db_url, "0006")
+        assert "audit_rollup_state" not in table_names(engine)
+        with engine.connect() as connection:
+            rows = connection.execute(sa.text("SELECT * FROM audit_rollup")).mappings().all()
+        assert {(r["day"], r["model"], r["method"]) for r in rows} == set(want)
+        for row in rows:
+            expected = want[(row["day"], row["model"], row["method"])]
+            assert (row["count"], row["agreed"], row["flagged"]) == (
+                expected.count,
+                expected.agreed,
+                expected.flagged,
+            )
+            assert row["hist"] == expected.values()["hist"]
+        db.upgrade(empty_db_url)
+        with engine.connect() as connection:
+            assert (rollup.watermark(connection), rollup.behind(connection)) == (5, 0)
+        assert rollup.check(engine) == []
+        assert chain.verify(engine).ok
+    finally:
+        engine.dispose()
+
+
 def test_db_command(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     commands_db.configure_parser(parser)
@@ -168,6 +216,27 @@ def test_db_command(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None
     assert f"current: {db.head_revision()}" in run("current")
     run("downgrade")
     assert "not migrated" in run("current")
+
+
+def test_db_rollup_command_catches_up_and_checks(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    commands_db.configure_parser(parser)
+    db.upgrade(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    try:
+        rng = np.random.default_rng(6)
+        for _ in range(3):
+            chain.append(engine, make_entry(rng))
+    finally:
+        engine.dispose()
+
+    def run(*argv: str) -> str:
+        assert commands_db.run(parser.parse_args([*argv, "--database-url", sqlite_url])) == 0
+        return capsys.readouterr().out
+
+    assert "3 record(s) added, watermark 3" in run("rollup")
+    checked = run("rollup", "--check")
+    assert "0 record(s) added, watermark 3" in checked and "rollup check: 0 difference(s)" in checked
 
 
 def test_missing_url_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
