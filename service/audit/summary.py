@@ -421,8 +421,12 @@ def _comparisons_key(
     the test's options. None (never reused) when no record is selected."""
     if selected.id_range is None:
         return None
+    # the newest record up to the selection's last id (an id can be missing: a rolled-back append's)
     head = connection.execute(
-        sa.select(AuditRecord.row_hash).where(AuditRecord.id == selected.id_range[1])
+        sa.select(AuditRecord.row_hash)
+        .where(AuditRecord.id <= selected.id_range[1])
+        .order_by(AuditRecord.id.desc())
+        .limit(1)
     ).scalar_one_or_none()
     if head is None:
         return None

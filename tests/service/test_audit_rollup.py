@@ -4,6 +4,7 @@ Oracle: the exact path (itself checked against NumPy in test_audit_db.py) and Nu
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from core.errors import InputError
-from service.audit import chain, rollup, summary
+from service.audit import chain, rollup, sample, summary
 from service.audit.queries import AuditFilters
 from service.audit.summary import summarize
 from service.audit.tables import AuditRollup
@@ -182,6 +183,28 @@ def test_reversal_tests_are_reused_only_on_the_same_records(populated: sa.Engine
     assert later["sample"]["id_range"][1] == first["sample"]["id_range"][1] + 1
     full = summarize(populated, filters=AuditFilters(), n_boot=50)["ranking"]
     assert full["reused"] is False and full["comparisons"][0]["n_images"] == 25
+
+
+def test_the_sampling_frame_holds_while_records_are_appended(
+    populated: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sample, "FRAME_STEPS", 4)  # frame steps of 4 ids on this 24-record log
+    summary._COMPARISONS.clear()
+    options: dict[str, Any] = {"filters": AuditFilters(), "n_boot": 50, "reversal_max_records": 10}
+    rng = np.random.default_rng(8)
+    seen = []
+    for i in range(5):
+        ranking = summarize(populated, **options)["ranking"]
+        first, last = ranking["sample"]["id_range"]
+        low, high = ranking["sample"]["window_id_range"]
+        assert low <= first < last <= high and (first - low) + (high - last) < 2 * 4  # under 2 steps out
+        assert first % 4 == 0 and (last + 1) % 4 == 0
+        seen.append(((first, last), ranking["reused"]))
+        chain.append(populated, make_entry(rng, created_at=START + timedelta(days=8, hours=i)))
+    # a summary reuses the test exactly when the frame has not moved since the summary before it
+    reused = [again for _, again in seen[1:]]
+    assert reused == [before[0] == after[0] for before, after in itertools.pairwise(seen)]
+    assert seen[0][1] is False and any(reused) and not all(reused)
 
 
 def _groups(result: dict[str, Any]) -> list[tuple[Any, ...]]:
