@@ -36,6 +36,7 @@ Only queries whose dimensions are rollup dimensions can use it: group by ``model
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,13 +288,15 @@ def catch_up_connection(connection: sa.Connection, *, batch_records: int = CATCH
     return total
 
 
-def catch_up(engine: sa.Engine, *, batch_records: int = CATCH_UP_BATCH) -> int:
+def catch_up(engine: sa.Engine, *, batch_records: int = CATCH_UP_BATCH, budget_s: float | None = None) -> int:
     """Bring the rollup up to the newest committed record, ``batch_records`` records per transaction, each
     under the rollup lock (PostgreSQL advisory lock ``ROLLUP_LOCK_KEY``; SQLite ``BEGIN IMMEDIATE``); returns
     the records added. Concurrent callers take turns; appends go on meanwhile (on SQLite they wait for a batch's
-    transaction, as for any writer)."""
+    transaction, as for any writer: keep batches small there). With ``budget_s``, no batch starts after that
+    many seconds (at least one runs): the rest stays in the tail, which summaries read from the raw rows."""
     total = 0
-    while True:
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    while deadline is None or total == 0 or time.monotonic() < deadline:
         with engine.connect() as connection:
             if engine.dialect.name == "sqlite":
                 connection.execution_options(**{SQLITE_IMMEDIATE: True})
@@ -304,6 +307,7 @@ def catch_up(engine: sa.Engine, *, batch_records: int = CATCH_UP_BATCH) -> int:
         if not covered:
             return total
         total += covered
+    return total
 
 
 def _raw_rows(

@@ -65,6 +65,10 @@ ROLLUP_MIN_ROWS = 50_000
 # A rollup summary adds the records after the rollup's watermark from the raw rows; above this many it first
 # catches the rollup up (rollup.catch_up), so the tail a summary reads stays short.
 CATCH_UP_AFTER = 2_000
+# a summary's own catch-up: small batches (on SQLite a batch holds the write lock that appends wait for:
+# ~0.1-0.3 s per 2,000 records) and a time budget (the rest of a long tail is read from the raw rows)
+CATCH_UP_BATCH = 2_000
+CATCH_UP_BUDGET_S = 2.0
 WINDOWS: tuple[str, ...] = ("day", "week")
 
 
@@ -372,7 +376,7 @@ def _catch_up(engine: sa.Engine) -> None:
     """Catch the rollup up; a failure (a read-only role, a busy database) leaves a longer tail, which the
     summary still reads, so it is logged, not raised."""
     try:
-        rollup.catch_up(engine)
+        rollup.catch_up(engine, batch_records=CATCH_UP_BATCH, budget_s=CATCH_UP_BUDGET_S)
     except sa.exc.DBAPIError as error:
         log.warning("rollup catch-up failed (the summary reads the tail from the raw rows): %s", error)
 

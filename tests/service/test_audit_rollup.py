@@ -261,6 +261,24 @@ def test_a_summary_catches_a_long_tail_up(populated: sa.Engine, monkeypatch: pyt
     assert result["source"]["watermark"] == 24 and result["source"]["tail_rows"] == 0
 
 
+def test_a_summary_catches_up_within_its_budget_and_reads_the_rest_raw(
+    populated: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert rollup.catch_up(populated, batch_records=3, budget_s=0) == 3  # one batch, then the budget is spent
+    exact = summarize(
+        populated, filters=AuditFilters(), group_by=["model", "method"], mode="exact", n_boot=20
+    )
+    monkeypatch.setattr(summary, "CATCH_UP_AFTER", 2)
+    monkeypatch.setattr(summary, "CATCH_UP_BATCH", 2)
+    monkeypatch.setattr(summary, "CATCH_UP_BUDGET_S", 0)
+    result = summarize(
+        populated, filters=AuditFilters(), group_by=["model", "method"], mode="rollup", n_boot=20
+    )
+    # 7 records were behind: the summary rolled up one batch of 2 and read the other 5 from the raw rows
+    assert result["source"]["watermark"] == 19 and result["source"]["tail_rows"] == 5 * len(MODELS) * 2
+    assert [g[:4] for g in _groups(result)] == [g[:4] for g in _groups(exact)]
+
+
 def test_digest_and_architecture_are_rollup_dimensions(populated: sa.Engine) -> None:
     for group_by, filters in (
         (["digest", "method"], AuditFilters()),
