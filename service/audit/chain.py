@@ -475,7 +475,7 @@ def verify(
     anchor = anchor.strip().lower() if anchor is not None else None
     anchor_found = False
 
-    def bad(record_id: int, reason: str) -> VerifyResult:
+    def bad(record_id: int | None, reason: str) -> VerifyResult:
         return VerifyResult(
             ok=False,
             checked=checked,
@@ -531,6 +531,20 @@ def verify(
                 anchor_found = anchor_found or expected_prev == anchor
                 checked += 0 if at_anchor else 1
             after = records[-1][0]
+        # drift rows that no record owns (written outside append): the walk never reads them, summaries
+        # skip them, and a later record taking their record_id would be blamed for them
+        owned = sa.exists().where(AuditRecord.id == AuditDrift.record_id)
+        orphans = sa.select(AuditDrift.id, AuditDrift.record_id).where(~owned)
+        if since_id is not None:
+            orphans = orphans.where(sa.or_(AuditDrift.record_id >= since_id, AuditDrift.record_id.is_(None)))
+        orphan = connection.execute(orphans.order_by(AuditDrift.id).limit(1)).first()
+        if orphan is not None:
+            owner = orphan[1] if isinstance(orphan[1], int) else None
+            return bad(
+                owner,
+                f"orphan drift row: audit_drift id {orphan[0]} names record_id {orphan[1]!r}, which no "
+                "record has (a drift row written outside the audit path)",
+            )
     if since_id is not None and head_id is None:
         return bad(since_id, f"since: row {since_id} does not hold the anchored hash {since_hash}")
     if anchor is not None and not anchor_found:

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.audit import chain, db, queries
+from service.audit.tables import AuditDrift
 from tests.api_fixtures import ApiClient, error_of, free_port, headers, make_settings, started
 from tests.db_fixtures import MODELS, make_entry, make_report
 
@@ -208,6 +209,35 @@ def test_reformatted_json_text_fails_verification(db_engine: sa.Engine) -> None:
         )
     result = chain.verify(db_engine)
     assert not result.ok and result.first_bad_id == ids[0]
+
+
+def test_a_drift_row_that_no_record_owns_fails_verification(db_engine: sa.Engine) -> None:
+    """A drift row planted for the next record id (foreign keys bypassed): the walk never reads it, summaries
+    skip it, and the record that later takes that id would be blamed for it."""
+    rng = np.random.default_rng(23)
+    ids = [chain.append(db_engine, make_entry(rng)).id for _ in range(2)]
+    head = chain.verify(db_engine)
+    assert head.ok and head.head_id is not None and head.head_hash is not None
+    columns = ", ".join(c.name for c in AuditDrift.__table__.columns if c.name not in ("id", "record_id"))
+    plant = (
+        f"INSERT INTO audit_drift (record_id, {columns}) "
+        f"SELECT record_id + 1, {columns} FROM audit_drift WHERE record_id = {ids[1]}"
+    )
+    if db_engine.dialect.name == "sqlite":
+        raw = db_engine.raw_connection()
+        try:
+            raw.execute("PRAGMA foreign_keys = OFF")  # outside a transaction: SQLite ignores it inside one
+            raw.execute(plant)
+            raw.commit()
+        finally:
+            raw.close()
+    else:
+        with db_engine.begin() as connection:
+            connection.exec_driver_sql("SET LOCAL session_replication_role = replica")  # no FK triggers
+            connection.exec_driver_sql(plant)
+    for result in (chain.verify(db_engine), chain.verify(db_engine, since=(head.head_id, head.head_hash))):
+        assert not result.ok and result.first_bad_id == ids[1] + 1, result
+        assert "orphan drift row" in (result.reason or "")
 
 
 @pytest.mark.parametrize(
