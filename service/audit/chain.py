@@ -27,11 +27,12 @@ raise :class:`~service.audit.db.DatabaseUnavailable` when the database cannot be
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -491,7 +492,11 @@ def verify(
     # never changed and appends are serialised (each commits its record and drift rows together, with ids in
     # commit order), so a later statement sees at least what an earlier one saw.
     after = None if since_id is None else since_id - 1
-    with translate_errors("verify the audit chain"), engine.connect() as connection:
+    with (
+        translate_errors("verify the audit chain"),
+        engine.connect() as connection,
+        _lenient_text(connection, sqlite),
+    ):
         while True:
             page = records_statement if after is None else records_statement.where(AuditRecord.id > after)
             records = connection.execute(page.limit(batch_size)).all()
@@ -569,6 +574,23 @@ def verify(
         anchor_found=True if anchor is not None else None,
         since_id=since_id,
     )
+
+
+@contextlib.contextmanager
+def _lenient_text(connection: sa.Connection, sqlite: bool) -> Iterator[None]:
+    """SQLite: text that is not valid UTF-8 (written around the service) is read with its bad bytes kept
+    (as surrogates), so the row holding it fails verification by its id instead of the driver stopping the
+    walk with a decode error. This connection only, restored before it goes back to the pool."""
+    if not sqlite:
+        yield
+        return
+    raw: Any = connection.connection.dbapi_connection
+    before = raw.text_factory
+    raw.text_factory = lambda data: data.decode("utf-8", "surrogateescape")
+    try:
+        yield
+    finally:
+        raw.text_factory = before
 
 
 def _stored_row_hash(record: Sequence[Any], drift: Sequence[Sequence[Any]], sqlite: bool) -> str:

@@ -273,6 +273,41 @@ def test_sqlite_values_that_sql_reads_differently_fail_verification(
         engine.dispose()
 
 
+@pytest.mark.parametrize(
+    ("edit", "read"),
+    [
+        (
+            "UPDATE audit_records SET options = CAST(x'7bff7d' AS TEXT) WHERE id = :id",
+            "SELECT options FROM audit_records WHERE id = :id",
+        ),
+        (
+            "UPDATE audit_drift SET model = model || CAST(x'ff' AS TEXT) WHERE record_id = :id",
+            "SELECT model FROM audit_drift WHERE record_id = :id",
+        ),
+    ],
+)
+def test_sqlite_text_that_is_not_utf8_fails_verification_by_row(
+    sqlite_url: str, edit: str, read: str
+) -> None:
+    """Bytes that are not UTF-8, written around the service: the row is named, the walk does not stop with
+    the driver's decode error (which the API would answer as an unavailable database)."""
+    db.upgrade(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    try:
+        rng = np.random.default_rng(24)
+        ids = [chain.append(engine, make_entry(rng)).id for _ in range(3)]
+        _drop_update_triggers(engine)
+        with engine.begin() as connection:
+            assert connection.execute(sa.text(edit), {"id": ids[1]}).rowcount > 0
+        result = chain.verify(engine)
+        assert not result.ok and result.first_bad_id == ids[1], result
+        # the pooled connection decodes strictly again
+        with engine.connect() as connection, pytest.raises(sa.exc.OperationalError, match="decode"):
+            connection.execute(sa.text(read), {"id": ids[1]}).all()
+    finally:
+        engine.dispose()
+
+
 def test_keep_alive_survives_a_database_error_on_a_real_server(tmp_path: Path) -> None:
     """Over one HTTP/1.1 connection to uvicorn: a database error's 500, then another request."""
     import http.client
