@@ -47,6 +47,7 @@ from sqlalchemy import func
 
 from service.audit.db import SQLITE_IMMEDIATE
 from service.audit.filters import AuditFilters
+from service.audit.recent import Recent
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord, AuditRollup, AuditRollupState
 
 __all__ = [
@@ -538,7 +539,40 @@ def load(
     names; week sorts as day) so that merging them needs no reordering, then the tail: the records after
     the watermark, accumulated from their raw rows under ``conditions`` (the same filters on the raw rows:
     the summary's; one row per key at the end). The rollup rows and the watermark are read in one statement (one snapshot: a
-    concurrent catch-up cannot make a record count twice or not at all)."""
+    concurrent catch-up cannot make a record count twice or not at all).
+
+    The rollup rows read are kept (:data:`LOADED`) under the watermark they were read at: rows at one
+    watermark never change (catch-up moves both in one transaction), so a repeated summary reads only the
+    watermark and the tail until the next catch-up."""
+    database = connection.engine.url.render_as_string(hide_password=True)
+    scope = (database, *(getattr(filters, name) for name in _ROLLUP_FILTERS), tuple(order_by))
+    current = watermark(connection)
+    kept = LOADED.get((*scope, current))
+    if kept is None:
+        after, keys, counts, stats, hist = _read_rollup(connection, filters, order_by)
+        LOADED.put((*scope, after), (keys, counts, stats, hist))
+    else:
+        after, (keys, counts, stats, hist) = current, kept
+    tail = recompute(connection, AuditDrift.record_id > after, *conditions)
+    accumulators = [tail[key] for key in sorted(tail)]
+    keys = keys + sorted(tail)
+    if accumulators:
+        counts = np.concatenate([counts, [[a.count, a.agreed, a.flagged] for a in accumulators]])
+        stats = np.concatenate([stats, np.stack([a.stats for a in accumulators])])
+        hist = np.concatenate([hist.astype(np.int64), np.stack([a.hist for a in accumulators])])
+    tail_rows = sum(a.count for a in accumulators)
+    return Loaded(keys=keys, counts=counts, stats=stats, hist=hist, watermark=after, tail_rows=tail_rows)
+
+
+# the filters the rollup rows are read under (_day_bounds), and the rows read, by watermark (see load)
+_ROLLUP_FILTERS = ("start", "end", "model", "method", "architecture", "digest")
+LOADED = Recent(4)  # a year of rollup rows is ~15 MB
+
+
+def _read_rollup(
+    connection: sa.Connection, filters: AuditFilters, order_by: Sequence[str]
+) -> tuple[int, list[Key], np.ndarray, np.ndarray, np.ndarray]:
+    """The watermark and the rollup rows under the filters (read-only arrays), in one statement."""
     columns = {name: getattr(AuditRollup, name) for name in KEY_COLUMNS} | {"week": AuditRollup.day}
     ordering = list(dict.fromkeys(columns[name] for name in order_by))
     statement = (
@@ -561,19 +595,13 @@ def load(
     result = connection.execute(statement.order_by(*ordering) if ordering else statement).all()
     after = int(result[0][0])
     rows = [row[1:] for row in result if row[1] is not None]
-    tail = recompute(connection, AuditDrift.record_id > after, *conditions)
     k = len(rows)
-    keys: list[Key] = [tuple(row[:5]) for row in rows] + sorted(tail)  # type: ignore[assignment]
-    accumulators = [tail[key] for key in sorted(tail)]
+    keys: list[Key] = [tuple(row[:5]) for row in rows]  # type: ignore[misc]
     counts = np.array([tuple(row[5:8]) for row in rows], dtype=np.int64).reshape(k, 3)
+    counts.setflags(write=False)
     stats = np.frombuffer(b"".join(bytes(row[8]) for row in rows), dtype="<f8").reshape(k, 5, _S)
     hist = np.frombuffer(b"".join(bytes(row[9]) for row in rows), dtype="<u4").reshape(k, _S, BINS + 2)
-    if accumulators:
-        counts = np.concatenate([counts, [[a.count, a.agreed, a.flagged] for a in accumulators]])
-        stats = np.concatenate([stats, np.stack([a.stats for a in accumulators])])
-        hist = np.concatenate([hist.astype(np.int64), np.stack([a.hist for a in accumulators])])
-    tail_rows = sum(a.count for a in accumulators)
-    return Loaded(keys=keys, counts=counts, stats=stats, hist=hist, watermark=after, tail_rows=tail_rows)
+    return after, keys, counts, stats, hist
 
 
 def _order_statistics(

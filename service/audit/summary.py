@@ -9,13 +9,11 @@ one image). Raises :class:`~service.audit.db.DatabaseUnavailable` when the datab
 
 from __future__ import annotations
 
-import collections
 import copy
 import itertools
 import json
 import logging
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +26,7 @@ from engine.ranking import DEFAULT_ALPHA, DEFAULT_N_BOOT, method_tables, rank_mo
 from service.audit import rollup
 from service.audit.db import translate_errors
 from service.audit.queries import AuditFilters, architecture_expression, drift_conditions, time_conditions
+from service.audit.recent import Recent
 from service.audit.sample import REVERSAL_MAX_RECORDS, Draw, draw, per_record_rows
 from service.audit.tables import AuditDrift, AuditRecord
 
@@ -381,35 +380,8 @@ def _catch_up(engine: sa.Engine) -> None:
         log.warning("rollup catch-up failed (the summary reads the tail from the raw rows): %s", error)
 
 
-class _Recent:
-    """The last ``size`` values by key (least recently used out first), shared by threads."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            if key not in self._items:
-                return None
-            self._items.move_to_end(key)
-            return self._items[key]
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
 # Reversal tests by the records they ran on (see _comparisons_key): a repeated summary reuses its test.
-_COMPARISONS = _Recent(64)
+_COMPARISONS = Recent(64)
 
 
 def _comparisons_key(

@@ -207,6 +207,47 @@ def test_the_sampling_frame_holds_while_records_are_appended(
     assert seen[0][1] is False and any(reused) and not all(reused)
 
 
+def test_rollup_rows_are_read_once_per_watermark(populated: sa.Engine) -> None:
+    """A repeated summary reads the watermark and the tail, not the rollup rows; after a catch-up it reads
+    them again; every answer equals one computed with nothing kept."""
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    def reads_rollup() -> bool:
+        return any("audit_rollup." in s and "hist" in s for s in statements)
+
+    def fresh(options: dict[str, Any]) -> dict[str, Any]:
+        rollup.LOADED.clear()
+        return summarize(populated, **options)
+
+    options: dict[str, Any] = {"filters": AuditFilters(), "group_by": ["model", "method"], "mode": "rollup"}
+    options |= {"n_boot": 20}
+    sa.event.listen(populated, "before_cursor_execute", record)
+    try:
+        rollup.LOADED.clear()
+        first = summarize(populated, **options)
+        assert reads_rollup()
+        statements.clear()
+        assert _groups(summarize(populated, **options)) == _groups(first) and not reads_rollup()
+        chain.append(populated, make_entry(np.random.default_rng(31), created_at=START + timedelta(days=2)))
+        statements.clear()
+        with_tail = summarize(populated, **options)  # the same rollup rows, a longer tail
+        assert not reads_rollup() and with_tail["source"]["tail_rows"] == first["source"]["tail_rows"] + 6
+        assert _groups(with_tail) == _groups(fresh(options))
+        rollup.catch_up(populated)
+        statements.clear()
+        caught_up = summarize(populated, **options)
+        assert reads_rollup() and caught_up["source"]["tail_rows"] == 0
+        assert [g[:4] for g in _groups(caught_up)] == [g[:4] for g in _groups(with_tail)]
+        other = {**options, "filters": AuditFilters(method="layercam")}  # other filters: their own rows
+        statements.clear()
+        assert _groups(summarize(populated, **other)) == _groups(fresh(other)) and reads_rollup()
+    finally:
+        sa.event.remove(populated, "before_cursor_execute", record)
+
+
 def _groups(result: dict[str, Any]) -> list[tuple[Any, ...]]:
     """The groups' keys, counts and per-metric (n, mean, sd, percentiles) for comparing two answers."""
     out = []
