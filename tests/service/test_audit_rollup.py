@@ -117,7 +117,7 @@ def test_auto_uses_the_rollup_above_the_threshold(
     populated: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert summarize(populated, filters=AuditFilters(), n_boot=20)["source"]["path"] == "exact"
-    monkeypatch.setattr(summary, "ROLLUP_MIN_ROWS", 10)
+    monkeypatch.setattr(summary, "ROLLUP_MIN_ROWS", {"sqlite": 10, "postgresql": 10})
     assert summarize(populated, filters=AuditFilters(), n_boot=20)["source"]["path"] == "rollup"
 
 
