@@ -253,6 +253,18 @@ def watermark(connection: sa.Connection) -> int:
     return int(connection.execute(sa.select(AuditRollupState.watermark)).scalar_one())
 
 
+def state_problem(connection: sa.Connection) -> str | None:
+    """Why the rollup state cannot be trusted, or None: a watermark past the newest record (set outside the
+    service: every record appended later would be left out of both the rollup and the tail)."""
+    current, newest = watermark(connection), _newest(connection)
+    if current <= newest:
+        return None
+    return (
+        f"the rollup's watermark {current} is past the newest record {newest}: its state was changed outside "
+        "the service (`cxr-drift db rollup --check`, then `rollup.rebuild`)"
+    )
+
+
 def _newest(connection: sa.Connection) -> int:
     return int(connection.execute(sa.select(func.coalesce(func.max(AuditRecord.id), 0))).scalar_one())
 

@@ -283,6 +283,9 @@ def summarize(
     conditions = on_time + drift_conditions(filters)
     with translate_errors("summarize the audit log"), engine.connect() as connection:
         loaded = None
+        if mode != "exact" and not_rollup is None and (problem := rollup.state_problem(connection)):
+            log.error("summary answered from the raw rows: %s", problem)
+            not_rollup = problem
         if mode != "exact" and not_rollup is None:
             if rollup.behind(connection) > CATCH_UP_AFTER:
                 _catch_up(engine)

@@ -16,7 +16,7 @@ from core.errors import InputError
 from service.audit import chain, rollup, sample, summary
 from service.audit.queries import AuditFilters
 from service.audit.summary import summarize
-from service.audit.tables import AuditRollup
+from service.audit.tables import AuditRollup, AuditRollupState
 from tests.db_fixtures import MODELS, make_entry
 
 START = datetime(2026, 11, 27, 22, 0, tzinfo=UTC)
@@ -246,6 +246,21 @@ def test_rollup_rows_are_read_once_per_watermark(populated: sa.Engine) -> None:
         assert _groups(summarize(populated, **other)) == _groups(fresh(other)) and reads_rollup()
     finally:
         sa.event.remove(populated, "before_cursor_execute", record)
+
+
+def test_a_watermark_past_the_newest_record_is_not_trusted(populated: sa.Engine) -> None:
+    """Set outside the service, it would leave every later record out of both the rollup and the tail."""
+    exact = summarize(populated, filters=AuditFilters(), group_by=["model"], mode="exact", n_boot=20)
+    with populated.begin() as connection:
+        connection.execute(sa.update(AuditRollupState).values(watermark=10**9))
+    for mode in ("auto", "rollup"):
+        result = summarize(populated, filters=AuditFilters(), group_by=["model"], mode=mode, n_boot=20)
+        assert result["source"]["path"] == "exact" and "past the newest record" in result["source"]["reason"]
+        assert _groups(result) == _groups(exact)
+    with populated.begin() as connection:
+        rollup.rebuild(connection)
+    result = summarize(populated, filters=AuditFilters(), group_by=["model"], mode="rollup", n_boot=20)
+    assert result["source"]["path"] == "rollup" and result["source"]["watermark"] == 24
 
 
 def _groups(result: dict[str, Any]) -> list[tuple[Any, ...]]:
