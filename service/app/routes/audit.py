@@ -165,8 +165,9 @@ async def summary(
     mode: Annotated[
         Literal["auto", "exact", "rollup"],
         Query(
-            description="auto: the daily rollup when it can answer and the query covers >= 50,000 drift rows, "
-            "else the raw rows; exact: the raw rows; rollup: the rollup or 422 (summary.source says which)"
+            description="auto: the daily rollup when it can answer and the query covers >= 50,000 drift rows "
+            "(PostgreSQL) or 1,000 (SQLite), else the raw rows; exact: the raw rows; rollup: the rollup or 422 "
+            "(summary.source says which)"
         ),
     ] = "auto",
     compare: Annotated[
