@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql
 
 from core.errors import InputError
 from engine.ranking import DEFAULT_ALPHA, DEFAULT_N_BOOT, method_tables, rank_models, reversal_test
-from service.audit import rollup
+from service.audit import rollup, rollup_read
 from service.audit.db import translate_errors
 from service.audit.queries import AuditFilters, architecture_expression, drift_conditions, time_conditions
 from service.audit.recent import Recent
@@ -275,7 +275,7 @@ def summarize(
     names = _check_group_by(group_by)
     if mode not in MODES:
         raise InputError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}", code="validation_error")
-    not_rollup = rollup.eligible(filters, names)
+    not_rollup = rollup_read.eligible(filters, names)
     if mode == "rollup" and not_rollup is not None:
         raise InputError(f"mode=rollup: {not_rollup}", code="validation_error")
     dialect = engine.dialect.name
@@ -290,11 +290,11 @@ def summarize(
             if rollup.behind(connection) > CATCH_UP_AFTER:
                 _catch_up(engine)
                 connection.rollback()  # end this read transaction: the next read sees the caught-up rollup
-            loaded = rollup.load(connection, filters, conditions, order_by=names)
+            loaded = rollup_read.load(connection, filters, conditions, order_by=names)
         min_rows = ROLLUP_MIN_ROWS.get(dialect, ROLLUP_MIN_ROWS["postgresql"])
         if loaded is not None and (mode == "rollup" or loaded.total >= min_rows):
-            groups = rollup.summary_groups(loaded, names, PERCENTILES)
-            ranking_rows: Sequence[Any] = rollup.ranking_rows(loaded)
+            groups = rollup_read.summary_groups(loaded, names, PERCENTILES)
+            ranking_rows: Sequence[Any] = rollup_read.ranking_rows(loaded)
             source = {
                 "path": "rollup",
                 "exact": ["count", "agreement_rate", "flagged_rate", "n"],

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from core.errors import InputError
-from service.audit import chain, rollup, sample, summary
+from service.audit import chain, rollup, rollup_read, sample, summary
 from service.audit.queries import AuditFilters
 from service.audit.summary import summarize
 from service.audit.tables import AuditRollup, AuditRollupState
@@ -219,14 +219,14 @@ def test_rollup_rows_are_read_once_per_watermark(populated: sa.Engine) -> None:
         return any("audit_rollup." in s and "hist" in s for s in statements)
 
     def fresh(options: dict[str, Any]) -> dict[str, Any]:
-        rollup.LOADED.clear()
+        rollup_read.LOADED.clear()
         return summarize(populated, **options)
 
     options: dict[str, Any] = {"filters": AuditFilters(), "group_by": ["model", "method"], "mode": "rollup"}
     options |= {"n_boot": 20}
     sa.event.listen(populated, "before_cursor_execute", record)
     try:
-        rollup.LOADED.clear()
+        rollup_read.LOADED.clear()
         first = summarize(populated, **options)
         assert reads_rollup()
         statements.clear()
@@ -305,7 +305,7 @@ def test_catch_up_goes_in_batches_and_leaves_appends_out_of_the_rollup(populated
     chain.append(populated, make_entry(np.random.default_rng(9), created_at=START))
     with populated.connect() as connection:
         assert (rollup.watermark(connection), rollup.behind(connection)) == (24, 1)
-        loaded = rollup.load(connection, AuditFilters(), [])
+        loaded = rollup_read.load(connection, AuditFilters(), [])
     assert loaded.total == 25 * len(MODELS) * 2 and loaded.tail_rows == len(MODELS) * 2  # rollup + tail
     assert rollup.check(populated) == []  # the rollup up to its watermark
     assert rollup.catch_up(populated) == 1 and rollup.catch_up(populated) == 0
