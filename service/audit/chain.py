@@ -1,18 +1,11 @@
-"""The hash chain of the audit log: canonical JSON, the row hash, appending one request, verifying the chain.
+"""The hash chain of the audit log: appending one request, verifying the chain.
 
 Each request writes one ``audit_records`` row and one ``audit_drift`` row per model x method, in one
 transaction. Appends are serialised (PostgreSQL ``pg_advisory_xact_lock``, SQLite ``BEGIN IMMEDIATE``), so
-the chain never forks. The row hash is
-
-    row_hash = SHA-256( canonical_json({"record": content, "drift": drift_rows, "prev_hash": prev_hash}) )
-
-where ``content`` is every stored column of the record except ``id``, ``row_hash`` and ``prev_hash``,
-``drift_rows`` are the record's drift rows (every column except ``id``/``record_id``) sorted by
-(model, method), and ``canonical_json`` is JSON with sorted keys, no whitespace, ASCII only, floats in
-Python's shortest round-trip ``repr``, no NaN/inf (stored as null), and timestamps as UTC ISO-8601
-``YYYY-MM-DDTHH:MM:SS.ffffffZ``. The first row links to ``GENESIS_HASH`` (64 zeros). UPDATE and DELETE
-are also rejected by triggers in the database (created by the migration). The JSON columns hold their
-canonical JSON, the very text that is hashed, so verification hashes it without parsing it.
+the chain never forks. The row hash and canonical JSON are defined in :mod:`service.audit.hashing`; the
+first row links to ``GENESIS_HASH`` (64 zeros). UPDATE and DELETE are also rejected by triggers in the
+database (created by the migration). The JSON columns hold their canonical JSON, the very text that is
+hashed, so verification hashes it without parsing it.
 
 What a chain can and cannot show: changing any stored value of a row, or deleting/inserting a row in the
 middle, is detected by :func:`verify`; deleting the newest rows, or rewriting every hash after a change, is
@@ -28,11 +21,10 @@ raise :class:`~service.audit.db.DatabaseUnavailable` when the database cannot be
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +35,20 @@ from sqlalchemy import exc, func
 from engine.report import DriftReport, MethodResult
 from service.audit import db
 from service.audit.db import SQLITE_IMMEDIATE, legacy_stored_json, stored_json, translate_errors
+from service.audit.hashing import (
+    DRIFT_CONTENT,
+    GENESIS_HASH,
+    PAYLOAD_KEY,
+    RECORD_CONTENT,
+    SPLICED,
+    canonical_json,
+    compute_row_hash,
+    document_parts,
+    drift_content,
+    drift_json,
+    spliced_hash,
+    utc_iso,
+)
 from service.audit.tables import METRIC_COLUMNS, AuditDrift, AuditRecord
 
 __all__ = [
@@ -62,50 +68,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENESIS_HASH = "0" * 64
 # Key of the PostgreSQL advisory lock that serialises appends (any constant shared by all replicas).
 CHAIN_LOCK_KEY = 0x0C58_D41F_7A11
 # Transaction setting read by the commit-deadline trigger (revision 0003) on PostgreSQL.
 COMMIT_DEADLINE_SETTING = "cxr_drift.commit_deadline"
-# The hashed columns of a record and of a drift row.
-RECORD_CONTENT: tuple[str, ...] = (
-    "request_id",
-    "created_at",
-    "api_key_name",
-    "image_sha256",
-    "image_format",
-    "image_width",
-    "image_height",
-    "image_nbytes",
-    "options",
-    "payload",
-)
-DRIFT_CONTENT: tuple[str, ...] = (
-    "model",
-    "method",
-    "target_class",
-    "transfer_class",
-    "finetuned_class",
-    "agreement",
-    "drift_score",
-    "severity",
-    "flagged",
-    *METRIC_COLUMNS,
-    "drift_index",
-    "reference_percentile",
-    "head_scale_control_iou",
-    "model_architecture",
-    "model_digest",
-)
-# Columns added after the first release (revisions 0002, 0004): hashed only when set, so every row written
-# before them verifies exactly as it did, and setting or clearing one later still changes the hash.
-DRIFT_OPTIONAL_CONTENT: tuple[str, ...] = (
-    "drift_index",
-    "reference_percentile",
-    "head_scale_control_iou",
-    "model_architecture",
-    "model_digest",
-)
 
 
 @dataclass
@@ -152,96 +118,6 @@ class VerifyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ----------------------------------------------------------------------------------------------- hashing
-
-
-def utc_iso(value: datetime) -> str:
-    """``value`` as UTC ISO-8601 with microseconds and a ``Z``: the form timestamps are hashed and shown in."""
-    if value.tzinfo is None:
-        raise ValueError(f"expected a timezone-aware datetime, got naive {value.isoformat()}")
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _canonical_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return utc_iso(value)
-    if isinstance(value, Mapping):
-        return {str(k): _canonical_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_canonical_value(v) for v in value]
-    return value
-
-
-def canonical_json(value: Any) -> str:
-    """Sorted keys, no whitespace, ASCII, floats as shortest round-trip repr, UTC ISO timestamps.
-
-    Of a JSON value (str keys, no timestamps) it is :func:`~service.audit.db.stored_json`, the text the JSON
-    columns hold."""
-    return stored_json(_canonical_value(value))
-
-
-def compute_row_hash(
-    record: Mapping[str, Any], drift_rows: Sequence[Mapping[str, Any]], prev_hash: str
-) -> str:
-    """SHA-256 (hex) of a record's content, its drift rows (sorted by model, method) and ``prev_hash``."""
-    content = {name: record[name] for name in RECORD_CONTENT}
-    rows = sorted(
-        (
-            {
-                name: row[name]
-                for name in DRIFT_CONTENT
-                if name not in DRIFT_OPTIONAL_CONTENT or row.get(name) is not None
-            }
-            for row in drift_rows
-        ),
-        key=lambda row: (row["model"], row["method"]),
-    )
-    document = canonical_json({"record": content, "drift": rows, "prev_hash": prev_hash})
-    return hashlib.sha256(document.encode("ascii")).hexdigest()
-
-
-# The same document assembled from canonical pieces, so that the JSON columns' stored text (which is their
-# canonical JSON, db.stored_json) is hashed as it is, and append serialises everything but prev_hash before
-# it takes the chain lock. Tests check it against compute_row_hash, the definition.
-_SPLICED = ("options", "payload")
-_RECORD_ORDER = tuple(sorted(RECORD_CONTENT))  # the order sort_keys writes them in
-_BEFORE = _RECORD_ORDER[: _RECORD_ORDER.index("options")]
-_AFTER = _RECORD_ORDER[_RECORD_ORDER.index("payload") + 1 :]
-# verify's fast path relies on this layout (see _stored_row_hash): the two texts side by side, then one string
-if _RECORD_ORDER[len(_BEFORE) : len(_BEFORE) + 2] != _SPLICED or _AFTER != ("request_id",):
-    raise RuntimeError(f"record columns {_RECORD_ORDER}: re-examine _stored_row_hash before changing them")
-_PAYLOAD_KEY = ',"payload":'
-_OPTIONAL = frozenset(DRIFT_OPTIONAL_CONTENT)
-
-
-def _drift_content(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    """A drift row's hashed content from its (name, value) pairs of DRIFT_CONTENT: optional ones when set."""
-    return {name: value for name, value in values if value is not None or name not in _OPTIONAL}
-
-
-def _drift_json(contents: list[dict[str, Any]]) -> str:
-    """The canonical JSON of drift rows' content as :func:`compute_row_hash` hashes it (plain JSON values)."""
-    contents.sort(key=lambda row: (row["model"], row["method"]))
-    return stored_json(contents)
-
-
-def _document_parts(content: Mapping[str, Any], drift_json: str) -> tuple[str, str]:
-    """The hashed document before and after the ``prev_hash`` value.
-
-    ``content``: the record's hashed columns, ``created_at`` as its :func:`utc_iso` text and ``options`` and
-    ``payload`` as their canonical JSON text, spliced in as they are.
-    """
-    before = stored_json({name: content[name] for name in _BEFORE})
-    after = stored_json({name: content[name] for name in _AFTER})
-    record = f'{before[:-1]},"options":{content["options"]}{_PAYLOAD_KEY}{content["payload"]},{after[1:]}'
-    return '{"drift":' + drift_json + ',"prev_hash":', ',"record":' + record + "}"
-
-
-def _spliced_hash(parts: tuple[str, str], prev_hash: str) -> str:
-    document = parts[0] + stored_json(prev_hash) + parts[1]
-    return hashlib.sha256(document.encode("utf-8")).hexdigest()
 
 
 # ------------------------------------------------------------------------------------ entry preparation
@@ -345,11 +221,11 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
     dialect = engine.dialect.name
     # everything but prev_hash is serialised before the chain lock is taken; the JSON columns are written as
     # the very text that is hashed
-    texts = {name: stored_json(record[name]) for name in _SPLICED}
-    drift_json = _drift_json(
-        [_drift_content((name, row[name]) for name in DRIFT_CONTENT) for row in drift_rows]
+    texts = {name: stored_json(record[name]) for name in SPLICED}
+    drift_text = drift_json(
+        [drift_content((name, row[name]) for name in DRIFT_CONTENT) for row in drift_rows]
     )
-    parts = _document_parts({**record, "created_at": utc_iso(record["created_at"]), **texts}, drift_json)
+    parts = document_parts({**record, "created_at": utc_iso(record["created_at"]), **texts}, drift_text)
     stored = {**record, **{name: _json_text(text, dialect) for name, text in texts.items()}}
     with translate_errors("append an audit record"), engine.connect() as connection:
         if dialect == "sqlite":
@@ -365,7 +241,7 @@ def append(engine: sa.Engine, entry: AuditEntry) -> AppendResult:
                     sa.select(AuditRecord.row_hash).order_by(AuditRecord.id.desc()).limit(1)
                 ).scalar_one_or_none()
                 prev_hash = last or GENESIS_HASH
-                row_hash = _spliced_hash(parts, prev_hash)
+                row_hash = spliced_hash(parts, prev_hash)
                 record_id = connection.execute(
                     sa.insert(AuditRecord)
                     .values(**stored, prev_hash=prev_hash, row_hash=row_hash)
@@ -611,24 +487,24 @@ def _stored_row_hash(record: Sequence[Any], drift: Sequence[Sequence[Any]], sqli
     prev_hash, row_hash = record[1], record[2]
     content = dict(zip(RECORD_CONTENT, record[3:], strict=True))
     content["created_at"] = utc_iso(_stored_created_at(content["created_at"]))
-    drift_json = None
+    drift_text = None
     if not sqlite or all(row[-1] == 1 for row in drift):
-        rows = [_drift_content(zip(DRIFT_CONTENT, row[1:], strict=False)) for row in drift]
+        rows = [drift_content(zip(DRIFT_CONTENT, row[1:], strict=False)) for row in drift]
         if sqlite:  # booleans are stored as 0 or 1 (checked by the flag)
             for row in rows:
                 for name in _DRIFT_BOOLEANS:
                     row[name] = None if row[name] is None else row[name] == 1
-        drift_json = _drift_json(rows)
-        if all(isinstance(content[n], str) and _PAYLOAD_KEY not in content[n] for n in _SPLICED):
-            actual = _spliced_hash(_document_parts(content, drift_json), prev_hash)
+        drift_text = drift_json(rows)
+        if all(isinstance(content[n], str) and PAYLOAD_KEY not in content[n] for n in SPLICED):
+            actual = spliced_hash(document_parts(content, drift_text), prev_hash)
             if actual == row_hash:
                 return actual
-    for name in _SPLICED:
+    for name in SPLICED:
         content[name] = _canonical_stored_json(name, content[name])
-    if drift_json is None:  # SQLite: a value without its column's storage type; this names it
+    if drift_text is None:  # SQLite: a value without its column's storage type; this names it
         stored = [_parse_stored_drift(dict(zip(DRIFT_CONTENT, row[1:], strict=False))) for row in drift]
-        drift_json = _drift_json([_drift_content(row.items()) for row in stored])
-    return _spliced_hash(_document_parts(content, drift_json), prev_hash)
+        drift_text = drift_json([drift_content(row.items()) for row in stored])
+    return spliced_hash(document_parts(content, drift_text), prev_hash)
 
 
 def _canonical_stored_json(name: str, value: Any) -> str:

@@ -18,7 +18,7 @@ from scipy.stats import kendalltau, wilcoxon
 from core.errors import InputError
 from core.vocabulary import METHODS
 from engine.ranking import method_tables, reversal_test
-from service.audit import chain, queries
+from service.audit import chain, hashing, queries
 from service.audit.chain import AuditEntry
 from service.audit.db import DatabaseUnavailable, check_writable, make_engine, upgrade
 from service.audit.queries import AuditFilters
@@ -162,7 +162,7 @@ def test_rows_without_the_revision_0002_columns_hash_as_before(db_engine: sa.Eng
         for method_result in report.methods.values():
             cast(dict[str, Any], method_result).pop("drift_index")
             cast(dict[str, Any], method_result).pop("reference_percentile")
-    first_release = [n for n in chain.DRIFT_CONTENT if n not in chain.DRIFT_OPTIONAL_CONTENT]
+    first_release = [n for n in chain.DRIFT_CONTENT if n not in hashing.DRIFT_OPTIONAL_CONTENT]
     appended = chain.append(db_engine, entry)
     record = queries.get_record(db_engine, appended.id)
     assert record is not None

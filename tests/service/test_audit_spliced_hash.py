@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from service.audit import chain, db
+from service.audit import chain, db, hashing
 from service.audit.tables import AuditRecord
 from tests.db_fixtures import make_entry
 from tests.service.test_audit_db import disable_append_only
@@ -56,8 +56,10 @@ def test_spliced_hash_equals_compute_row_hash() -> None:
             "created_at": chain.utc_iso(record["created_at"]),
             **{name: db.stored_json(record[name]) for name in ("options", "payload")},
         }
-        contents = [chain._drift_content((name, row[name]) for name in chain.DRIFT_CONTENT) for row in rows]
-        spliced = chain._spliced_hash(chain._document_parts(content, chain._drift_json(contents)), prev)
+        contents = [
+            hashing.drift_content((name, row[name]) for name in hashing.DRIFT_CONTENT) for row in rows
+        ]
+        spliced = hashing.spliced_hash(hashing.document_parts(content, hashing.drift_json(contents)), prev)
         assert spliced == chain.compute_row_hash(record, rows, prev)
         # the stored JSON text is the canonical JSON of the value, the text the hash covers
         assert db.stored_json(record["payload"]) == chain.canonical_json(record["payload"])
