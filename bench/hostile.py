@@ -37,6 +37,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.serving import wait_ready  # noqa: E402  (after the path insert)
+
 KEYS = {role: f"bench-{role}-key-" + role[0] * 24 for role in ("predict", "audit", "admin")}
 
 
@@ -61,18 +63,7 @@ def live_server(artifacts: Path, database_url: str, workdir: Path, port: int) ->
     server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError((workdir / "server.log").read_text()[-3000:])
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready")
-            time.sleep(0.5)
+        wait_ready(server, base, log=workdir / "server.log")
         yield base
     finally:
         server.terminate()

@@ -40,6 +40,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.serving import wait_ready  # noqa: E402  (after the path insert)
+
 KEY = "bench-predict-key-" + "b" * 24
 
 
@@ -127,18 +129,7 @@ def run_server(code: Path, artifacts: Path, workdir: Path, attacks: dict[str, by
     base = f"http://127.0.0.1:{port}"
     results: dict = {"code": str(code)}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError((workdir / "server.log").read_text()[-2000:])
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready")
-            time.sleep(0.5)
+        wait_ready(server, base, log=workdir / "server.log")
         rng = np.random.default_rng(2)
         warm = jpeg(rng.integers(0, 256, (256, 256), dtype=np.uint8))
         asyncio.run(attack(base, warm, 2))

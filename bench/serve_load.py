@@ -43,6 +43,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.serving import wait_ready  # noqa: E402  (after the path insert)
+
 
 def _radiograph(size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -121,19 +123,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 180) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server not ready in time")
+        wait_ready(self.proc, self.url, timeout_s=timeout)
 
     def batch_stats(self) -> tuple[float, float]:
         """(batched forwards, images) so far, over every model pair and checkpoint."""
