@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.audit import chain, rollup, summary
+from service.audit import chain, hashing, rollup, summary
 from service.audit.db import make_engine, stored_json, upgrade
 from service.audit.queries import AuditFilters
 from service.audit.summary import summarize
@@ -187,14 +187,14 @@ def _document_parts(record: dict[str, Any], rows: list[dict[str, Any]]) -> tuple
             {
                 name: row[name]
                 for name in chain.DRIFT_CONTENT
-                if name not in chain.DRIFT_OPTIONAL_CONTENT or row.get(name) is not None
+                if name not in hashing.DRIFT_OPTIONAL_CONTENT or row.get(name) is not None
             }
             for row in rows
         ),
         key=lambda row: (row["model"], row["method"]),
     )
     # canonical_json without its generic walk (3x faster here): the only non-JSON value is created_at
-    content["created_at"] = chain.utc_iso(content["created_at"])
+    content["created_at"] = hashing.utc_iso(content["created_at"])
     document = json.dumps(
         {"record": content, "drift": drift, "prev_hash": _PREV},
         sort_keys=True,

@@ -233,3 +233,14 @@ def make_entry(
         reports=[make_report(rng, model=model, methods=methods) for model in models],
         timings_ms={"decode": float(rng.uniform(1, 5)), "total": float(rng.uniform(50, 500))},
     )
+
+
+def disable_append_only(engine: sa.Engine) -> None:
+    """What an attacker with admin rights does first: take the append-only triggers away."""
+    with engine.begin() as connection:
+        for table in ("audit_records", "audit_drift"):
+            if engine.dialect.name == "sqlite":
+                for operation in ("update", "delete"):
+                    connection.exec_driver_sql(f"DROP TRIGGER {table}_append_only_{operation}")
+            else:
+                connection.exec_driver_sql(f"ALTER TABLE {table} DISABLE TRIGGER USER")

@@ -24,20 +24,9 @@ from service.audit.db import DatabaseUnavailable, check_writable, make_engine, u
 from service.audit.queries import AuditFilters
 from service.audit.summary import summarize
 from service.audit.tables import METRIC_COLUMNS
-from tests.db_fixtures import MODELS, make_entry
+from tests.db_fixtures import MODELS, disable_append_only, make_entry
 
 STATISTICS = (*METRIC_COLUMNS, "drift_score", "drift_index", "reference_percentile")
-
-
-def disable_append_only(engine: sa.Engine) -> None:
-    """What an attacker with admin rights does first: take the append-only triggers away."""
-    with engine.begin() as connection:
-        for table in ("audit_records", "audit_drift"):
-            if engine.dialect.name == "sqlite":
-                for operation in ("update", "delete"):
-                    connection.exec_driver_sql(f"DROP TRIGGER {table}_append_only_{operation}")
-            else:
-                connection.exec_driver_sql(f"ALTER TABLE {table} DISABLE TRIGGER USER")
 
 
 def append_many(engine: sa.Engine, entries: list[AuditEntry]) -> list[chain.AppendResult]:

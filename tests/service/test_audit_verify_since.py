@@ -7,8 +7,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from service.audit import chain
-from tests.db_fixtures import make_entry
-from tests.service.test_audit_db import disable_append_only
+from tests.db_fixtures import disable_append_only, make_entry
 
 
 def test_incremental_verification_checks_only_the_rows_after_the_anchor(db_engine: sa.Engine) -> None:
