@@ -374,7 +374,7 @@ def verify(
             records = _fetch(connection, page.limit(batch_size), sqlite)
             if not records:
                 break
-            drift_of: dict[int, list[sa.Row[Any]]] = {}
+            drift_of: dict[int, list[Sequence[Any]]] = {}
             in_page = AuditDrift.record_id.between(records[0][0], records[-1][0])
             for row in _fetch(connection, drift_statement.where(in_page), sqlite):
                 drift_of.setdefault(row[0], []).append(row)
@@ -444,7 +444,7 @@ def verify(
     )
 
 
-def _first_orphan(connection: sa.Connection, since_id: int | None) -> sa.Row[Any] | None:
+def _first_orphan(connection: sa.Connection, since_id: int | None) -> Sequence[Any] | None:
     """The first drift row (id, record_id) that no record owns; after ``since_id``, the first that names a
     record from it on (one a later record could be blamed for; a NULL record_id, which the schema forbids
     and the full walk reports, names none). Ordered by ``id + 0`` so PostgreSQL reads the record_id index
@@ -457,7 +457,7 @@ def _first_orphan(connection: sa.Connection, since_id: int | None) -> sa.Row[Any
     return connection.execute(orphans.where(AuditDrift.record_id >= since_id, ~owned)).first()
 
 
-def _fetch(connection: sa.Connection, statement: sa.Select[Any], sqlite: bool) -> Sequence[sa.Row[Any]]:
+def _fetch(connection: sa.Connection, statement: sa.Select[Any], sqlite: bool) -> Sequence[Sequence[Any]]:
     """The rows of ``statement``; on SQLite, a page holding text that is not valid UTF-8 (written around the
     service) is read again with its bad bytes kept (as surrogates), so the row holding it fails verification
     by its id instead of the driver stopping the walk with a decode error. Only such a page pays for the
