@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     # chain lock, key lookup, readiness check), and the audit reads (summaries, listings, verify, CSV export)
     db_timeout_s: float = 5.0
     db_read_timeout_s: float = 120.0
+    # processes a long /audit/verify walk is split over (service.audit.verify); None: the usable cores, at
+    # most 4; 1: walk in the request's thread
+    verify_workers: int | None = None
     # PostgreSQL least privilege: `cxr-drift db upgrade` (run as the owner) also creates/grants this role,
     # which can only INSERT and SELECT the audit tables; the service connects as it
     service_role: str | None = None
@@ -176,6 +179,15 @@ class Settings(BaseSettings):
         field = getattr(info, "field_name", "value")
         if not 0.1 <= value <= 3600:
             raise ValueError(f"{field} must be in 0.1..3600 seconds, got {value}")
+        return value
+
+    @field_validator("verify_workers")
+    @classmethod
+    def _check_verify_workers(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 64:
+            raise ValueError(
+                f"verify_workers must be 1..64 (or unset: the usable cores, at most 4), got {value}"
+            )
         return value
 
     @field_validator("anchor_interval_s")

@@ -454,13 +454,16 @@ async def maps_legend(session: AssetSession) -> Response:
 
 
 @router.get("/integrity")
-async def integrity(request: Request, session: PageSession, engine: EngineDep, anchor: str = "") -> Response:
+async def integrity(
+    request: Request, session: PageSession, engine: EngineDep, state: StateDep, anchor: str = ""
+) -> Response:
     anchor = anchor.strip()
     anchor_error = None
     if anchor and not _ANCHOR.match(anchor):
         anchor_error = "An anchor is a head hash: 64 hexadecimal characters."
     result = await audit_routes.verify(
         engine=engine,
+        settings=state.settings,
         principal=_principal(session),
         anchor=anchor.lower() if anchor and not anchor_error else None,
     )

@@ -492,3 +492,32 @@ def test_no_acknowledged_prediction_without_its_audit_row(api_artifacts: Path, d
             record = queries.get_record(healthy, body["audit_record_id"])
             assert record is not None and record["request_id"] == body["request_id"]
         assert chain.verify(healthy).checked == len(ok)
+
+
+def test_verify_is_split_over_the_configured_worker_processes(
+    api_artifacts: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CXR_DRIFT_VERIFY_WORKERS reaches the walk: with 2, the records are walked in worker processes (none
+    here) and the answer is the single walk's."""
+    from service.audit import verify as verify_module
+
+    with started(make_settings(api_artifacts, database_url, verify_workers=2)) as app:
+        for i in range(4):
+            response = app.post(
+                "/predict",
+                files=upload(png_bytes(chest_like(64, seed=60 + i))),
+                data={"models": "resnet50v2", "methods": "layercam"},
+                headers=headers("predict"),
+            )
+            assert response.status_code == 200
+        engine = app.app.state.cxr.engine
+        single = verify_module.verify(engine, workers=1)
+        monkeypatch.setattr(verify_module, "PARALLEL_MIN_ROWS", 1)
+
+        def not_here(*args: Any) -> None:
+            raise AssertionError("walked in the request's process")
+
+        monkeypatch.setattr(verify_module, "_walk", not_here)
+        answer = app.get("/audit/verify", headers=headers("audit")).json()
+        assert answer["ok"] is True and answer["checked"] == 4
+        assert (answer["head_id"], answer["head_hash"]) == (single.head_id, single.head_hash)

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine
 
 from core.vocabulary import METHODS, SEVERITIES
-from service.app.deps import AuditKeyDep, EngineDep
+from service.app.deps import AuditKeyDep, EngineDep, SettingsDep
 from service.app.errors import ApiError, error_responses
 from service.app.schemas import (
     AuditFiltersOut,
@@ -277,6 +277,7 @@ async def get_record(
 )
 async def verify(
     engine: EngineDep,
+    settings: SettingsDep,
     principal: AuditKeyDep,
     anchor: Annotated[
         str | None,
@@ -302,7 +303,8 @@ async def verify(
     if (since_id is None) != (since_hash is None):
         raise ApiError(422, "validation_error", "since_id and since_hash go together: give both or neither")
     since = None if since_id is None or since_hash is None else (since_id, since_hash)
-    result = await _call_db(engine, chain.verify, engine, anchor=anchor, since=since)
+    workers = settings.verify_workers
+    result = await _call_db(engine, chain.verify, engine, anchor=anchor, since=since, workers=workers)
     events = await _call_db(engine, lifecycle.verify_events, engine)
     body = {**result.to_dict(), "model_events": events.to_dict()}
     body["ok"] = bool(result.ok and events.ok)

@@ -1,0 +1,589 @@
+"""Verifying the audit chain: recompute every row's hash and follow the links, in id order.
+
+:func:`verify` walks the chain (or, incrementally, the rows after an anchored head) in pages of records,
+each with its drift rows. A long walk is split into contiguous id spans walked in worker processes, each
+checking its rows' hashes and the links inside it; the spans are then stitched (each span's first row must
+link to the previous span's last), so the verdict, the first bad row and its reason are the ones a single
+walk gives. Imports no web or model code (the worker processes import only this).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc, func
+
+from service.audit import db
+from service.audit.db import DatabaseUnavailable, legacy_stored_json, stored_json, translate_errors
+from service.audit.hashing import (
+    DRIFT_CONTENT,
+    GENESIS_HASH,
+    PAYLOAD_KEY,
+    RECORD_CONTENT,
+    SPLICED,
+    document_parts,
+    drift_content,
+    drift_json,
+    spliced_hash,
+    utc_iso,
+)
+from service.audit.tables import AuditDrift, AuditRecord
+
+__all__ = ["PARALLEL_MIN_ROWS", "VerifyResult", "default_workers", "verify"]
+
+# a walk is split only when each worker gets at least this many records (a worker's start-up and its own
+# connection cost about as much as hashing a few hundred)
+PARALLEL_MIN_ROWS = 2_000
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify`. Equality compares the verdict (``ok checked first_bad_id reason``)."""
+
+    ok: bool
+    checked: int
+    first_bad_id: int | None = None
+    reason: str | None = None
+    # the newest row that verified, and its hash: keep it elsewhere and pass it back as ``anchor``
+    head_id: int | None = field(default=None, compare=False)
+    head_hash: str | None = field(default=None, compare=False)
+    # whether the ``anchor`` hash given to verify() is a row of the verified chain (None: none given)
+    anchor_found: bool | None = field(default=None, compare=False)
+    # incremental verification: the id of the anchored, previously verified head it started after
+    since_id: int | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_workers() -> int:
+    """Processes a long walk is split over: the cores this process may use, at most 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def verify(
+    engine: sa.Engine,
+    *,
+    batch_size: int = 1000,
+    anchor: str | None = None,
+    since: tuple[int, str] | None = None,
+    workers: int | None = None,
+) -> VerifyResult:
+    """Walk the chain in id order (streamed) and recompute every hash; stop at the first bad row.
+
+    A row is bad when its ``prev_hash`` is not the previous row's ``row_hash`` ("broken link": a row was
+    deleted or inserted before it), when its stored content no longer hashes to ``row_hash`` ("content
+    hash mismatch": a value was changed), or when a stored value cannot be read back at all or is not in the
+    form :func:`~service.audit.chain.append` writes ("unreadable row": e.g. a JSON text with a duplicated
+    key or reformatted, a SQLite timestamp or boolean written differently), so what SQL reads is always what
+    is hashed. JSON texts are canonical JSON (``db.stored_json``; rows written before hold
+    ``db.legacy_stored_json``).
+
+    The result names the chain head (``head_id``, ``head_hash``: the newest verified row). Deleting the
+    newest rows leaves a valid shorter chain, so keep the head hash somewhere else (a log, a ticket, a
+    notary) and pass it back as ``anchor``: if no row of the verified chain has that hash, the chain was
+    truncated or rewritten after it was recorded, and the result is not ok.
+
+    ``since=(head_id, head_hash)`` verifies incrementally: only the rows after a head that an earlier run
+    verified and that was kept outside the database. The row ``head_id`` must still hold ``head_hash`` and
+    hash to it (else the result is not ok: a wrong or stale anchor is refused, never trusted), and each
+    later row must link to the one before it; ``checked`` counts the rows after the anchor. What the full
+    walk adds is only the rows up to the anchor, which the earlier run covered.
+
+    ``workers`` (default :func:`default_workers`): a walk of at least ``workers`` x
+    :data:`PARALLEL_MIN_ROWS` records is split into that many id spans, walked at once in worker processes
+    (kept for later calls) with connections of their own; the result is the one a single walk gives. An
+    in-memory SQLite database is always walked here.
+    """
+    sqlite = engine.dialect.name == "sqlite"
+    since_id, since_hash = (None, None) if since is None else (int(since[0]), since[1].strip().lower())
+    anchor = anchor.strip().lower() if anchor is not None else None
+    workers = default_workers() if workers is None else max(1, int(workers))
+    # Rows are never changed and appends are serialised (each commits its record and drift rows together,
+    # with ids in commit order), so a later statement sees at least what an earlier one saw.
+    with translate_errors("verify the audit chain"), engine.connect() as connection:
+        plan = (
+            _plan(connection, since_id, since_hash, workers) if _separate_processes_can_read(engine) else []
+        )
+        spans = _walk_spans(engine, plan, since_id, since_hash, anchor, batch_size) if plan else None
+        if spans is None:
+            first = _Job(
+                after=None if since_id is None else since_id - 1,
+                until=None,
+                expected_prev=GENESIS_HASH if since_id is None else None,
+                since=None if since_id is None else (since_id, str(since_hash)),
+                anchor=anchor,
+                batch_size=batch_size,
+            )
+            spans = [_walk(connection, sqlite, first)]
+        result = _combine(spans, since_id, anchor)
+        if not result.ok:
+            return result
+        # drift rows that no record owns (written outside append): the walk never reads them, summaries
+        # skip them, and a later record taking their record_id would be blamed for them
+        orphan = _first_orphan(connection, since_id)
+        if orphan is not None:
+            owner = orphan[1] if isinstance(orphan[1], int) else None
+            return _replace(
+                result,
+                ok=False,
+                first_bad_id=owner,
+                reason=f"orphan drift row: audit_drift id {orphan[0]} names record_id {orphan[1]!r}, which "
+                "no record has (a drift row written outside the audit path)",
+            )
+    if since_id is not None and result.head_id is None:
+        return _replace(
+            result,
+            ok=False,
+            first_bad_id=since_id,
+            reason=f"since: row {since_id} does not hold the anchored hash {since_hash}",
+        )
+    if anchor is not None and not result.anchor_found:
+        return _replace(
+            result,
+            ok=False,
+            reason=(
+                f"anchor {anchor[:12]}... is not the hash of any row in the chain: rows recorded after it "
+                "were deleted (truncation) or the chain was rewritten"
+            ),
+        )
+    return result
+
+
+def _replace(result: VerifyResult, **changes: Any) -> VerifyResult:
+    return VerifyResult(**{**asdict(result), **changes})
+
+
+# ---------------------------------------------------------------------------------------------- spans
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Walk the records with ids in (after, until] (None: from the first, to the last)."""
+
+    after: int | None
+    until: int | None
+    # the hash the first row must link to; None: any (the span before it is stitched to it afterwards)
+    expected_prev: str | None
+    # (id, hash): the first row must be this anchored head; it is hashed but not counted
+    since: tuple[int, str] | None
+    anchor: str | None
+    batch_size: int
+
+
+@dataclass
+class _Span:
+    """What walking one job found: its first row, the last row that verified, and the first bad row."""
+
+    first_id: int | None = None
+    first_prev: str | None = None
+    linked: bool = False  # the first row's link was checked by the walk itself
+    head_id: int | None = None
+    head_hash: str | None = None
+    checked: int = 0
+    anchor_found: bool = False
+    bad_id: int | None = None
+    reason: str | None = None
+
+    def bad(self, record_id: int, reason: str) -> _Span:
+        self.bad_id, self.reason = record_id, reason
+        return self
+
+
+def _broken_link(prev_hash: str, expected: str) -> str:
+    return (
+        f"broken link: prev_hash {prev_hash[:12]}... does not match the previous row's row_hash "
+        f"{expected[:12]}... (a row before it was deleted or inserted)"
+    )
+
+
+def _statements(sqlite: bool) -> tuple[sa.Select[Any], sa.Select[Any]]:
+    """The records' and the drift rows' hashed columns as verification reads them.
+
+    JSON and timestamp columns are read raw, so a tampered value is a bad row, not an exception half-way
+    through the walk (SQLite stores them as text that can be edited into anything). The JSON columns are
+    read as their stored text on both databases (PostgreSQL `json` keeps the text as written), and SQLite's
+    drift columns as stored (SQLite does not enforce column types), with a flag that SQLite computes: every
+    value has its column's storage type. Verification then checks that what SQL reads is exactly what is
+    hashed (see _stored_row_hash)."""
+    coerce = sa.type_coerce if sqlite else sa.cast
+    raw = {
+        "options": coerce(AuditRecord.options, sa.Text).label("options"),
+        "payload": coerce(AuditRecord.payload, sa.Text).label("payload"),
+        "created_at": sa.type_coerce(AuditRecord.created_at, sa.String).label("created_at"),
+    }
+    records = sa.select(
+        AuditRecord.id,
+        AuditRecord.prev_hash,
+        AuditRecord.row_hash,
+        *(raw.get(name, getattr(AuditRecord, name)) for name in RECORD_CONTENT),
+    ).order_by(AuditRecord.id)
+    drift_columns = [
+        sa.type_coerce(getattr(AuditDrift, name), sa.types.NullType())
+        if sqlite
+        else getattr(AuditDrift, name)
+        for name in DRIFT_CONTENT
+    ]
+    drift = sa.select(AuditDrift.record_id, *drift_columns, *([_sqlite_drift_types_ok()] if sqlite else []))
+    return records, drift
+
+
+def _walk(connection: sa.Connection, sqlite: bool, job: _Job) -> _Span:
+    """Pages of records by id, each with its drift rows in a second query (no record x drift join)."""
+    records_statement, drift_statement = _statements(sqlite)
+    span = _Span(linked=job.expected_prev is not None or job.since is not None)
+    expected_prev, after = job.expected_prev, job.after
+    while True:
+        page = records_statement if after is None else records_statement.where(AuditRecord.id > after)
+        if job.until is not None:
+            page = page.where(AuditRecord.id <= job.until)
+        records = _fetch(connection, page.limit(job.batch_size), sqlite)
+        if not records:
+            return span
+        drift_of: dict[int, list[Sequence[Any]]] = {}
+        in_page = AuditDrift.record_id.between(records[0][0], records[-1][0])
+        for row in _fetch(connection, drift_statement.where(in_page), sqlite):
+            drift_of.setdefault(row[0], []).append(row)
+        for record in records:
+            record_id, prev_hash, row_hash = record[0], record[1], record[2]
+            at_anchor = job.since is not None and span.first_id is None
+            if span.first_id is None:
+                span.first_id, span.first_prev = record_id, prev_hash
+                expected_prev = prev_hash if expected_prev is None else expected_prev
+            if at_anchor and job.since is not None and (record_id, row_hash) != job.since:
+                return span.bad(
+                    record_id, f"since: row {job.since[0]} does not hold the anchored hash {job.since[1]}"
+                )
+            if at_anchor:
+                expected_prev = str(prev_hash)  # verified up to here by the earlier run
+            if prev_hash != expected_prev:
+                return span.bad(record_id, _broken_link(str(prev_hash), str(expected_prev)))
+            try:
+                actual = _stored_row_hash(record, drift_of.get(record_id, []), sqlite)
+            except (ValueError, TypeError, OverflowError) as error:
+                return span.bad(record_id, f"unreadable row: {type(error).__name__}: {error}"[:500])
+            if actual != row_hash:
+                return span.bad(
+                    record_id,
+                    f"content hash mismatch: stored row_hash {str(row_hash)[:12]}..., "
+                    f"content hashes to {actual[:12]}... (the record or its drift rows were changed)",
+                )
+            expected_prev = row_hash
+            span.head_id, span.head_hash = record_id, row_hash
+            span.anchor_found = span.anchor_found or row_hash == job.anchor
+            span.checked += 0 if at_anchor else 1
+        after = records[-1][0]
+
+
+def _combine(spans: Sequence[_Span], since_id: int | None, anchor: str | None) -> VerifyResult:
+    """The verdict of consecutive spans: each span's first row must link to the last row before it."""
+    checked, head_id, head_hash, anchor_found = 0, None, None, False
+    expected: str | None = GENESIS_HASH if since_id is None else None
+
+    def result(ok: bool, bad_id: int | None = None, reason: str | None = None) -> VerifyResult:
+        return VerifyResult(
+            ok=ok,
+            checked=checked,
+            first_bad_id=bad_id,
+            reason=reason,
+            head_id=head_id,
+            head_hash=head_hash,
+            anchor_found=anchor_found if anchor is not None else None,
+            since_id=since_id,
+        )
+
+    for span in spans:
+        stitched = span.first_id is not None and not span.linked and expected is not None
+        if stitched and span.first_prev != expected:
+            return result(False, span.first_id, _broken_link(str(span.first_prev), str(expected)))
+        checked += span.checked
+        anchor_found = anchor_found or span.anchor_found
+        if span.head_id is not None:
+            head_id, head_hash = span.head_id, span.head_hash
+            expected = head_hash
+        if span.reason is not None:
+            return result(False, span.bad_id, span.reason)
+    return result(True)
+
+
+def _separate_processes_can_read(engine: sa.Engine) -> bool:
+    """Whether another process can open the database ``engine`` reads (not an in-memory SQLite)."""
+    if engine.dialect.name != "sqlite":
+        return True
+    database = engine.url.database or ""
+    return database not in ("", ":memory:") and "mode=memory" not in str(engine.url)
+
+
+def _plan(
+    connection: sa.Connection, since_id: int | None, since_hash: str | None, workers: int
+) -> list[tuple[int, int | None]]:
+    """Id spans (after, until] for ``workers`` processes; empty: walk here (too few rows to split, or an
+    anchored head that is not there, which the single walk reports)."""
+    if workers < 2:
+        return []
+    first, last = connection.execute(sa.select(func.min(AuditRecord.id), func.max(AuditRecord.id))).one()
+    if first is None:
+        return []
+    if since_id is not None:
+        held = connection.execute(
+            sa.select(AuditRecord.row_hash).where(AuditRecord.id == since_id)
+        ).scalar_one_or_none()
+        if held != since_hash:
+            return []
+        first = since_id
+    count = int(last) - int(first) + 1
+    parts = min(workers, count // PARALLEL_MIN_ROWS)
+    if parts < 2:
+        return []
+    step = math.ceil(count / parts)
+    bounds = [int(first) - 1 + i * step for i in range(parts)]
+    return [(after, after + step) for after in bounds[:-1]] + [(bounds[-1], None)]  # the last: to the end
+
+
+def _walk_spans(
+    engine: sa.Engine,
+    plan: list[tuple[int, int | None]],
+    since_id: int | None,
+    since_hash: str | None,
+    anchor: str | None,
+    batch_size: int,
+) -> list[_Span] | None:
+    """The spans of ``plan`` walked in worker processes; None when the pool cannot run (walk here)."""
+    url = engine.url.render_as_string(hide_password=False)
+    limits = db.timeouts_of(engine)
+    jobs = [
+        _Job(
+            after=after,
+            until=until,
+            expected_prev=(GENESIS_HASH if since_id is None else None) if i == 0 else None,
+            since=(since_id, str(since_hash)) if i == 0 and since_id is not None else None,
+            anchor=anchor,
+            batch_size=batch_size,
+        )
+        for i, (after, until) in enumerate(plan)
+    ]
+    wait_s = None if limits is None else limits.read_timeout_s + 10
+    try:
+        pool = _pool(len(jobs))
+        futures = [pool.submit(_walk_in_worker, url, limits, job) for job in jobs]
+        return [future.result(timeout=wait_s) for future in futures]
+    except concurrent.futures.TimeoutError as error:
+        raise DatabaseUnavailable(
+            f"verification workers did not finish within {wait_s:g} s", public="stalled (timed out)"
+        ) from error
+    except concurrent.futures.process.BrokenProcessPool:
+        _drop_pool(len(jobs))
+        return None
+
+
+_POOLS: dict[int, concurrent.futures.ProcessPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """A pool of ``workers`` processes, started once and kept (spawned: the caller may hold threads)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            context = multiprocessing.get_context("spawn")
+            pool = _POOLS[workers] = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+        return pool
+
+
+def _drop_pool(workers: int) -> None:
+    with _POOLS_LOCK:
+        pool = _POOLS.pop(workers, None)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+_WORKER_ENGINES: dict[tuple[str, db.DbTimeouts | None], sa.Engine] = {}
+
+
+def _walk_in_worker(url: str, limits: db.DbTimeouts | None, job: _Job) -> _Span:
+    """In a worker process: walk one span on this process's own engine for ``url``."""
+    engine = _WORKER_ENGINES.get((url, limits))
+    if engine is None:
+        engine = _WORKER_ENGINES[(url, limits)] = db.make_engine(url, limits)
+    with translate_errors("verify the audit chain"), db.read_bound(engine), engine.connect() as connection:
+        return _walk(connection, engine.dialect.name == "sqlite", job)
+
+
+# --------------------------------------------------------------------------------------- stored values
+
+
+def _first_orphan(connection: sa.Connection, since_id: int | None) -> Sequence[Any] | None:
+    """The first drift row (id, record_id) that no record owns; after ``since_id``, the first that names a
+    record from it on (one a later record could be blamed for; a NULL record_id, which the schema forbids
+    and the full walk reports, names none). Ordered by ``id + 0`` so PostgreSQL reads the record_id index
+    instead of walking the primary key through every earlier drift row."""
+    owned = sa.exists().where(AuditRecord.id == AuditDrift.record_id)
+    orphans = sa.select(AuditDrift.id, AuditDrift.record_id).order_by(AuditDrift.id + 0).limit(1)
+    if since_id is None:
+        return connection.execute(orphans.where(~owned)).first()
+    owned = owned.where(AuditRecord.id >= since_id)  # the owner of a later record_id is a later record
+    return connection.execute(orphans.where(AuditDrift.record_id >= since_id, ~owned)).first()
+
+
+def _fetch(connection: sa.Connection, statement: sa.Select[Any], sqlite: bool) -> Sequence[Sequence[Any]]:
+    """The rows of ``statement``; on SQLite, a page holding text that is not valid UTF-8 (written around the
+    service) is read again with its bad bytes kept (as surrogates), so the row holding it fails verification
+    by its id instead of the driver stopping the walk with a decode error. Only such a page pays for the
+    lenient decoder (a Python call per text value, a fifth of the walk's time)."""
+    try:
+        return connection.execute(statement).all()
+    except exc.OperationalError as error:
+        if not sqlite or "Could not decode to UTF-8" not in str(error.orig):
+            raise
+    with _lenient_text(connection):
+        return connection.execute(statement).all()
+
+
+@contextlib.contextmanager
+def _lenient_text(connection: sa.Connection) -> Iterator[None]:
+    """SQLite: read text with bad UTF-8 bytes kept as surrogates. This connection only, restored before it
+    goes back to the pool."""
+    raw: Any = connection.connection.dbapi_connection
+    before = raw.text_factory
+    raw.text_factory = lambda data: data.decode("utf-8", "surrogateescape")
+    try:
+        yield
+    finally:
+        raw.text_factory = before
+
+
+def _stored_row_hash(record: Sequence[Any], drift: Sequence[Sequence[Any]], sqlite: bool) -> str:
+    """The hash of a stored record, from its columns as :func:`verify` reads them raw.
+
+    ``record``: id, prev_hash, row_hash, then :data:`RECORD_CONTENT`; ``drift``: its rows, each record_id,
+    then :data:`DRIFT_CONTENT` and, on SQLite, the flag "every value has its column's storage type". Raises
+    ValueError or TypeError when a stored value is not in the one form append() writes.
+
+    The JSON texts are hashed as they are stored when they are canonical (what append writes): if the hash
+    then matches, the stored text is byte for byte the text append hashed, so it has no duplicated key and
+    is not reformatted, and SQL reads what is hashed. That holds because the document around the two texts
+    is rebuilt from the other columns, whose canonical form fixes where it ends before ``options`` and starts
+    after ``payload``, and neither text contains the separator ``,"payload":`` between them, so no part of
+    one can have moved into the other. Any other text (a row written before canonical storage, or a changed
+    one) is parsed: it must be exactly db.stored_json or db.legacy_stored_json of its value, which is hashed.
+    """
+    prev_hash, row_hash = record[1], record[2]
+    content = dict(zip(RECORD_CONTENT, record[3:], strict=True))
+    content["created_at"] = utc_iso(_stored_created_at(content["created_at"]))
+    drift_text = None
+    if not sqlite or all(row[-1] == 1 for row in drift):
+        rows = [drift_content(zip(DRIFT_CONTENT, row[1:], strict=False)) for row in drift]
+        if sqlite:  # booleans are stored as 0 or 1 (checked by the flag)
+            for row in rows:
+                for name in _DRIFT_BOOLEANS:
+                    row[name] = None if row[name] is None else row[name] == 1
+        drift_text = drift_json(rows)
+        if all(isinstance(content[n], str) and PAYLOAD_KEY not in content[n] for n in SPLICED):
+            actual = spliced_hash(document_parts(content, drift_text), prev_hash)
+            if actual == row_hash:
+                return actual
+    for name in SPLICED:
+        content[name] = _canonical_stored_json(name, content[name])
+    if drift_text is None:  # SQLite: a value without its column's storage type; this names it
+        stored = [_parse_stored_drift(dict(zip(DRIFT_CONTENT, row[1:], strict=False))) for row in drift]
+        drift_text = drift_json([drift_content(row.items()) for row in stored])
+    return spliced_hash(document_parts(content, drift_text), prev_hash)
+
+
+def _canonical_stored_json(name: str, value: Any) -> str:
+    """The canonical JSON of a JSON column's value, from its stored text, which must be the text append()
+    writes for that value (or wrote, before canonical storage)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if not isinstance(value, str):
+        return stored_json(value)  # SQLite gave a number back: it is hashed as read
+    parsed = json.loads(value)
+    canonical = stored_json(parsed)
+    # SQL reads the text (SQLite's json_extract takes a duplicated key's first value, Python its last):
+    # require the text to be exactly what append() wrote for the value that is hashed.
+    if value != canonical and value != legacy_stored_json(parsed):
+        json.loads(value, object_pairs_hook=_no_duplicate_keys)  # names a duplicated key
+        raise ValueError(f"{name}: the stored JSON text is not the form append() writes")
+    return canonical
+
+
+def _stored_created_at(created: Any) -> datetime:
+    """``created_at`` as append() stored it: PostgreSQL's driver gives a timestamp, SQLite its text."""
+    if isinstance(created, str):
+        text = created
+        created = datetime.fromisoformat(text)
+        # SQLite compares and groups the text (time filters, day/week): it must be the one stored form
+        if created.tzinfo is not None or created.strftime(_SQLITE_TIMESTAMP) != text:
+            raise ValueError(f"created_at: stored text {text[:40]!r} is not the form append() writes")
+    if not isinstance(created, datetime):
+        raise TypeError(f"created_at: expected a timestamp, got {type(created).__name__}")
+    return created.replace(tzinfo=UTC) if created.tzinfo is None else created
+
+
+# how SQLAlchemy stores a naive UTC datetime in SQLite
+_SQLITE_TIMESTAMP = "%Y-%m-%d %H:%M:%S.%f"
+_DRIFT_BOOLEANS = tuple(
+    name for name in DRIFT_CONTENT if isinstance(AuditDrift.__table__.columns[name].type, sa.Boolean)
+)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate JSON key(s) {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
+    return dict(pairs)
+
+
+def _sqlite_drift_types_ok() -> sa.ColumnElement[Any]:
+    """SQLite: whether every hashed drift value has its column's storage type (the checks of
+    :func:`_parse_stored_drift`, which names the value when this is false)."""
+    checks = []
+    for name in DRIFT_CONTENT:
+        column = getattr(AuditDrift, name)
+        kind = func.typeof(column)
+        column_type = AuditDrift.__table__.columns[name].type
+        if isinstance(column_type, sa.Boolean):
+            checks.append(sa.or_(kind == "null", sa.and_(kind == "integer", column.in_([0, 1]))))
+        elif isinstance(column_type, sa.Float):
+            checks.append(kind.in_(["null", "real"]))
+        elif isinstance(column_type, sa.String):
+            checks.append(kind.in_(["null", "text"]))
+    return sa.case((sa.and_(*checks), 1), else_=0).label("types_ok")
+
+
+def _parse_stored_drift(row: dict[str, Any]) -> dict[str, Any]:
+    """A SQLite drift row from its values as stored: each must have its column's storage type (SQLite does
+    not enforce them), so SQL reads what is hashed (e.g. ``agreement`` 2 reads as true in Python but is
+    not ``IS 1`` in a filter; the text '0.5' is not the number 0.5 to an aggregate)."""
+    parsed: dict[str, Any] = {}
+    for name, value in row.items():
+        column_type = AuditDrift.__table__.columns[name].type
+        if value is None:
+            parsed[name] = None
+        elif isinstance(column_type, sa.Boolean):
+            if type(value) is not int or value not in (0, 1):
+                raise ValueError(f"{name}: stored {value!r} is not a boolean 0 or 1")
+            parsed[name] = bool(value)
+        elif isinstance(column_type, sa.Float):
+            if type(value) is not float:
+                raise ValueError(f"{name}: stored {value!r} is not a REAL")
+            parsed[name] = value
+        elif isinstance(column_type, sa.String):
+            if type(value) is not str:
+                raise ValueError(f"{name}: stored {value!r} is not TEXT")
+            parsed[name] = value
+        else:
+            parsed[name] = value
+    return parsed

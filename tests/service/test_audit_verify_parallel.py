@@ -1,0 +1,155 @@
+"""Verification split over worker processes gives the verdict of one walk: the same first bad row, reason,
+count and head, wherever the damage is (inside a span, at a span's first or last row, at the anchored head),
+on both databases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from bench.audit_scale import Writer, seed
+from service.audit import verify as verify_module
+from service.audit.db import make_engine
+from service.audit.tables import AuditDrift, AuditRecord
+from service.audit.verify import VerifyResult, verify
+from tests.db_fixtures import disable_append_only
+
+RECORDS = 60
+WORKERS = 3  # spans (0, 20], (20, 40], (40, end]
+
+
+@pytest.fixture
+def seeded(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[sa.Engine]:
+    seed([Writer(db_url)], n=RECORDS, days=2, chunk=25, workers=1)
+    monkeypatch.setattr(verify_module, "PARALLEL_MIN_ROWS", 5)
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def both(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, **kwargs: Any
+) -> tuple[VerifyResult, VerifyResult]:
+    """(one walk here, the walk split over WORKERS processes: asserted not to run here)."""
+    single = verify(engine, workers=1, batch_size=7, **kwargs)
+    with monkeypatch.context() as patch:
+
+        def not_here(*args: Any) -> None:
+            raise AssertionError("the split walk ran in this process")
+
+        patch.setattr(verify_module, "_walk", not_here)
+        split = verify(engine, workers=WORKERS, batch_size=7, **kwargs)
+    return single, split
+
+
+def same(single: VerifyResult, split: VerifyResult) -> None:
+    assert split == single  # ok, checked, first_bad_id, reason
+    assert (split.head_id, split.head_hash, split.anchor_found, split.since_id) == (
+        single.head_id,
+        single.head_hash,
+        single.anchor_found,
+        single.since_id,
+    )
+
+
+def row_hash(engine: sa.Engine, record_id: int) -> str:
+    with engine.connect() as connection:
+        return str(
+            connection.execute(
+                sa.select(AuditRecord.row_hash).where(AuditRecord.id == record_id)
+            ).scalar_one()
+        )
+
+
+def test_an_intact_chain_verifies_the_same_split(seeded: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert verify_module._plan(seeded.connect(), None, None, WORKERS) == [(0, 20), (20, 40), (40, None)]
+    single, split = both(seeded, monkeypatch, anchor=row_hash(seeded, 33))
+    assert single.ok and single.checked == RECORDS and single.anchor_found
+    same(single, split)
+    single, split = both(seeded, monkeypatch, since=(12, row_hash(seeded, 12)))
+    assert single.ok and single.checked == RECORDS - 12
+    same(single, split)
+
+
+def delete_record(record_id: int) -> Callable[[sa.Connection], None]:
+    def edit(connection: sa.Connection) -> None:
+        connection.execute(sa.delete(AuditDrift).where(AuditDrift.record_id == record_id))
+        connection.execute(sa.delete(AuditRecord).where(AuditRecord.id == record_id))
+
+    return edit
+
+
+def change_drift(record_id: int) -> Callable[[sa.Connection], None]:
+    def edit(connection: sa.Connection) -> None:
+        first = (
+            sa.select(sa.func.min(AuditDrift.id)).where(AuditDrift.record_id == record_id).scalar_subquery()
+        )
+        connection.execute(sa.update(AuditDrift).where(AuditDrift.id == first).values(drift_score=0.5))
+
+    return edit
+
+
+def change_record(record_id: int) -> Callable[[sa.Connection], None]:
+    def edit(connection: sa.Connection) -> None:
+        connection.execute(sa.update(AuditRecord).where(AuditRecord.id == record_id).values(image_width=1))
+
+    return edit
+
+
+EDITS = {"delete": delete_record, "drift": change_drift, "record": change_record}
+
+
+@pytest.mark.parametrize(
+    ("kind", "record_id"),
+    [
+        ("delete", 21),  # a span's first row: the next one's link is stitched
+        ("delete", 20),  # a span's last row
+        ("delete", 41),
+        ("delete", 1),
+        ("drift", 30),  # inside a span
+        ("record", 20),
+        ("record", 41),
+        ("drift", RECORDS),
+    ],
+)
+def test_damage_is_found_where_one_walk_finds_it(
+    seeded: sa.Engine, monkeypatch: pytest.MonkeyPatch, kind: str, record_id: int
+) -> None:
+    anchor, since = row_hash(seeded, RECORDS), (15, row_hash(seeded, 15))
+    disable_append_only(seeded)
+    with seeded.begin() as connection:
+        EDITS[kind](record_id)(connection)
+    # damage before the anchored head is the earlier run's to find, not the incremental one's
+    variants: list[dict[str, Any]] = [{}, {"anchor": anchor}, *([{"since": since}] if record_id > 15 else [])]
+    for kwargs in variants:
+        single, split = both(seeded, monkeypatch, **kwargs)
+        assert not single.ok, kwargs
+        same(single, split)
+
+
+def test_a_stale_or_wrong_since_anchor_is_refused_the_same(
+    seeded: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for since in ((15, row_hash(seeded, 16)), (RECORDS + 5, row_hash(seeded, 15))):
+        single = verify(seeded, workers=1, since=since)
+        split = verify(seeded, workers=WORKERS, since=since)  # walked here: the anchor is not there
+        assert not single.ok and "since:" in (single.reason or "")
+        same(single, split)
+
+
+def test_a_broken_pool_falls_back_to_one_walk(seeded: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(workers: int) -> Any:
+        raise BrokenProcessPool("a worker died")
+
+    monkeypatch.setattr(verify_module, "_pool", broken)
+    result = verify(seeded, workers=WORKERS)
+    assert result.ok and result.checked == RECORDS
+
+
+def test_an_in_memory_database_is_walked_here() -> None:
+    assert not verify_module._separate_processes_can_read(sa.create_engine("sqlite://"))
+    assert verify_module._separate_processes_can_read(sa.create_engine("sqlite:////tmp/x.db"))
