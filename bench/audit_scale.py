@@ -20,7 +20,8 @@ Then per database (after ``upgrade``, timed: a database seeded at an older revis
 to --exact-max records, mode exact: p50 over --repeats of the whole call with the reversal test computed
 (cold) and reused (a repeated summary on the same records), and of the groups alone; then --incremental
 records appended through the real ``chain.append`` (appends/s), a summary with them in the rollup's tail, and
-``rollup.catch_up``; with --verify, a full ``chain.verify`` and ``rollup.check`` (linear in records).
+``rollup.catch_up``; incremental verification of the newest --verify-new records (one walk and split over
+--verify-workers processes, side by side); with --verify, a full ``chain.verify`` and ``rollup.check`` (linear in records).
 """
 
 from __future__ import annotations
@@ -430,6 +431,8 @@ def measure(engine: sa.Engine, args: argparse.Namespace, n: int) -> dict[str, An
         covered = rollup.catch_up(engine)
         out["catch_up"] = {"records": covered, "s": round(time.perf_counter() - t0, 2)}
         tqdm.write(f"  append/tail/catch-up: {out}")
+    if args.verify_new:
+        out |= _incremental_verification(engine, args.verify_new, args.verify_workers)
     out["uptime_after"] = _uptime()
     if not args.verify:
         return out
@@ -450,6 +453,36 @@ def measure(engine: sa.Engine, args: argparse.Namespace, n: int) -> dict[str, An
 
 def _uptime() -> str:
     return Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else "n/a"
+
+
+def _incremental_verification(engine: sa.Engine, new: int, workers: int) -> dict[str, Any]:
+    """``chain.verify(since=...)`` of the newest ``new`` records: one walk and split over ``workers``
+    processes, alternated (p50 of 3; the pool started by an untimed call first, as a running service has it)."""
+    with engine.connect() as connection:
+        newest = connection.execute(sa.select(sa.func.max(AuditRecord.id))).scalar_one()
+        since = (
+            newest - new,
+            connection.execute(
+                sa.select(AuditRecord.row_hash).where(AuditRecord.id == newest - new)
+            ).scalar_one(),
+        )
+    chain.verify(engine, batch_size=5000, since=since, workers=workers)
+    times: dict[int, list[float]] = {1: [], workers: []}
+    for _ in range(3):
+        for count in times:
+            t0 = time.perf_counter()
+            result = chain.verify(engine, batch_size=5000, since=since, workers=count)
+            times[count].append(time.perf_counter() - t0)
+            assert result.ok and result.checked == new, result
+    out = {
+        f"verify {new} new rows, {count} worker{'s' if count > 1 else ''}": {
+            "p50_s": round(statistics.median(seconds), 3),
+            "all_s": [round(t, 3) for t in seconds],
+        }
+        for count, seconds in times.items()
+    }
+    tqdm.write(f"  incremental verification: {out}")
+    return out
 
 
 def main() -> None:
@@ -474,6 +507,10 @@ def main() -> None:
     parser.add_argument("--pg-database", help="the PostgreSQL database (default: a new cxr_drift_bench_*)")
     parser.add_argument("--reuse", action="store_true", help="measure the databases named, seeded before")
     parser.add_argument("--verify", action="store_true", help="time a full chain.verify (linear in records)")
+    parser.add_argument(
+        "--verify-new", type=int, default=10_000, help="time verifying the newest N records (0: skip)"
+    )
+    parser.add_argument("--verify-workers", type=int, default=2, help="processes for the split walk")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     names = args.db.split(",")

@@ -1,12 +1,13 @@
 """What the hash chain costs per row: full and incremental verification, and appends.
 
     python bench/chain_costs.py [--records 20000] [--new 10000] [--appends 300] [--db sqlite,postgresql]
+                                [--workers 2]
 
 Seeds --records + --new records (3 models x 2 methods, ~4 kB payload) with bench/audit_scale.py's bulk path
 (the same rows and chain as ``chain.append``, JSON columns in the form append writes) into a fresh SQLite
 file and a fresh PostgreSQL database (dropped at the end), then per database: a full ``chain.verify`` (time
-per row), ``chain.verify(since=...)`` anchored at record --records (so it checks the last --new rows; p50
-of 3), and --appends appends through ``chain.append`` of the test-suite's entries (p50 and appends/s, one
+per row) and ``chain.verify(since=...)`` anchored at record --records (so it checks the last --new rows;
+p50 of 5), each with one walk and split over --workers processes, alternated; and --appends appends through ``chain.append`` of the test-suite's entries (p50 and appends/s, one
 writer). Run it from two checkouts on the same machine to compare code versions. --legacy-json seeds the
 JSON columns as rows written before canonical storage hold them (verification then parses them).
 """
@@ -35,32 +36,38 @@ from service.audit.db import upgrade
 from service.audit.tables import AuditRecord
 
 
-def measure(engine: sa.Engine, records: int, new: int, appends: int) -> dict[str, Any]:
+def measure(engine: sa.Engine, records: int, new: int, appends: int, workers: int) -> dict[str, Any]:
+    """Verification with one walk (workers=1) and split over ``workers`` processes, side by side (the
+    pool is started by an untimed call first, as a running service has it), then appends."""
     out: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    full = chain.verify(engine, batch_size=5000)
-    seconds = time.perf_counter() - t0
-    out["verify_full"] = {
-        "rows": full.checked,
-        "ok": full.ok,
-        "s": round(seconds, 2),
-        "ms_per_row": round(1000 * seconds / max(full.checked, 1), 3),
-    }
     with engine.connect() as connection:
         anchor = connection.execute(
             sa.select(AuditRecord.row_hash).where(AuditRecord.id == records)
         ).scalar_one()
-    times = []
-    for _ in range(3):
+    full = chain.verify(engine, batch_size=5000, workers=workers, since=(records, anchor))  # pool start
+    for label, count in (("1_worker", 1), (f"{workers}_workers", workers)):
         t0 = time.perf_counter()
-        inc = chain.verify(engine, batch_size=5000, since=(records, anchor))
-        times.append(time.perf_counter() - t0)
-    out["verify_incremental"] = {
-        "new_rows": inc.checked,
-        "ok": inc.ok,
-        "p50_s": round(statistics.median(times), 3),
-        "ms_per_row": round(1000 * statistics.median(times) / max(inc.checked, 1), 3),
-    }
+        full = chain.verify(engine, batch_size=5000, workers=count)
+        seconds = time.perf_counter() - t0
+        out[f"verify_full_{label}"] = {
+            "rows": full.checked,
+            "ok": full.ok,
+            "s": round(seconds, 2),
+            "ms_per_row": round(1000 * seconds / max(full.checked, 1), 3),
+        }
+    times: dict[int, list[float]] = {1: [], workers: []}
+    for _ in range(5):  # alternated, so both see the same machine
+        for count in times:
+            t0 = time.perf_counter()
+            inc = chain.verify(engine, batch_size=5000, since=(records, anchor), workers=count)
+            times[count].append(time.perf_counter() - t0)
+            assert inc.ok and inc.checked == new, inc
+    for count, seconds_list in times.items():
+        out[f"verify_incremental_{count}_worker{'s' if count > 1 else ''}"] = {
+            "new_rows": new,
+            "p50_s": round(statistics.median(seconds_list), 3),
+            "all_s": [round(t, 3) for t in seconds_list],
+        }
     from tests.db_fixtures import make_entry  # the entries the test-suite appends
 
     rng = np.random.default_rng(7)
@@ -93,6 +100,7 @@ def main() -> None:
     parser.add_argument("--db", default="sqlite,postgresql")
     parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--workers", type=int, default=2, help="processes for the split walk")
     parser.add_argument(
         "--legacy-json",
         action="store_true",
@@ -127,7 +135,7 @@ def main() -> None:
             seed(writers, args.records + args.new, args.days, 5000, workers=2)["total_s"], 1
         )
         for name, writer in zip(urls, writers, strict=True):
-            results[name] = measure(writer.engine, args.records, args.new, args.appends)
+            results[name] = measure(writer.engine, args.records, args.new, args.appends, args.workers)
             print(name, json.dumps(results[name]), flush=True)
     finally:
         for writer in writers:
