@@ -153,3 +153,19 @@ def test_a_broken_pool_falls_back_to_one_walk(seeded: sa.Engine, monkeypatch: py
 def test_an_in_memory_database_is_walked_here() -> None:
     assert not verify_module._separate_processes_can_read(sa.create_engine("sqlite://"))
     assert verify_module._separate_processes_can_read(sa.create_engine("sqlite:////tmp/x.db"))
+
+
+def test_the_worker_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from service.app.settings import Settings
+
+    monkeypatch.setenv("CXR_DRIFT_VERIFY_WORKERS", "3")
+    assert Settings().verify_workers == 3
+    for bad in ("0", "-2", "65"):
+        monkeypatch.setenv("CXR_DRIFT_VERIFY_WORKERS", bad)
+        with pytest.raises(ValidationError, match=r"verify_workers must be 1\.\.64"):
+            Settings()
+    monkeypatch.delenv("CXR_DRIFT_VERIFY_WORKERS")
+    assert Settings().verify_workers is None
+    assert 1 <= verify_module.default_workers() <= 4
