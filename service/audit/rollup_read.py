@@ -169,7 +169,7 @@ def load(
         LOADED.put((*scope, after), (keys, counts, stats, hist))
     else:
         after, (keys, counts, stats, hist) = current, kept
-    tail = recompute(connection, AuditDrift.record_id > after, *conditions)
+    tail = recompute(connection, _after(connection, after), *conditions)
     accumulators = [tail[key] for key in sorted(tail)]
     keys = keys + sorted(tail)
     if accumulators:
@@ -178,6 +178,15 @@ def load(
         hist = np.concatenate([hist.astype(np.int64), np.stack([a.hist for a in accumulators])])
     tail_rows = sum(a.count for a in accumulators)
     return Loaded(keys=keys, counts=counts, stats=stats, hist=hist, watermark=after, tail_rows=tail_rows)
+
+
+def _after(connection: sa.Connection, watermark: int) -> sa.ColumnElement[bool] | sa.TextClause:
+    """The tail's drift rows (record_id after the watermark): a few hundred at most, so SQLite must read
+    them from the record_id index; without the hint a filter on model or method made it walk that
+    column's index over half the log (860-1,075 ms a summary at 1M records, against 78 ms unfiltered)."""
+    if connection.dialect.name != "sqlite":
+        return AuditDrift.record_id > watermark
+    return sa.text("likelihood(audit_drift.record_id > :after, 0.000001)").bindparams(after=int(watermark))
 
 
 # the filters the rollup rows are read under (_day_bounds), and the rows read, by watermark (see load)
