@@ -26,6 +26,7 @@ __all__ = [
     "AuditFilters",
     "RecordPage",
     "architecture_expression",
+    "by_record_ids",
     "csv_cell",
     "digest_condition",
     "drift_conditions",
@@ -79,6 +80,21 @@ def digest_condition(digest: str) -> sa.ColumnElement[bool]:
     if len(text) == 64:
         return AuditDrift.model_digest == text
     return AuditDrift.model_digest.startswith(text, autoescape=True)
+
+
+def by_record_ids(
+    selection: sa.ColumnElement[bool], filters: Sequence[sa.ColumnElement[Any]], dialect: str
+) -> list[sa.ColumnElement[Any]]:
+    """Conditions for a query that selects few records by id (``selection``: a record_id range or list)
+    and then applies ``filters``. On SQLite, each is marked by how often it holds (``likelihood``): the id
+    selection for very few rows, a filter for most, so the planner reads the record_id index; it otherwise
+    takes an equality filter's index (model, method) and walks half the log (0.9-1.1 s a summary at 1M
+    records). PostgreSQL's statistics need no hint."""
+    if dialect != "sqlite":
+        return [selection, *filters]
+    few: sa.ColumnElement[Any] = sa.literal_column("0.000001")
+    most: sa.ColumnElement[Any] = sa.literal_column("0.9")
+    return [sa.func.likelihood(selection, few), *(sa.func.likelihood(f, most) for f in filters)]
 
 
 def time_conditions(filters: AuditFilters) -> list[sa.ColumnElement[bool]]:

@@ -323,7 +323,7 @@ def catch_up(engine: sa.Engine, *, batch_records: int = CATCH_UP_BATCH, budget_s
 
 def _raw_rows(
     connection: sa.Connection,
-    conditions: Sequence[sa.ColumnElement[bool] | sa.TextClause],
+    conditions: Sequence[sa.ColumnElement[Any]],
     batch_size: int = 20_000,
 ) -> Iterable[dict[str, Any]]:
     statement = (
@@ -348,7 +348,7 @@ def _raw_rows(
 
 
 def recompute(
-    connection: sa.Connection, *conditions: sa.ColumnElement[bool] | sa.TextClause, batch_size: int = 20_000
+    connection: sa.Connection, *conditions: sa.ColumnElement[Any], batch_size: int = 20_000
 ) -> dict[Key, Accumulator]:
     """The rollup recomputed from the drift rows under ``conditions`` (default: all; streamed, in
     batches)."""

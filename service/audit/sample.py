@@ -25,6 +25,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import func
 
+from service.audit.queries import by_record_ids
 from service.audit.tables import AuditDrift, AuditRecord
 
 __all__ = ["FRAME_STEPS", "REVERSAL_MAX_RECORDS", "Draw", "draw", "per_record_rows"]
@@ -102,15 +103,16 @@ def per_record_rows(
         AuditDrift.iou,
         AuditDrift.head_scale_control_iou,
     )
-    base = sa.select(*columns).join(AuditRecord, AuditDrift.record_id == AuditRecord.id).where(*conditions)
+    base = sa.select(*columns).join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
     if selected.id_range is None:
         return []
+    dialect = connection.dialect.name
     low, high = selected.id_range
-    base = base.where(AuditDrift.record_id.between(low, high))
+    in_range = AuditDrift.record_id.between(low, high)
     if selected.ids is None:
-        return list(connection.execute(base).all())
+        return list(connection.execute(base.where(*by_record_ids(in_range, conditions, dialect))).all())
     rows: list[Any] = []
     for start in range(0, len(selected.ids), _IN_CHUNK):
-        chunk = selected.ids[start : start + _IN_CHUNK]
-        rows += connection.execute(base.where(AuditDrift.record_id.in_(chunk))).all()
+        drawn = AuditDrift.record_id.in_(selected.ids[start : start + _IN_CHUNK])
+        rows += connection.execute(base.where(*by_record_ids(drawn, [in_range, *conditions], dialect))).all()
     return rows

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from core.errors import InputError
 from service.audit import chain, rollup, rollup_read, sample, summary
-from service.audit.queries import AuditFilters
+from service.audit.queries import AuditFilters, by_record_ids
 from service.audit.summary import summarize
 from service.audit.tables import AuditDrift, AuditRollup, AuditRollupState
 from tests.db_fixtures import MODELS, make_entry
@@ -355,15 +355,19 @@ def test_digest_and_architecture_are_rollup_dimensions(populated: sa.Engine) -> 
     assert none["total"] == 0
 
 
-def test_sqlite_reads_the_tail_from_the_record_id_index(populated: sa.Engine) -> None:
+def test_sqlite_reads_the_tail_and_the_drawn_records_from_the_record_id_index(populated: sa.Engine) -> None:
     """A few hundred tail rows at most: a filter on an indexed column (method) must not make SQLite walk
     that column's index over the whole log instead (what it did at 1M records: 0.9 s a summary)."""
     if populated.dialect.name != "sqlite":
         pytest.skip("SQLite's query planner")
     with populated.connect() as connection:
-        after = rollup_read._after(connection, rollup.watermark(connection))
-        conditions = [after, AuditDrift.method == "layercam", AuditDrift.model == MODELS[0]]
-        statement = sa.select(AuditDrift.id).where(*conditions).order_by(AuditDrift.record_id)
-        sql = str(statement.compile(populated, compile_kwargs={"literal_binds": True}))
-        plan = " ".join(row[3] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
-    assert "(record_id>?)" in plan, plan
+        for selected, index_use in (
+            (AuditDrift.record_id > rollup.watermark(connection), "(record_id>"),  # the tail
+            (AuditDrift.record_id.in_([3, 5, 8]), "(record_id="),  # the reversal test's drawn records
+        ):
+            filters = [AuditDrift.method == "layercam", AuditDrift.model == MODELS[0]]
+            conditions = by_record_ids(selected, filters, "sqlite")
+            statement = sa.select(AuditDrift.id).where(*conditions).order_by(AuditDrift.record_id)
+            sql = str(statement.compile(populated, compile_kwargs={"literal_binds": True}))
+            plan = " ".join(row[3] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+            assert index_use in plan, plan
