@@ -57,12 +57,17 @@ def draw(
     seed: int,
 ) -> Draw:
     """The records in the time window, or a sample of ``max_records`` of their ids (one small query)."""
-    # id + 0: from the (created_at, id) index over the window; min(id) itself lets PostgreSQL walk the
-    # primary key through the heap until a row falls in the window (~0.9 s for the last 30 of 365 days)
-    column = AuditRecord.id + 0 if time_conditions else AuditRecord.id
-    low, high = connection.execute(
-        sa.select(func.min(column), func.max(column)).where(*time_conditions)
-    ).one()
+    if time_conditions:
+        # id + 0: from the (created_at, id) index over the window; min(id) itself lets PostgreSQL walk the
+        # primary key through the heap until a row falls in the window (~0.9 s for the last 30 of 365 days)
+        column = AuditRecord.id + 0
+        statement = sa.select(func.min(column), func.max(column)).where(*time_conditions)
+    else:  # each an end of the primary key; SQLite scans the table for min and max in one SELECT (60 ms at 1M)
+        statement = sa.select(
+            sa.select(func.min(AuditRecord.id)).scalar_subquery(),
+            sa.select(func.max(AuditRecord.id)).scalar_subquery(),
+        )
+    low, high = connection.execute(statement).one()
     id_range = None if low is None else (int(low), int(high))
     if max_records is None or id_range is None or high - low + 1 <= max_records:
         return Draw(id_range, None, None)
