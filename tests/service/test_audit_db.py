@@ -707,6 +707,44 @@ def test_list_records_pages_newest_first(db_engine: sa.Engine) -> None:
         queries.list_records(db_engine, filters=AuditFilters(), limit=0)
 
 
+@pytest.mark.parametrize(
+    "filters",
+    [
+        AuditFilters(flagged=True),
+        AuditFilters(method="layercam"),
+        AuditFilters(severity="high", model=MODELS[0]),
+        AuditFilters(agreement=False, target_class="Effusion"),
+    ],
+    ids=["flagged", "method", "severity-model", "agreement-class"],
+)
+def test_sqlite_lists_filtered_records_through_each_records_drift_rows(
+    db_engine: sa.Engine, filters: AuditFilters
+) -> None:
+    """The page query looks up each record's few drift rows by record_id; with a filter's own index inside
+    the per-record subquery SQLite scanned every flagged drift row per record (9.8 s a page at 300,000
+    records)."""
+    if db_engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's query planner")
+    rng = np.random.default_rng(16)
+    append_many(db_engine, [make_entry(rng) for _ in range(3)])
+    statements: list[tuple[str, Any]] = []
+
+    def keep(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if "EXISTS" in statement:
+            statements.append((statement, parameters))
+
+    sa.event.listen(db_engine, "before_cursor_execute", keep)
+    try:
+        queries.list_records(db_engine, filters=filters, limit=5)
+    finally:
+        sa.event.remove(db_engine, "before_cursor_execute", keep)
+    assert len(statements) == 1
+    with db_engine.connect() as connection:
+        plan = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statements[0][0]}", statements[0][1]).all()
+    drift_steps = [row[3] for row in plan if "audit_drift" in row[3]]
+    assert drift_steps and all("(record_id=" in step for step in drift_steps), plan
+
+
 def test_get_record_returns_what_was_written(db_engine: sa.Engine) -> None:
     rng = np.random.default_rng(15)
     entry = make_entry(rng, created_at=datetime(2026, 11, 26, 12, 30, 15, 123456, tzinfo=UTC))
