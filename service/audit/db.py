@@ -47,6 +47,7 @@ __all__ = [
     "make_engine",
     "migrations_dir",
     "read_bound",
+    "source_url",
     "stored_json",
     "timeouts_of",
     "translate_errors",
@@ -152,6 +153,18 @@ def make_engine(url: str, timeouts: DbTimeouts | None = None) -> sa.Engine:
     """
     parsed = sa.make_url(url)
     backend = parsed.get_backend_name()
+    engine = _make_engine(parsed, backend, timeouts)
+    _ENGINE_URLS[engine] = url.render_as_string(hide_password=False) if isinstance(url, sa.URL) else str(url)
+    return engine
+
+
+def source_url(engine: sa.Engine) -> str:
+    """The URL :func:`make_engine` was given for ``engine`` (options and password included: what another
+    process needs to open the same database), else the engine's own."""
+    return _ENGINE_URLS.get(engine) or engine.url.render_as_string(hide_password=False)
+
+
+def _make_engine(parsed: sa.URL, backend: str, timeouts: DbTimeouts | None) -> sa.Engine:
     if backend == "sqlite":
         busy_s = timeouts.timeout_s if timeouts is not None else SQLITE_BUSY_TIMEOUT_MS / 1000
         engine = sa.create_engine(
@@ -213,6 +226,7 @@ def make_engine(url: str, timeouts: DbTimeouts | None = None) -> sa.Engine:
 # ------------------------------------------------------------------------------- client-side deadlines
 
 _ENGINE_TIMEOUTS: weakref.WeakKeyDictionary[sa.Engine, DbTimeouts] = weakref.WeakKeyDictionary()
+_ENGINE_URLS: weakref.WeakKeyDictionary[sa.Engine, str] = weakref.WeakKeyDictionary()
 # the bound for connections checked out in this context (None: the engine's timeout_s)
 _CHECKOUT_BOUND: contextvars.ContextVar[float | None] = contextvars.ContextVar("cxr_db_bound", default=None)
 

@@ -127,10 +127,10 @@ SPLICED = ("options", "payload")
 _RECORD_ORDER = tuple(sorted(RECORD_CONTENT))  # the order sort_keys writes them in
 _BEFORE = _RECORD_ORDER[: _RECORD_ORDER.index("options")]
 _AFTER = _RECORD_ORDER[_RECORD_ORDER.index("payload") + 1 :]
-# verify's fast path relies on this layout (see chain._stored_row_hash): the two texts side by side, then one string
+# verify's fast path relies on this layout (see stored.stored_row_hash): the two texts side by side, then one string
 if _RECORD_ORDER[len(_BEFORE) : len(_BEFORE) + 2] != SPLICED or _AFTER != ("request_id",):
     raise RuntimeError(
-        f"record columns {_RECORD_ORDER}: re-examine chain._stored_row_hash before changing them"
+        f"record columns {_RECORD_ORDER}: re-examine stored.stored_row_hash before changing them"
     )
 PAYLOAD_KEY = ',"payload":'
 _OPTIONAL = frozenset(DRIFT_OPTIONAL_CONTENT)

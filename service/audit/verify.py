@@ -11,34 +11,29 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
+import logging
 import math
 import multiprocessing
 import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc, func
 
 from service.audit import db
-from service.audit.db import DatabaseUnavailable, legacy_stored_json, stored_json, translate_errors
+from service.audit.db import DatabaseUnavailable, translate_errors
 from service.audit.hashing import (
     DRIFT_CONTENT,
     GENESIS_HASH,
-    PAYLOAD_KEY,
     RECORD_CONTENT,
-    SPLICED,
-    document_parts,
-    drift_content,
-    drift_json,
-    spliced_hash,
-    utc_iso,
 )
+from service.audit.stored import sqlite_drift_types_ok, stored_row_hash
 from service.audit.tables import AuditDrift, AuditRecord
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PARALLEL_MIN_ROWS", "VerifyResult", "default_workers", "verify"]
 
@@ -117,7 +112,11 @@ def verify(
         plan = (
             _plan(connection, since_id, since_hash, workers) if _separate_processes_can_read(engine) else []
         )
-        spans = _walk_spans(engine, plan, since_id, since_hash, anchor, batch_size) if plan else None
+        spans = _walk_spans(engine, plan, workers, since_id, since_hash, anchor, batch_size) if plan else None
+        if spans is not None and not _same_rows(connection, plan, spans):
+            log.warning("verification workers did not read the rows this process reads; walking here")
+            _drop_pool(workers)
+            spans = None
         if spans is None:
             first = _Job(
                 after=None if since_id is None else since_id - 1,
@@ -196,6 +195,7 @@ class _Span:
     anchor_found: bool = False
     bad_id: int | None = None
     reason: str | None = None
+    database: tuple[Any, ...] = ()  # which database the worker read (_database_identity)
 
     def bad(self, record_id: int, reason: str) -> _Span:
         self.bad_id, self.reason = record_id, reason
@@ -217,7 +217,7 @@ def _statements(sqlite: bool) -> tuple[sa.Select[Any], sa.Select[Any]]:
     read as their stored text on both databases (PostgreSQL `json` keeps the text as written), and SQLite's
     drift columns as stored (SQLite does not enforce column types), with a flag that SQLite computes: every
     value has its column's storage type. Verification then checks that what SQL reads is exactly what is
-    hashed (see _stored_row_hash)."""
+    hashed (see stored.stored_row_hash)."""
     coerce = sa.type_coerce if sqlite else sa.cast
     raw = {
         "options": coerce(AuditRecord.options, sa.Text).label("options"),
@@ -236,7 +236,7 @@ def _statements(sqlite: bool) -> tuple[sa.Select[Any], sa.Select[Any]]:
         else getattr(AuditDrift, name)
         for name in DRIFT_CONTENT
     ]
-    drift = sa.select(AuditDrift.record_id, *drift_columns, *([_sqlite_drift_types_ok()] if sqlite else []))
+    drift = sa.select(AuditDrift.record_id, *drift_columns, *([sqlite_drift_types_ok()] if sqlite else []))
     return records, drift
 
 
@@ -271,7 +271,7 @@ def _walk(connection: sa.Connection, sqlite: bool, job: _Job) -> _Span:
             if prev_hash != expected_prev:
                 return span.bad(record_id, _broken_link(str(prev_hash), str(expected_prev)))
             try:
-                actual = _stored_row_hash(record, drift_of.get(record_id, []), sqlite)
+                actual = stored_row_hash(record, drift_of.get(record_id, []), sqlite)
             except (ValueError, TypeError, OverflowError) as error:
                 return span.bad(record_id, f"unreadable row: {type(error).__name__}: {error}"[:500])
             if actual != row_hash:
@@ -323,7 +323,7 @@ def _separate_processes_can_read(engine: sa.Engine) -> bool:
     if engine.dialect.name != "sqlite":
         return True
     database = engine.url.database or ""
-    return database not in ("", ":memory:") and "mode=memory" not in str(engine.url)
+    return bool(database) and ":memory:" not in database and "mode=memory" not in str(engine.url)
 
 
 def _plan(
@@ -355,14 +355,15 @@ def _plan(
 def _walk_spans(
     engine: sa.Engine,
     plan: list[tuple[int, int | None]],
+    workers: int,
     since_id: int | None,
     since_hash: str | None,
     anchor: str | None,
     batch_size: int,
 ) -> list[_Span] | None:
-    """The spans of ``plan`` walked in worker processes; None when the pool cannot run (walk here)."""
-    url = engine.url.render_as_string(hide_password=False)
-    limits = db.timeouts_of(engine)
+    """The spans of ``plan`` walked in the pool of ``workers`` processes; None when the pool cannot run
+    (walk here). One deadline for all of them (the read timeout, plus 10 s): past it the pool is dropped
+    (its processes ended) and the database counts as stalled."""
     jobs = [
         _Job(
             after=after,
@@ -374,18 +375,54 @@ def _walk_spans(
         )
         for i, (after, until) in enumerate(plan)
     ]
+    limits = db.timeouts_of(engine)
     wait_s = None if limits is None else limits.read_timeout_s + 10
+    url = db.source_url(engine)
+    pool = None
     try:
-        pool = _pool(len(jobs))
+        pool = _pool(workers)
         futures = [pool.submit(_walk_in_worker, url, limits, job) for job in jobs]
-        return [future.result(timeout=wait_s) for future in futures]
-    except concurrent.futures.TimeoutError as error:
-        raise DatabaseUnavailable(
-            f"verification workers did not finish within {wait_s:g} s", public="stalled (timed out)"
-        ) from error
-    except concurrent.futures.process.BrokenProcessPool:
-        _drop_pool(len(jobs))
+        _, late = concurrent.futures.wait(futures, timeout=wait_s)
+        if late:
+            for future in late:
+                future.cancel()
+            _drop_pool(workers, pool, terminate=True)
+            raise DatabaseUnavailable(
+                f"verification workers did not finish within {wait_s} s", public="stalled (timed out)"
+            )
+        return [future.result() for future in futures]
+    except DatabaseUnavailable:
+        raise
+    except Exception as error:  # a broken pool or a failed worker: the walk here answers (or fails) itself
+        log.warning("verification workers failed (%s: %s); walking here", type(error).__name__, error)
+        if pool is not None:
+            _drop_pool(workers, pool)
         return None
+
+
+def _same_rows(connection: sa.Connection, plan: list[tuple[int, int | None]], spans: Sequence[_Span]) -> bool:
+    """Whether the workers read what this connection reads: the same database (file, or server, database
+    and table), the walk starts at the planned first row, each span's first and last rows hold here the
+    hashes the worker reported, and an ok walk reaches the newest row the plan saw."""
+    here_database = _database_identity(connection)
+    if any(span.database != here_database for span in spans) or spans[0].first_id != plan[0][0] + 1:
+        return False
+    prev_of = {span.first_id: span.first_prev for span in spans if span.first_id is not None}
+    hash_of = {span.head_id: span.head_hash for span in spans if span.head_id is not None}
+    rows = connection.execute(
+        sa.select(AuditRecord.id, AuditRecord.prev_hash, AuditRecord.row_hash).where(
+            AuditRecord.id.in_(sorted(set(prev_of) | set(hash_of)))
+        )
+    ).all()
+    here = {row[0]: (row[1], row[2]) for row in rows}
+    if any(here.get(i, (None, None))[0] != prev for i, prev in prev_of.items()):
+        return False
+    if any(here.get(i, (None, None))[1] != row_hash for i, row_hash in hash_of.items()):
+        return False
+    if any(span.reason is not None for span in spans):
+        return True  # stopped at a bad row: the rows before it were checked above
+    planned_last = plan[-1][0] if plan[-1][1] is None else plan[-1][1]
+    return bool(hash_of) and max(hash_of) >= planned_last
 
 
 _POOLS: dict[int, concurrent.futures.ProcessPoolExecutor] = {}
@@ -393,7 +430,7 @@ _POOLS_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    """A pool of ``workers`` processes, started once and kept (spawned: the caller may hold threads)."""
+    """The pool of ``workers`` processes, started once and kept (spawned: the caller may hold threads)."""
     with _POOLS_LOCK:
         pool = _POOLS.get(workers)
         if pool is None:
@@ -402,26 +439,61 @@ def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
         return pool
 
 
-def _drop_pool(workers: int) -> None:
+def _drop_pool(
+    workers: int, pool: concurrent.futures.ProcessPoolExecutor | None = None, *, terminate: bool = False
+) -> None:
+    """Forget the pool of ``workers`` (only ``pool``, if given: another thread may have made a new one) and
+    shut it down; ``terminate`` also ends its processes (a walk past its deadline)."""
     with _POOLS_LOCK:
-        pool = _POOLS.pop(workers, None)
-    if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-_WORKER_ENGINES: dict[tuple[str, db.DbTimeouts | None], sa.Engine] = {}
+        current = _POOLS.get(workers)
+        if current is None or (pool is not None and current is not pool):
+            return
+        del _POOLS[workers]
+    # the executor keeps its processes by pid (a private attribute; absent: nothing to end)
+    processes = list((getattr(current, "_processes", None) or {}).values()) if terminate else []
+    current.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def _walk_in_worker(url: str, limits: db.DbTimeouts | None, job: _Job) -> _Span:
-    """In a worker process: walk one span on this process's own engine for ``url``."""
-    engine = _WORKER_ENGINES.get((url, limits))
-    if engine is None:
-        engine = _WORKER_ENGINES[(url, limits)] = db.make_engine(url, limits)
-    with translate_errors("verify the audit chain"), db.read_bound(engine), engine.connect() as connection:
-        return _walk(connection, engine.dialect.name == "sqlite", job)
+    """In a worker process: walk one span on an engine of its own for ``url``, made for this call (a kept
+    connection could go on reading a database file that was since replaced), and say which database it
+    read."""
+    engine = db.make_engine(url, limits)
+    try:
+        with (
+            translate_errors("verify the audit chain"),
+            db.read_bound(engine),
+            engine.connect() as connection,
+        ):
+            span = _walk(connection, engine.dialect.name == "sqlite", job)
+            span.database = _database_identity(connection)
+            return span
+    finally:
+        engine.dispose()
 
 
-# --------------------------------------------------------------------------------------- stored values
+def _database_identity(connection: sa.Connection) -> tuple[Any, ...]:
+    """Which database ``connection`` reads: SQLite, the main file's device and inode; PostgreSQL, the
+    server (address, port, start time), database and schema the audit tables resolve to."""
+    if connection.dialect.name == "sqlite":
+        rows = connection.exec_driver_sql("PRAGMA database_list").all()
+        path = next((row[2] for row in rows if row[1] == "main"), "")
+        if not path:
+            return ("sqlite", "no file")
+        stat = os.stat(path)
+        return ("sqlite", stat.st_dev, stat.st_ino)
+    row = connection.execute(
+        sa.text(
+            "SELECT inet_server_addr()::text, inet_server_port(), pg_postmaster_start_time()::text, "
+            "current_database(), to_regclass('audit_records')::oid::bigint"
+        )
+    ).one()
+    return ("postgresql", *row)
+
+
+# ------------------------------------------------------------------------------------------ reading
 
 
 def _first_orphan(connection: sa.Connection, since_id: int | None) -> Sequence[Any] | None:
@@ -462,128 +534,3 @@ def _lenient_text(connection: sa.Connection) -> Iterator[None]:
         yield
     finally:
         raw.text_factory = before
-
-
-def _stored_row_hash(record: Sequence[Any], drift: Sequence[Sequence[Any]], sqlite: bool) -> str:
-    """The hash of a stored record, from its columns as :func:`verify` reads them raw.
-
-    ``record``: id, prev_hash, row_hash, then :data:`RECORD_CONTENT`; ``drift``: its rows, each record_id,
-    then :data:`DRIFT_CONTENT` and, on SQLite, the flag "every value has its column's storage type". Raises
-    ValueError or TypeError when a stored value is not in the one form append() writes.
-
-    The JSON texts are hashed as they are stored when they are canonical (what append writes): if the hash
-    then matches, the stored text is byte for byte the text append hashed, so it has no duplicated key and
-    is not reformatted, and SQL reads what is hashed. That holds because the document around the two texts
-    is rebuilt from the other columns, whose canonical form fixes where it ends before ``options`` and starts
-    after ``payload``, and neither text contains the separator ``,"payload":`` between them, so no part of
-    one can have moved into the other. Any other text (a row written before canonical storage, or a changed
-    one) is parsed: it must be exactly db.stored_json or db.legacy_stored_json of its value, which is hashed.
-    """
-    prev_hash, row_hash = record[1], record[2]
-    content = dict(zip(RECORD_CONTENT, record[3:], strict=True))
-    content["created_at"] = utc_iso(_stored_created_at(content["created_at"]))
-    drift_text = None
-    if not sqlite or all(row[-1] == 1 for row in drift):
-        rows = [drift_content(zip(DRIFT_CONTENT, row[1:], strict=False)) for row in drift]
-        if sqlite:  # booleans are stored as 0 or 1 (checked by the flag)
-            for row in rows:
-                for name in _DRIFT_BOOLEANS:
-                    row[name] = None if row[name] is None else row[name] == 1
-        drift_text = drift_json(rows)
-        if all(isinstance(content[n], str) and PAYLOAD_KEY not in content[n] for n in SPLICED):
-            actual = spliced_hash(document_parts(content, drift_text), prev_hash)
-            if actual == row_hash:
-                return actual
-    for name in SPLICED:
-        content[name] = _canonical_stored_json(name, content[name])
-    if drift_text is None:  # SQLite: a value without its column's storage type; this names it
-        stored = [_parse_stored_drift(dict(zip(DRIFT_CONTENT, row[1:], strict=False))) for row in drift]
-        drift_text = drift_json([drift_content(row.items()) for row in stored])
-    return spliced_hash(document_parts(content, drift_text), prev_hash)
-
-
-def _canonical_stored_json(name: str, value: Any) -> str:
-    """The canonical JSON of a JSON column's value, from its stored text, which must be the text append()
-    writes for that value (or wrote, before canonical storage)."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    if not isinstance(value, str):
-        return stored_json(value)  # SQLite gave a number back: it is hashed as read
-    parsed = json.loads(value)
-    canonical = stored_json(parsed)
-    # SQL reads the text (SQLite's json_extract takes a duplicated key's first value, Python its last):
-    # require the text to be exactly what append() wrote for the value that is hashed.
-    if value != canonical and value != legacy_stored_json(parsed):
-        json.loads(value, object_pairs_hook=_no_duplicate_keys)  # names a duplicated key
-        raise ValueError(f"{name}: the stored JSON text is not the form append() writes")
-    return canonical
-
-
-def _stored_created_at(created: Any) -> datetime:
-    """``created_at`` as append() stored it: PostgreSQL's driver gives a timestamp, SQLite its text."""
-    if isinstance(created, str):
-        text = created
-        created = datetime.fromisoformat(text)
-        # SQLite compares and groups the text (time filters, day/week): it must be the one stored form
-        if created.tzinfo is not None or created.strftime(_SQLITE_TIMESTAMP) != text:
-            raise ValueError(f"created_at: stored text {text[:40]!r} is not the form append() writes")
-    if not isinstance(created, datetime):
-        raise TypeError(f"created_at: expected a timestamp, got {type(created).__name__}")
-    return created.replace(tzinfo=UTC) if created.tzinfo is None else created
-
-
-# how SQLAlchemy stores a naive UTC datetime in SQLite
-_SQLITE_TIMESTAMP = "%Y-%m-%d %H:%M:%S.%f"
-_DRIFT_BOOLEANS = tuple(
-    name for name in DRIFT_CONTENT if isinstance(AuditDrift.__table__.columns[name].type, sa.Boolean)
-)
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"duplicate JSON key(s) {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
-    return dict(pairs)
-
-
-def _sqlite_drift_types_ok() -> sa.ColumnElement[Any]:
-    """SQLite: whether every hashed drift value has its column's storage type (the checks of
-    :func:`_parse_stored_drift`, which names the value when this is false)."""
-    checks = []
-    for name in DRIFT_CONTENT:
-        column = getattr(AuditDrift, name)
-        kind = func.typeof(column)
-        column_type = AuditDrift.__table__.columns[name].type
-        if isinstance(column_type, sa.Boolean):
-            checks.append(sa.or_(kind == "null", sa.and_(kind == "integer", column.in_([0, 1]))))
-        elif isinstance(column_type, sa.Float):
-            checks.append(kind.in_(["null", "real"]))
-        elif isinstance(column_type, sa.String):
-            checks.append(kind.in_(["null", "text"]))
-    return sa.case((sa.and_(*checks), 1), else_=0).label("types_ok")
-
-
-def _parse_stored_drift(row: dict[str, Any]) -> dict[str, Any]:
-    """A SQLite drift row from its values as stored: each must have its column's storage type (SQLite does
-    not enforce them), so SQL reads what is hashed (e.g. ``agreement`` 2 reads as true in Python but is
-    not ``IS 1`` in a filter; the text '0.5' is not the number 0.5 to an aggregate)."""
-    parsed: dict[str, Any] = {}
-    for name, value in row.items():
-        column_type = AuditDrift.__table__.columns[name].type
-        if value is None:
-            parsed[name] = None
-        elif isinstance(column_type, sa.Boolean):
-            if type(value) is not int or value not in (0, 1):
-                raise ValueError(f"{name}: stored {value!r} is not a boolean 0 or 1")
-            parsed[name] = bool(value)
-        elif isinstance(column_type, sa.Float):
-            if type(value) is not float:
-                raise ValueError(f"{name}: stored {value!r} is not a REAL")
-            parsed[name] = value
-        elif isinstance(column_type, sa.String):
-            if type(value) is not str:
-                raise ValueError(f"{name}: stored {value!r} is not TEXT")
-            parsed[name] = value
-        else:
-            parsed[name] = value
-    return parsed

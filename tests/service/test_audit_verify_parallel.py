@@ -12,8 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from bench.audit_scale import Writer, seed
+from service.audit import db
 from service.audit import verify as verify_module
-from service.audit.db import make_engine
+from service.audit.db import DbTimeouts, make_engine, upgrade
 from service.audit.tables import AuditDrift, AuditRecord
 from service.audit.verify import VerifyResult, verify
 from tests.db_fixtures import disable_append_only
@@ -24,9 +25,11 @@ WORKERS = 3  # spans (0, 20], (20, 40], (40, end]
 
 @pytest.fixture
 def seeded(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[sa.Engine]:
+    """The seeded chain, through an engine made as the service makes it (time limits: on PostgreSQL the
+    URL's search_path then travels in the connect arguments, and the workers must still find the schema)."""
     seed([Writer(db_url)], n=RECORDS, days=2, chunk=25, workers=1)
     monkeypatch.setattr(verify_module, "PARALLEL_MIN_ROWS", 5)
-    engine = make_engine(db_url)
+    engine = make_engine(db_url, DbTimeouts(timeout_s=5.0, read_timeout_s=60.0))
     yield engine
     engine.dispose()
 
@@ -142,16 +145,43 @@ def test_a_stale_or_wrong_since_anchor_is_refused_the_same(
 
 
 def test_a_broken_pool_falls_back_to_one_walk(seeded: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    tried: list[int] = []
+
     def broken(workers: int) -> Any:
+        tried.append(workers)
         raise BrokenProcessPool("a worker died")
 
     monkeypatch.setattr(verify_module, "_pool", broken)
     result = verify(seeded, workers=WORKERS)
+    assert tried == [WORKERS]
     assert result.ok and result.checked == RECORDS
+
+
+@pytest.mark.parametrize("other", ["empty", "another chain"])
+def test_workers_that_read_another_database_are_not_trusted(
+    seeded: sa.Engine, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, other: str
+) -> None:
+    """If the workers open some other database (a lost search_path, a replaced file), their spans do not
+    match this connection's rows: the walk is done here, and a change to the real chain is still found."""
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    upgrade(elsewhere)
+    if other == "another chain":
+        seed([Writer(elsewhere)], n=RECORDS, days=2, chunk=25, workers=1)  # same seed: same rows, same hashes
+    disable_append_only(seeded)
+    with seeded.begin() as connection:
+        change_record(30)(connection)
+    single = verify(seeded, workers=1)
+    assert not single.ok and single.first_bad_id == 30
+    monkeypatch.setattr(db, "source_url", lambda engine: elsewhere)
+    split = verify(seeded, workers=WORKERS)
+    same(single, split)
 
 
 def test_an_in_memory_database_is_walked_here() -> None:
     assert not verify_module._separate_processes_can_read(sa.create_engine("sqlite://"))
+    assert not verify_module._separate_processes_can_read(
+        sa.create_engine("sqlite:///file::memory:?uri=true")
+    )
     assert verify_module._separate_processes_can_read(sa.create_engine("sqlite:////tmp/x.db"))
 
 
