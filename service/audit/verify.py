@@ -112,10 +112,11 @@ def verify(
         plan = (
             _plan(connection, since_id, since_hash, workers) if _separate_processes_can_read(engine) else []
         )
+        if plan:
+            connection.rollback()  # not idle in a transaction while the workers walk (a server may end it)
         spans = _walk_spans(engine, plan, workers, since_id, since_hash, anchor, batch_size) if plan else None
         if spans is not None and not _same_rows(connection, plan, spans):
             log.warning("verification workers did not read the rows this process reads; walking here")
-            _drop_pool(workers)
             spans = None
         if spans is None:
             first = _Job(
@@ -328,9 +329,10 @@ def _separate_processes_can_read(engine: sa.Engine) -> bool:
 
 def _plan(
     connection: sa.Connection, since_id: int | None, since_hash: str | None, workers: int
-) -> list[tuple[int, int | None]]:
-    """Id spans (after, until] for ``workers`` processes; empty: walk here (too few rows to split, or an
-    anchored head that is not there, which the single walk reports)."""
+) -> list[tuple[int, int]]:
+    """Id spans (after, until] for ``workers`` processes, up to the newest record now (one appended while
+    they walk is the next verification's); empty: walk here (too few rows to split, or an anchored head that
+    is not there, which the single walk reports)."""
     if workers < 2:
         return []
     first, last = connection.execute(sa.select(func.min(AuditRecord.id), func.max(AuditRecord.id))).one()
@@ -349,12 +351,12 @@ def _plan(
         return []
     step = math.ceil(count / parts)
     bounds = [int(first) - 1 + i * step for i in range(parts)]
-    return [(after, after + step) for after in bounds[:-1]] + [(bounds[-1], None)]  # the last: to the end
+    return [(after, min(after + step, int(last))) for after in bounds]
 
 
 def _walk_spans(
     engine: sa.Engine,
-    plan: list[tuple[int, int | None]],
+    plan: list[tuple[int, int]],
     workers: int,
     since_id: int | None,
     since_hash: str | None,
@@ -383,24 +385,29 @@ def _walk_spans(
         pool = _pool(workers)
         futures = [pool.submit(_walk_in_worker, url, limits, job) for job in jobs]
         _, late = concurrent.futures.wait(futures, timeout=wait_s)
-        if late:
-            for future in late:
-                future.cancel()
-            _drop_pool(workers, pool, terminate=True)
-            raise DatabaseUnavailable(
-                f"verification workers did not finish within {wait_s} s", public="stalled (timed out)"
-            )
-        return [future.result() for future in futures]
-    except DatabaseUnavailable:
-        raise
-    except Exception as error:  # a broken pool or a failed worker: the walk here answers (or fails) itself
-        log.warning("verification workers failed (%s: %s); walking here", type(error).__name__, error)
+    except Exception as error:  # a pool that cannot start or take work
+        log.warning("verification pool unusable (%s: %s); walking here", type(error).__name__, error)
         if pool is not None:
+            _drop_pool(workers, pool)
+        return None
+    if late:
+        for future in late:
+            future.cancel()
+        _drop_pool(workers, pool, terminate=True)
+        raise DatabaseUnavailable(
+            f"verification workers did not finish within {wait_s} s", public="stalled (timed out)"
+        )
+    try:
+        return [future.result() for future in futures]
+    except Exception as error:  # a worker that failed (a lost process, a connection it could not get): the
+        # walk here answers, or fails with the database's own error
+        log.warning("verification worker failed (%s: %s); walking here", type(error).__name__, error)
+        if isinstance(error, concurrent.futures.process.BrokenProcessPool):
             _drop_pool(workers, pool)
         return None
 
 
-def _same_rows(connection: sa.Connection, plan: list[tuple[int, int | None]], spans: Sequence[_Span]) -> bool:
+def _same_rows(connection: sa.Connection, plan: list[tuple[int, int]], spans: Sequence[_Span]) -> bool:
     """Whether the workers read what this connection reads: the same database (file, or server, database
     and table), the walk starts at the planned first row, each span's first and last rows hold here the
     hashes the worker reported, and an ok walk reaches the newest row the plan saw."""
@@ -421,8 +428,7 @@ def _same_rows(connection: sa.Connection, plan: list[tuple[int, int | None]], sp
         return False
     if any(span.reason is not None for span in spans):
         return True  # stopped at a bad row: the rows before it were checked above
-    planned_last = plan[-1][0] if plan[-1][1] is None else plan[-1][1]
-    return bool(hash_of) and max(hash_of) >= planned_last
+    return bool(hash_of) and max(hash_of) == plan[-1][1]
 
 
 _POOLS: dict[int, concurrent.futures.ProcessPoolExecutor] = {}
@@ -486,8 +492,9 @@ def _database_identity(connection: sa.Connection) -> tuple[Any, ...]:
         return ("sqlite", stat.st_dev, stat.st_ino)
     row = connection.execute(
         sa.text(
-            "SELECT inet_server_addr()::text, inet_server_port(), pg_postmaster_start_time()::text, "
-            "current_database(), to_regclass('audit_records')::oid::bigint"
+            "SELECT inet_server_addr()::text, inet_server_port(), "
+            "extract(epoch FROM pg_postmaster_start_time())::text, current_database(), "
+            "to_regclass('audit_records')::oid::bigint"
         )
     ).one()
     return ("postgresql", *row)

@@ -4,23 +4,27 @@ on both databases."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
 from bench.audit_scale import Writer, seed
-from service.audit import db
+from service.audit import chain, db
 from service.audit import verify as verify_module
 from service.audit.db import DbTimeouts, make_engine, upgrade
 from service.audit.tables import AuditDrift, AuditRecord
 from service.audit.verify import VerifyResult, verify
-from tests.db_fixtures import disable_append_only
+from tests.db_fixtures import disable_append_only, make_entry
 
 RECORDS = 60
-WORKERS = 3  # spans (0, 20], (20, 40], (40, end]
+WORKERS = 3  # spans (0, 20], (20, 40], (40, 60]
 
 
 @pytest.fixture
@@ -69,7 +73,7 @@ def row_hash(engine: sa.Engine, record_id: int) -> str:
 
 
 def test_an_intact_chain_verifies_the_same_split(seeded: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert verify_module._plan(seeded.connect(), None, None, WORKERS) == [(0, 20), (20, 40), (40, None)]
+    assert verify_module._plan(seeded.connect(), None, None, WORKERS) == [(0, 20), (20, 40), (40, 60)]
     single, split = both(seeded, monkeypatch, anchor=row_hash(seeded, 33))
     assert single.ok and single.checked == RECORDS and single.anchor_found
     same(single, split)
@@ -132,6 +136,29 @@ def test_damage_is_found_where_one_walk_finds_it(
         single, split = both(seeded, monkeypatch, **kwargs)
         assert not single.ok, kwargs
         same(single, split)
+
+
+def test_records_appended_while_the_workers_walk_do_not_spoil_the_split(
+    seeded: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service appends while it verifies: the split covers the records there when it started (the next
+    verification takes the rest) and is accepted, not thrown away for a walk here."""
+    walk_spans = verify_module._walk_spans
+    rng = np.random.default_rng(5)
+
+    def appending(*args: Any) -> Any:
+        chain.append(seeded, make_entry(rng))
+        return walk_spans(*args)
+
+    def not_here(*args: Any) -> None:
+        raise AssertionError("the split was thrown away and the walk ran in this process")
+
+    monkeypatch.setattr(verify_module, "_walk_spans", appending)
+    monkeypatch.setattr(verify_module, "_walk", not_here)
+    result = verify(seeded, workers=WORKERS)
+    assert result.ok and result.checked == RECORDS and result.head_id == RECORDS
+    monkeypatch.undo()
+    assert verify(seeded, workers=1).checked == RECORDS + 1
 
 
 def test_a_stale_or_wrong_since_anchor_is_refused_the_same(
@@ -199,3 +226,45 @@ def test_the_worker_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CXR_DRIFT_VERIFY_WORKERS")
     assert Settings().verify_workers is None
     assert 1 <= verify_module.default_workers() <= 4
+
+
+def test_workers_past_the_deadline_are_ended_and_the_answer_is_unavailable(
+    seeded: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spans share one deadline (the read timeout + 10 s); past it the pool's processes are ended, the pool
+    is forgotten (the next call starts a new one) and the database counts as stalled (503)."""
+    verify(seeded, workers=WORKERS)  # the pool is up
+    pool = verify_module._POOLS[WORKERS]
+    processes = list(pool._processes.values())
+    assert processes and not any(ended(p.pid) for p in processes)
+    deadlines: list[float | None] = []
+
+    def nothing_done(futures: Any, timeout: float | None = None) -> tuple[set[Any], set[Any]]:
+        deadlines.append(timeout)
+        return set(), set(futures)
+
+    monkeypatch.setattr(verify_module.concurrent.futures, "wait", nothing_done)
+    with pytest.raises(db.DatabaseUnavailable, match="did not finish within 70"):
+        verify(seeded, workers=WORKERS)
+    assert deadlines == [70.0]
+    assert WORKERS not in verify_module._POOLS
+    deadline = time.monotonic() + 10
+    while not all(ended(p.pid) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(ended(p.pid) for p in processes)
+    monkeypatch.undo()
+    assert verify(seeded, workers=WORKERS).ok  # a new pool
+
+
+def ended(pid: int | None) -> bool:
+    """The process is gone or a zombie (the executor's own thread reaps it, so Process.join cannot say)."""
+    if pid is None:
+        return False  # not started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
