@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from core.cpus import usable_cores
 from core.errors import Overloaded
 from engine.batching import BatchConfig, BatchedPair
 from engine.runtime import ModelPair
@@ -56,6 +57,9 @@ class Inference:
         )
         self._lock = threading.Lock()
         self._in_flight = 0
+        # shared by every pair's batchers: at most this many batched forwards at once
+        self.forward_slots = int(settings.concurrent_forwards or usable_cores())
+        self.forward_gate = threading.BoundedSemaphore(self.forward_slots)
 
     @property
     def in_flight(self) -> int:
@@ -89,8 +93,8 @@ class Inference:
         """The pair requests should call: batched (batching on) or ``pair`` itself."""
         if not self.settings.batching or isinstance(pair, BatchedPair):
             return pair
-        batched = BatchedPair(pair, config=self.config, observer=self.metrics)
-        log.info("batching %s: %s", pair.name, self.config)
+        batched = BatchedPair(pair, config=self.config, observer=self.metrics, gate=self.forward_gate)
+        log.info("batching %s: %s, %d forwards at once", pair.name, self.config, self.forward_slots)
         return batched
 
     @staticmethod

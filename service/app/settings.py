@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     batching: bool = True
     batch_window_ms: float = 5.0  # how long the oldest waiting request waits for others to join its batch
     max_batch: int = 16  # images per batched forward
+    # batched forwards running at once across every pair and checkpoint (engine/batching.py, the gate);
+    # None: the usable cores (the others' requests queue meanwhile and go as bigger batches)
+    concurrent_forwards: int | None = None
     # requests admitted to inference at once (running or waiting); one more is answered 503 at once
     queue_bound: int = 32
     # The browser dashboard (service/dashboard): the key that signs its session cookies (unset: a random one
@@ -179,6 +182,13 @@ class Settings(BaseSettings):
         field = getattr(info, "field_name", "value")
         if not 0.1 <= value <= 3600:
             raise ValueError(f"{field} must be in 0.1..3600 seconds, got {value}")
+        return value
+
+    @field_validator("concurrent_forwards")
+    @classmethod
+    def _check_concurrent_forwards(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 256:
+            raise ValueError(f"concurrent_forwards must be 1..256 (or unset: the usable cores), got {value}")
         return value
 
     @field_validator("verify_workers")

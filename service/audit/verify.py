@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc, func
 
+from core.cpus import usable_cores
 from service.audit import db
 from service.audit.db import DatabaseUnavailable, translate_errors
 from service.audit.hashing import (
@@ -64,8 +65,7 @@ class VerifyResult:
 
 def default_workers() -> int:
     """Processes a long walk is split over: the cores this process may use, at most 4."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return min(4, usable_cores())
 
 
 def verify(

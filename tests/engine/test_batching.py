@@ -236,6 +236,38 @@ def test_cancelled_items_are_skipped() -> None:
     batcher.close()
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_shared_gate_bounds_the_forwards_running_at_once(slots: int) -> None:
+    """Three batchers sharing a gate of ``slots`` never run more batches at once; what waits for a slot
+    queues and goes as one bigger batch; every item gets its own result; closing still drains."""
+    gate = threading.BoundedSemaphore(slots)
+    lock = threading.Lock()
+    running = [0, 0]  # now, most at once
+    sizes: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+            sizes.append(len(items))
+        threading.Event().wait(0.05)
+        with lock:
+            running[0] -= 1
+        return [item * 10 for item in items]
+
+    config = BatchConfig(window_s=0.0, max_batch=16, queue_bound=64)
+    batchers: list[MicroBatcher[int, int]] = [
+        MicroBatcher(run, config=config, name=f"b{i}", gate=gate) for i in range(3)
+    ]
+    futures = [(i, batchers[i % 3].submit(i)) for i in range(30)]
+    assert all(future.result(30) == i * 10 for i, future in futures)
+    assert running[1] == slots
+    assert max(sizes) > 1  # items queued while the slots were taken, and went together
+    for batcher in batchers:
+        batcher.close()
+        assert not batcher.alive
+
+
 def test_max_batch_counts_rows_and_splits_results_per_item(pair: ModelPair) -> None:
     size = SMALL_SIZE[pair.name]
     rng = np.random.default_rng(0)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from core.cpus import usable_cores
 from engine.batching import BatchedPair
 from engine.predict import decode_image
 from engine.report import drift_report
@@ -212,12 +213,30 @@ def test_batching_off_serves_the_pair_itself_and_settings_are_checked(
         make_settings(api_artifacts, sqlite_url(tmp_path), batch_window_ms=2, max_batch=8), Metrics()
     )
     batched = on.attach(pair)
+    other = on.attach(ModelPair.load(api_artifacts / "resnet50v2", threads=1))
     try:
         assert isinstance(batched, BatchedPair) and batched.batch_config.window_s == pytest.approx(0.002)
         assert batched.name == pair.name and batched.head_weights is pair.head_weights
+        # one gate for every pair's batchers: the usable cores by default
+        assert isinstance(other, BatchedPair)
+        gates = {id(b._gate) for p in (batched, other) for b in p.batchers.values()}
+        assert gates == {id(on.forward_gate)} and on.forward_slots == usable_cores()
     finally:
         on.detach(batched)
-    for bad in ({"batch_window_ms": -1}, {"max_batch": 0}, {"queue_bound": 0}, {"device": "tpu"}):
+        on.detach(other)
+    assert (
+        Inference(
+            make_settings(api_artifacts, sqlite_url(tmp_path), concurrent_forwards=3), Metrics()
+        ).forward_slots
+        == 3
+    )
+    for bad in (
+        {"batch_window_ms": -1},
+        {"max_batch": 0},
+        {"queue_bound": 0},
+        {"device": "tpu"},
+        {"concurrent_forwards": 0},
+    ):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             make_settings(api_artifacts, sqlite_url(tmp_path), **bad)
     assert make_settings(api_artifacts, sqlite_url(tmp_path), device="CUDA:1").device == "cuda:1"
