@@ -9,6 +9,7 @@ walk gives. Imports no web or model code (the worker processes import only this)
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextlib
 import logging
@@ -433,6 +434,13 @@ def _same_rows(connection: sa.Connection, plan: list[tuple[int, int]], spans: Se
 
 _POOLS: dict[int, concurrent.futures.ProcessPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _shut_pools_down() -> None:
+    """At exit, before the interpreter tears the executors' modules down under them."""
+    for workers in list(_POOLS):
+        _drop_pool(workers)
 
 
 def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
