@@ -184,20 +184,15 @@ class Settings(BaseSettings):
             raise ValueError(f"{field} must be in 0.1..3600 seconds, got {value}")
         return value
 
-    @field_validator("concurrent_forwards")
+    @field_validator("concurrent_forwards", "verify_workers")
     @classmethod
-    def _check_concurrent_forwards(cls, value: int | None) -> int | None:
-        if value is not None and not 1 <= value <= 256:
-            raise ValueError(f"concurrent_forwards must be 1..256 (or unset: the usable cores), got {value}")
-        return value
-
-    @field_validator("verify_workers")
-    @classmethod
-    def _check_verify_workers(cls, value: int | None) -> int | None:
-        if value is not None and not 1 <= value <= 64:
-            raise ValueError(
-                f"verify_workers must be 1..64 (or unset: the usable cores, at most 4), got {value}"
-            )
+    def _check_core_count(cls, value: int | None, info: object) -> int | None:
+        field = getattr(info, "field_name", "value")
+        high, unset = {"concurrent_forwards": (256, "the usable cores")}.get(
+            field, (64, "the usable cores, at most 4")
+        )
+        if value is not None and not 1 <= value <= high:
+            raise ValueError(f"{field} must be 1..{high} (or unset: {unset}), got {value}")
         return value
 
     @field_validator("anchor_interval_s")
