@@ -44,7 +44,7 @@ def measure(engine: sa.Engine, records: int, new: int, appends: int, workers: in
         anchor = connection.execute(
             sa.select(AuditRecord.row_hash).where(AuditRecord.id == records)
         ).scalar_one()
-    full = chain.verify(engine, batch_size=5000, workers=workers, since=(records, anchor))  # pool start
+    chain.verify(engine, batch_size=5000, workers=workers, since=(records, anchor))  # starts the pool
     for label, count in (("1_worker", 1), (f"{workers}_workers", workers)):
         t0 = time.perf_counter()
         full = chain.verify(engine, batch_size=5000, workers=count)

@@ -15,9 +15,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from service.audit.chain import DRIFT_CONTENT, utc_iso
 from service.audit.db import translate_errors
 from service.audit.filters import AuditFilters
+from service.audit.hashing import DRIFT_CONTENT, utc_iso
 from service.audit.tables import AuditDrift, AuditRecord
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "export_csv",
     "get_record",
     "list_records",
+    "record_id_ends",
     "time_conditions",
 ]
 
@@ -95,6 +96,15 @@ def by_record_ids(
     few: sa.ColumnElement[Any] = sa.literal_column("0.000001")
     most: sa.ColumnElement[Any] = sa.literal_column("0.9")
     return [sa.func.likelihood(selection, few), *(sa.func.likelihood(f, most) for f in filters)]
+
+
+def record_id_ends() -> sa.Select[Any]:
+    """(lowest, highest) record id, each from an end of the primary key: SQLite scans the table for min and
+    max in one SELECT (60 ms at 1M records)."""
+    return sa.select(
+        sa.select(sa.func.min(AuditRecord.id)).scalar_subquery(),
+        sa.select(sa.func.max(AuditRecord.id)).scalar_subquery(),
+    )
 
 
 def time_conditions(filters: AuditFilters) -> list[sa.ColumnElement[bool]]:

@@ -25,7 +25,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import func
 
-from service.audit.queries import by_record_ids
+from service.audit.queries import by_record_ids, record_id_ends
 from service.audit.tables import AuditDrift, AuditRecord
 
 __all__ = ["FRAME_STEPS", "REVERSAL_MAX_RECORDS", "Draw", "draw", "per_record_rows"]
@@ -62,11 +62,8 @@ def draw(
         # primary key through the heap until a row falls in the window (~0.9 s for the last 30 of 365 days)
         column = AuditRecord.id + 0
         statement = sa.select(func.min(column), func.max(column)).where(*time_conditions)
-    else:  # each an end of the primary key; SQLite scans the table for min and max in one SELECT (60 ms at 1M)
-        statement = sa.select(
-            sa.select(func.min(AuditRecord.id)).scalar_subquery(),
-            sa.select(func.max(AuditRecord.id)).scalar_subquery(),
-        )
+    else:
+        statement = record_id_ends()
     low, high = connection.execute(statement).one()
     id_range = None if low is None else (int(low), int(high))
     if max_records is None or id_range is None or high - low + 1 <= max_records:

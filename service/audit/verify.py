@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import exc, func
+from sqlalchemy import exc
 
 from core.cpus import usable_cores
 from service.audit import db
@@ -32,6 +32,7 @@ from service.audit.hashing import (
     GENESIS_HASH,
     RECORD_CONTENT,
 )
+from service.audit.queries import record_id_ends
 from service.audit.stored import sqlite_drift_types_ok, stored_row_hash
 from service.audit.tables import AuditDrift, AuditRecord
 
@@ -115,20 +116,16 @@ def verify(
         )
         if plan:
             connection.rollback()  # not idle in a transaction while the workers walk (a server may end it)
-        spans = _walk_spans(engine, plan, workers, since_id, since_hash, anchor, batch_size) if plan else None
+        spans = None
+        if plan:
+            spans = _walk_spans(engine, _jobs(plan, since_id, since_hash, anchor, batch_size), workers)
         if spans is not None and not _same_rows(connection, plan, spans):
             log.warning("verification workers did not read the rows this process reads; walking here")
             spans = None
         if spans is None:
-            first = _Job(
-                after=None if since_id is None else since_id - 1,
-                until=None,
-                expected_prev=GENESIS_HASH if since_id is None else None,
-                since=None if since_id is None else (since_id, str(since_hash)),
-                anchor=anchor,
-                batch_size=batch_size,
-            )
-            spans = [_walk(connection, sqlite, first)]
+            after = None if since_id is None else since_id - 1
+            (whole,) = _jobs([(after, None)], since_id, since_hash, anchor, batch_size)
+            spans = [_walk(connection, sqlite, whole)]
         result = _combine(spans, since_id, anchor)
         if not result.ok:
             return result
@@ -336,7 +333,7 @@ def _plan(
     is not there, which the single walk reports)."""
     if workers < 2:
         return []
-    first, last = connection.execute(sa.select(func.min(AuditRecord.id), func.max(AuditRecord.id))).one()
+    first, last = connection.execute(record_id_ends()).one()
     if first is None:
         return []
     if since_id is not None:
@@ -355,29 +352,34 @@ def _plan(
     return [(after, min(after + step, int(last))) for after in bounds]
 
 
-def _walk_spans(
-    engine: sa.Engine,
-    plan: list[tuple[int, int]],
-    workers: int,
+def _jobs(
+    spans: Sequence[tuple[int | None, int | None]],
     since_id: int | None,
     since_hash: str | None,
     anchor: str | None,
     batch_size: int,
-) -> list[_Span] | None:
-    """The spans of ``plan`` walked in the pool of ``workers`` processes; None when the pool cannot run
-    (walk here). One deadline for all of them (the read timeout, plus 10 s): past it the pool is dropped
-    (its processes ended) and the database counts as stalled."""
-    jobs = [
+) -> list[_Job]:
+    """Consecutive spans (after, until] to walk: the first links to the genesis hash or starts at the
+    anchored head; each later one is stitched to the one before it afterwards (:func:`_combine`)."""
+    first_prev = GENESIS_HASH if since_id is None else None
+    first_since = None if since_id is None else (since_id, str(since_hash))
+    return [
         _Job(
             after=after,
             until=until,
-            expected_prev=(GENESIS_HASH if since_id is None else None) if i == 0 else None,
-            since=(since_id, str(since_hash)) if i == 0 and since_id is not None else None,
+            expected_prev=first_prev if i == 0 else None,
+            since=first_since if i == 0 else None,
             anchor=anchor,
             batch_size=batch_size,
         )
-        for i, (after, until) in enumerate(plan)
+        for i, (after, until) in enumerate(spans)
     ]
+
+
+def _walk_spans(engine: sa.Engine, jobs: list[_Job], workers: int) -> list[_Span] | None:
+    """``jobs`` walked in the pool of ``workers`` processes; None when the pool cannot run (walk here). One
+    deadline for all of them (the read timeout, plus 10 s): past it the pool is dropped (its processes
+    ended) and the database counts as stalled."""
     limits = db.timeouts_of(engine)
     wait_s = None if limits is None else limits.read_timeout_s + 10
     url = db.source_url(engine)
