@@ -36,9 +36,32 @@ from service.app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ADMITTED_ROUTES", "AdmissionMiddleware", "Inference"]
+__all__ = ["ADMITTED_ROUTES", "AdmissionMiddleware", "Inference", "forward_slots", "session_threads"]
 
 RETRY_AFTER_S = 1
+
+
+def forward_slots(settings: Settings) -> int:
+    """Batched forwards allowed at once across every pair and checkpoint (the gate): the setting, else the
+    usable cores."""
+    return int(settings.concurrent_forwards or usable_cores())
+
+
+def session_threads(settings: Settings) -> int | None:
+    """Intra-op threads for each model session: ``ort_threads`` when set; unset with batching on, the usable
+    cores shared among the forwards the gate lets run at once (so those forwards ask for no more threads
+    than there are cores: 1 with the default gate); unset with batching off, the runtime's default.
+
+    Measured (BENCHMARKS.md, issue 12): three demo pairs on 2 cores, 16 clients, batching on: 5.5 req/s with
+    the runtime's default (2 threads per session, 2 forwards at once: 4 threads on 2 cores) against 7.4 with 1.
+    """
+    if settings.ort_threads is not None:
+        return int(settings.ort_threads)
+    if not settings.batching:
+        return None
+    return max(1, usable_cores() // forward_slots(settings))
+
+
 ADMITTED_ROUTES: frozenset[tuple[str, str]] = frozenset({("POST", "/predict")})
 
 
@@ -58,7 +81,7 @@ class Inference:
         self._lock = threading.Lock()
         self._in_flight = 0
         # shared by every pair's batchers: at most this many batched forwards at once
-        self.forward_slots = int(settings.concurrent_forwards or usable_cores())
+        self.forward_slots = forward_slots(settings)
         self.forward_gate = threading.BoundedSemaphore(self.forward_slots)
 
     @property
@@ -94,7 +117,13 @@ class Inference:
         if not self.settings.batching or isinstance(pair, BatchedPair):
             return pair
         batched = BatchedPair(pair, config=self.config, observer=self.metrics, gate=self.forward_gate)
-        log.info("batching %s: %s, %d forwards at once", pair.name, self.config, self.forward_slots)
+        log.info(
+            "batching %s: %s, %d forwards at once, %s intra-op threads each",
+            pair.name,
+            self.config,
+            self.forward_slots,
+            session_threads(self.settings) or "the runtime's default",
+        )
         return batched
 
     @staticmethod

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     port: int = 8000
     backend: Literal["onnx", "torch"] = "onnx"
     migrate_on_start: bool = True
+    # intra-op threads per model session; None: 1 per forward the gate lets run at once (batching on: the
+    # usable cores // concurrent_forwards), the runtime's default with batching off (inference.session_threads)
     ort_threads: int | None = None
     # the manifest HMAC key (core.manifest.MANIFEST_KEY_ENV): set, every pair's manifest must carry its HMAC
     manifest_key: SecretStr | None = None

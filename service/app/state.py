@@ -17,7 +17,7 @@ from pathlib import Path
 import sqlalchemy
 
 from engine.runtime import ModelPair
-from service.app.inference import Inference
+from service.app.inference import Inference, session_threads
 from service.app.metrics import Metrics
 from service.app.registry import FailedPair, ModelRegistry
 from service.app.settings import Settings
@@ -74,7 +74,7 @@ def make_registry(
     return ModelRegistry(
         Path(settings.artifacts_dir),
         backend=settings.backend,
-        ort_threads=settings.ort_threads,
+        ort_threads=session_threads(settings),
         manifest_key=settings.manifest_key_bytes(),
         device=settings.device,
         wrap=inference.attach if inference is not None else None,

@@ -21,7 +21,8 @@ from engine.batching import BatchedPair
 from engine.predict import decode_image
 from engine.report import drift_report
 from engine.runtime import ModelPair
-from service.app.inference import AdmissionMiddleware, Inference
+from service.app import inference
+from service.app.inference import AdmissionMiddleware, Inference, session_threads
 from service.app.metrics import Metrics
 from service.audit import chain
 from tests.api_fixtures import (
@@ -201,6 +202,36 @@ def test_lifespan_end_stops_every_batcher_thread(api_artifacts: Path, tmp_path: 
     batchers = [b for p in pairs.values() if isinstance(p, BatchedPair) for b in p.batchers.values()]
     assert len(batchers) == 2  # one per checkpoint
     assert not any(b.alive for b in batchers)  # joined, not left running as daemons
+
+
+def _intra_op_threads(pair: Any) -> set[int]:
+    inner = pair.inner if isinstance(pair, BatchedPair) else pair
+    return {runner.session.get_session_options().intra_op_num_threads for runner in inner._runners.values()}
+
+
+def test_each_session_gets_its_share_of_the_cores_per_forward_at_once(
+    api_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def settings(**overrides: Any) -> Any:
+        return make_settings(api_artifacts, sqlite_url(tmp_path), **{"ort_threads": None, **overrides})
+
+    monkeypatch.setattr(inference, "usable_cores", lambda: 8)
+    assert session_threads(settings()) == 1  # the default gate: one forward per core, one thread each
+    assert session_threads(settings(concurrent_forwards=2)) == 4
+    assert session_threads(settings(concurrent_forwards=3)) == 2  # never more threads than cores
+    assert session_threads(settings(concurrent_forwards=16)) == 1
+    assert session_threads(settings(ort_threads=3)) == 3  # the setting wins
+    assert session_threads(settings(batching=False)) is None  # one forward at a time: the runtime decides
+
+    # the service's sessions are made so: ONNX Runtime reads its options back
+    monkeypatch.setattr(inference, "usable_cores", lambda: 2)
+    artifacts = copy_pairs(api_artifacts, tmp_path / "artifacts", ("resnet50v2",))
+    for overrides, threads in (({}, 1), ({"concurrent_forwards": 1}, 2), ({"ort_threads": 3}, 3)):
+        with started(
+            make_settings(artifacts, sqlite_url(tmp_path), **{"ort_threads": None, **overrides})
+        ) as app:
+            (pair,) = app.app.state.cxr.pairs.values()
+            assert isinstance(pair, BatchedPair) and _intra_op_threads(pair) == {threads}
 
 
 def test_batching_off_serves_the_pair_itself_and_settings_are_checked(
