@@ -15,6 +15,9 @@ an overloaded service says so. One run, one machine, side by side.
    what any answer costs on this loaded server): latency of the 503 answers (all clients, and the probe's
    alone) and p99/p50 of the admitted ones.
 
+5. Rounds: ``--rounds`` times, alternating, the offline engine at ``--max-batch`` and the live service with the
+   most clients (batching on): the goal's ratio per round, side by side on a machine whose speed may drift.
+
 Goals (issue 12): 16-client throughput >= offline batched throughput; p99 <= 3 x p50 at the queue bound;
 503 in under 50 ms when overloaded. The clients run on the same cores as the service.
 
@@ -86,10 +89,19 @@ def offline(
     artifacts: Path, grays: list[np.ndarray], *, batch: int, repeats: int, threads: int | None
 ) -> float:
     """Requests/s of the engine alone: every pair's drift reports for ``batch`` images at a time."""
-    from engine.report import drift_reports
+    return offline_rate(load_pairs(artifacts, threads), grays, batch=batch, repeats=repeats)
+
+
+def load_pairs(artifacts: Path, threads: int | None) -> list[Any]:
     from engine.runtime import ModelPair
 
-    pairs = [ModelPair.load(p, threads=threads) for p in sorted(artifacts.iterdir()) if p.is_dir()]
+    return [ModelPair.load(p, threads=threads) for p in sorted(artifacts.iterdir()) if p.is_dir()]
+
+
+def offline_rate(pairs: list[Any], grays: list[np.ndarray], *, batch: int, repeats: int) -> float:
+    """Requests/s of the engine alone over loaded ``pairs`` (median of ``repeats`` timed passes)."""
+    from engine.report import drift_reports
+
     images = (grays * (batch // len(grays) + 1))[:batch]
     for pair in pairs:
         drift_reports(pair, images)  # warm-up
@@ -146,11 +158,14 @@ class Server:
 async def _load(
     url: str, pngs: list[bytes], clients: int, seconds: float, warmup: float, *, probe: bool = False
 ) -> dict[str, Any]:
-    """``clients`` closed-loop clients. The measured window opens once ``warmup`` seconds have passed *and*
-    every client has had an answer (the pipeline is full), and lasts ``seconds``; what completes inside it
-    counts. Requests still running when it closes are awaited, not counted. ``probe``: one more client
-    sends one request every 20 ms inside the window, its answers timed apart (the 503 latency without
-    the load clients' own queueing in this process)."""
+    """``clients`` closed-loop clients. The measured window opens on one client's answer once ``warmup``
+    seconds have passed *and* every client has had an answer (the pipeline is full), and closes on that same
+    client's first answer at least ``seconds`` later; what completes inside it counts. Opening and closing
+    on one client's answers makes the window span whole cycles of requests: batched answers come in waves
+    (16 clients: about 16 at once), and a window cut at an arbitrary time would count a wave or not (+-16
+    answers). Requests still running when it closes are awaited, not counted. ``probe``: one more client
+    sends one request every 20 ms inside the window, its answers timed apart (the 503 latency without the
+    load clients' own queueing in this process)."""
     import httpx
 
     ok: list[float] = []
@@ -159,14 +174,15 @@ async def _load(
     probed: list[tuple[int, float]] = []
     floor: list[float] = []
     answered: set[int] = set()
-    window: list[float] = []  # [start, end] once open
+    window: list[float] = []  # [start, end, the client whose answer opened it] once open
+    closed: list[float] = []  # that client's first answer at or after the end: where the window ends
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         begin = time.perf_counter()
 
         async def one(k: int) -> None:
             i = k
-            while not window or time.perf_counter() < window[1]:
+            while not window or not closed:
                 start = time.perf_counter()
                 files = {"file": ("x.png", pngs[i % len(pngs)], "image/png")}
                 response = await client.post("/predict", files=files)
@@ -175,8 +191,10 @@ async def _load(
                 answered.add(k)
                 if not window:
                     if len(answered) == clients and end - begin >= warmup:
-                        window.extend([end, end + seconds])
-                elif window[0] <= end <= window[1]:
+                        window.extend([end, end + seconds, k])
+                elif end > window[0] and not closed:
+                    if end >= window[1] and k == window[2]:
+                        closed.append(end)
                     if response.status_code == 200:
                         ok.append(end - start)
                     elif response.status_code == 503:
@@ -203,7 +221,7 @@ async def _load(
 
         tasks = [one(k) for k in range(clients)] + ([prober()] if probe else [])
         await asyncio.gather(*tasks)
-        elapsed = seconds
+        elapsed = closed[0] - window[0]
 
     def pct(values: list[float], q: float) -> float | None:
         return float(np.percentile(values, q) * 1000.0) if values else None
@@ -230,6 +248,36 @@ async def _load(
     }
 
 
+def rounds(
+    artifacts: Path, db: Path, grays: list[np.ndarray], pngs: list[bytes], args: argparse.Namespace
+) -> list[dict[str, float]]:
+    """The goal's ratio measured ``--rounds`` times, alternating: the offline engine at ``--max-batch``, then
+    the live service (batching on) with the most ``--clients``; a machine whose speed drifts during the run
+    (a shared host) moves both sides of each round alike."""
+    clients = max(args.clients)
+    pairs = load_pairs(artifacts, args.threads)
+    server = Server(
+        artifacts,
+        db,
+        ort_threads=args.threads,
+        queue_bound=args.queue_bound,
+        batching="true",
+        batch_window_ms=args.window_ms,
+        max_batch=args.max_batch,
+    )
+    out = []
+    try:
+        server.wait_ready()
+        for _ in range(args.rounds):
+            engine = offline_rate(pairs, grays, batch=args.max_batch, repeats=args.repeats)
+            served = asyncio.run(_load(server.url, pngs, clients, args.seconds, args.warmup))["rps"]
+            out.append({"offline": engine, "served": served, "ratio": served / engine})
+            print(f"round: {out[-1]}", file=sys.stderr)
+    finally:
+        server.stop()
+    return out
+
+
 def _fmt(value: float | None, spec: str = ".0f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -251,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overload-bound", type=int, default=4)
     parser.add_argument("--overload-clients", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="offline repeats (median)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating offline / most-clients rounds for the goal's ratio"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -312,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"overload: {results['overload']}", file=sys.stderr)
         finally:
             server.stop()
+        results["rounds"] = rounds(artifacts, tmp / "rounds.db", grays, pngs, args)
     results["load_after"] = os.getloadavg()
 
     off = results["offline"]
@@ -341,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
         f"floor (a 404 from the same server meanwhile): p50 {_fmt(o['floor_404_p50_ms'], '.1f')} ms, p99 "
         f"{_fmt(o['floor_404_p99_ms'], '.1f')} ms"
     )
+    ratios = [r["ratio"] for r in results["rounds"]]
+    if ratios:
+        print(
+            f"\nalternating rounds ({max(args.clients)} clients, batching on / offline batch {args.max_batch}): "
+            + ", ".join(
+                f"{r['served']:.2f} / {r['offline']:.2f} = {r['ratio']:.2f}" for r in results["rounds"]
+            )
+            + f"; median ratio {statistics.median(ratios):.2f}"
+        )
     print(f"load average before {results['load_before']}, after {results['load_after']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
