@@ -1,11 +1,11 @@
-"""Summaries of the audit log, computed in SQL: per-group rates and metric statistics, and the ranking.
+"""Summaries of the audit log: per-group rates and metric statistics, and the ranking.
 
-Both dialects give the same numbers: PostgreSQL with ``stddev_samp`` and ``percentile_cont``, SQLite (which
-has neither) with window functions. The architecture stability ranking per method uses the per (method,
-model) means from SQL; its comparison between methods is :func:`engine.ranking.reversal_test` on the
-per-record IoUs (one query selecting record id, model, method and IoU under the same filters; a record is
-one image). Raises :class:`~service.audit.db.DatabaseUnavailable` when the database cannot be reached.
-"""
+The groups come from the daily rollup where it can answer (:mod:`service.audit.rollup_read`: counts exact,
+percentiles approximate with a stated bound) or exactly from the raw drift rows (:mod:`service.audit.exact`:
+PostgreSQL in SQL, SQLite in arrays). The architecture stability ranking per method uses the per (method,
+model) means; its comparison between methods is :func:`engine.ranking.reversal_test` on the per-record IoUs
+(one query selecting record id, model, method and IoU under the same filters; a record is one image).
+Raises :class:`~service.audit.db.DatabaseUnavailable` when the database cannot be reached."""
 
 from __future__ import annotations
 
@@ -13,19 +13,24 @@ import copy
 import itertools
 import json
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import func
-from sqlalchemy.dialects import postgresql
 
 from core.errors import InputError
 from engine.ranking import DEFAULT_ALPHA, DEFAULT_N_BOOT, method_tables, rank_models, reversal_test
 from service.audit import rollup, rollup_read
 from service.audit.db import translate_errors
-from service.audit.queries import AuditFilters, architecture_expression, drift_conditions, time_conditions
+from service.audit.exact import (
+    PERCENTILES,
+    SUMMARY_STATISTICS,
+    exact_groups,
+    float_or_none,
+    group_expression,
+)
+from service.audit.queries import AuditFilters, drift_conditions, time_conditions
 from service.audit.recent import Recent
 from service.audit.sample import REVERSAL_MAX_RECORDS, Draw, draw, per_record_rows
 from service.audit.tables import AuditDrift, AuditRecord
@@ -54,11 +59,9 @@ GROUP_BY_OPTIONS: tuple[str, ...] = (
     "day",
     "week",
 )
-PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
-SUMMARY_STATISTICS: tuple[str, ...] = rollup.STATISTICS
 # "auto": the daily rollup (service/audit/rollup.py) when it can answer and the query covers at least
 # ROLLUP_MIN_ROWS drift rows of the database (fewer are fast and exact on the raw rows: about 0.2 s at the
-# bound on either; the exact path reads ~5,000 drift rows/s on SQLite, ~200,000 on PostgreSQL);
+# bound on either; measured rates of the exact path: service/audit/exact.py and BENCHMARKS.md);
 # "exact": always the raw rows; "rollup": the rollup or a 422 saying why it cannot answer.
 MODES: tuple[str, ...] = ("auto", "exact", "rollup")
 ROLLUP_MIN_ROWS: dict[str, int] = {"sqlite": 1_000, "postgresql": 50_000}
@@ -71,32 +74,6 @@ CATCH_UP_AFTER = 500
 CATCH_UP_BATCH = 2_000
 CATCH_UP_BUDGET_S = 2.0
 WINDOWS: tuple[str, ...] = ("day", "week")
-
-
-def _group_expression(name: str, dialect: str) -> Any:
-    if name == "model":
-        return AuditDrift.model
-    if name == "architecture":
-        return architecture_expression()
-    if name == "digest":
-        return AuditDrift.model_digest
-    if name == "method":
-        return AuditDrift.method
-    if name == "class":
-        return AuditDrift.target_class
-    if name == "agreement":  # keep requests where the checkpoints agree apart from those where they do not
-        return AuditDrift.agreement
-    created = AuditRecord.created_at
-    if dialect == "postgresql":
-        utc = func.timezone("UTC", created)
-        return func.to_char(func.date_trunc(name, utc), "YYYY-MM-DD")
-    # SQLite stores UTC text 'YYYY-MM-DD HH:MM:SS.ffffff': the date is its first 10 characters (SQLite's
-    # date functions would round 23:59:59.9995 up to the next day). ISO weeks start on Monday: 'weekday 0'
-    # moves to the next Sunday (or stays on one), '-6 days' goes back to that week's Monday.
-    day = func.substr(created, 1, 10)
-    if name == "day":
-        return day
-    return func.date(day, "weekday 0", "-6 days")
 
 
 def _check_group_by(group_by: Sequence[str]) -> list[str]:
@@ -115,118 +92,6 @@ def _check_group_by(group_by: Sequence[str]) -> list[str]:
     if "day" in names and "week" in names:
         raise InputError("group_by: choose one of 'day' and 'week', not both", code="validation_error")
     return names
-
-
-def _rate(column: Any) -> sa.ColumnElement[Any]:
-    return func.avg(sa.case((column, 1.0), else_=0.0))
-
-
-def _summary_statement_postgresql(
-    group_columns: list[sa.ColumnElement[Any]], conditions: list[sa.ColumnElement[bool]]
-) -> sa.Select[Any]:
-    selected: list[sa.ColumnElement[Any]] = [*group_columns]
-    selected += [func.count().label("n"), _rate(AuditDrift.agreement), _rate(AuditDrift.flagged)]
-    fractions = postgresql.array([sa.literal(p, sa.Double) for p in PERCENTILES])
-    for name in SUMMARY_STATISTICS:
-        column = getattr(AuditDrift, name)
-        selected += [
-            func.count(column),
-            func.avg(column),
-            func.stddev_samp(column),
-            func.percentile_cont(fractions).within_group(column),
-        ]
-    return (
-        sa.select(*selected)
-        .select_from(AuditDrift)
-        .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
-        .where(*conditions)
-        .group_by(*group_columns)
-        .order_by(*group_columns)
-    )
-
-
-def _summary_statement_sqlite(
-    group_columns: list[sa.ColumnElement[Any]], conditions: list[sa.ColumnElement[bool]]
-) -> sa.Select[Any]:
-    """SQLite has no percentile aggregate: rank each metric in its group with window functions and
-    interpolate linearly between the two closest ranks, exactly as ``percentile_cont`` (and NumPy's default
-    'linear' method) do: with the n non-null values sorted as x_0..x_{n-1}, h = p (n - 1),
-    P(p) = x_floor(h) + (h - floor(h)) (x_floor(h)+1 - x_floor(h)). The sample SD is two-pass:
-    sum((x - mean)^2) / (n - 1), with the group mean from a window."""
-    partition = group_columns or None
-    inner_columns: list[sa.ColumnElement[Any]] = [
-        column.label(f"g{i}") for i, column in enumerate(group_columns)
-    ]
-    inner_columns += [AuditDrift.agreement.label("agreement"), AuditDrift.flagged.label("flagged")]
-    for name in SUMMARY_STATISTICS:
-        column = getattr(AuditDrift, name)
-        inner_columns += [
-            column.label(f"v_{name}"),
-            (func.row_number().over(partition_by=partition, order_by=column.asc().nulls_last()) - 1).label(
-                f"r_{name}"
-            ),
-            func.count(column).over(partition_by=partition).label(f"n_{name}"),
-            func.avg(column).over(partition_by=partition).label(f"m_{name}"),
-        ]
-    inner = (
-        sa.select(*inner_columns)
-        .select_from(AuditDrift)
-        .join(AuditRecord, AuditDrift.record_id == AuditRecord.id)
-        .where(*conditions)
-        .subquery("ranked")
-    )
-    groups = [inner.c[f"g{i}"] for i in range(len(group_columns))]
-    selected: list[sa.ColumnElement[Any]] = [*groups]
-    selected += [func.count().label("n"), _rate(inner.c.agreement), _rate(inner.c.flagged)]
-    for name in SUMMARY_STATISTICS:
-        value, rank, count, mean = (inner.c[f"{prefix}_{name}"] for prefix in ("v", "r", "n", "m"))
-        group_count = func.max(count)
-        squares = func.sum((value - mean) * (value - mean))
-        variance = sa.case((group_count > 1, squares / sa.cast(group_count - 1, sa.Double)))
-        percentiles = []
-        for p in PERCENTILES:
-            position = p * (count - 1)
-            low = sa.cast(position, sa.Integer)
-            fraction = position - low
-            percentiles.append(
-                func.sum(
-                    sa.case(
-                        (rank == low, value * (1.0 - fraction)),
-                        (rank == low + 1, value * fraction),
-                        else_=0.0,
-                    )
-                )
-            )
-        selected += [func.count(value), func.avg(value), variance, *percentiles]
-    return sa.select(*selected).group_by(*groups).order_by(*groups)
-
-
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _metric_statistics(rest: Sequence[Any], dialect: str) -> dict[str, Any]:
-    """The per-metric statistics of one group's row (after its key, count and rates)."""
-    metrics: dict[str, Any] = {}
-    offset = 0
-    for name in SUMMARY_STATISTICS:
-        if dialect == "postgresql":
-            n, mean, sd, quantiles = rest[offset : offset + 4]
-            offset += 4
-            quantiles = list(quantiles) if quantiles is not None else [None] * len(PERCENTILES)
-        else:
-            n, mean, variance = rest[offset : offset + 3]
-            quantiles = list(rest[offset + 3 : offset + 3 + len(PERCENTILES)])
-            offset += 3 + len(PERCENTILES)
-            sd = None if variance is None else math.sqrt(max(float(variance), 0.0))
-        n = int(n)
-        if n == 0:
-            quantiles = [None] * len(PERCENTILES)
-        stats: dict[str, Any] = {"n": n, "mean": _float_or_none(mean), "sd": _float_or_none(sd)}
-        for p, q in zip(PERCENTILES, quantiles, strict=True):
-            stats[f"p{round(p * 100)}"] = _float_or_none(q)
-        metrics[name] = stats
-    return metrics
 
 
 def summarize(
@@ -308,7 +173,7 @@ def summarize(
                 "tail_rows": loaded.tail_rows,
             }
         else:
-            groups = _exact_groups(connection, names, conditions, dialect)
+            groups = exact_groups(connection, names, conditions)
             reason = "mode=exact" if mode == "exact" else not_rollup
             source = {
                 "path": "exact",
@@ -348,33 +213,6 @@ def summarize(
         "ranking": ranking,
         "source": source,
     }
-
-
-def _exact_groups(
-    connection: sa.Connection, names: list[str], conditions: list[sa.ColumnElement[bool]], dialect: str
-) -> list[dict[str, Any]]:
-    """The summary's groups from the raw drift rows (exact percentiles)."""
-    group_columns = [_group_expression(name, dialect) for name in names]
-    if dialect == "postgresql":
-        statement = _summary_statement_postgresql(group_columns, conditions)
-    else:
-        statement = _summary_statement_sqlite(group_columns, conditions)
-    rows = connection.execute(statement).all()
-    groups = []
-    for row in rows:
-        values = list(row)
-        key = {name: values[i] for i, name in enumerate(names)}
-        count, agreement_rate, flagged_rate = values[len(names) : len(names) + 3]
-        groups.append(
-            {
-                "key": key,
-                "count": int(count),
-                "agreement_rate": _float_or_none(agreement_rate),
-                "flagged_rate": _float_or_none(flagged_rate),
-                "metrics": _metric_statistics(values[len(names) + 3 :], dialect),
-            }
-        )
-    return groups
 
 
 def _catch_up(engine: sa.Engine) -> None:
@@ -485,8 +323,8 @@ def _ranking(rows: Sequence[Any], comparisons: list[dict[str, Any]], *, alpha: f
         entries.setdefault(method, {})[model] = {
             "model": model,
             "count": int(count),
-            "mean_iou": _float_or_none(mean_iou),
-            "mean_drift_score": _float_or_none(mean_drift),
+            "mean_iou": float_or_none(mean_iou),
+            "mean_drift_score": float_or_none(mean_drift),
         }
     mean_ious = {
         method: {model: entry["mean_iou"] for model, entry in by_model.items()}
@@ -524,7 +362,7 @@ def requests_over_time(
             f"window: unknown value {window!r}; valid options: {', '.join(WINDOWS)}", code="validation_error"
         )
     dialect = engine.dialect.name
-    key = _group_expression(window, dialect)
+    key = group_expression(window, dialect)
     per_record = (
         sa.select(
             key.label("w"),

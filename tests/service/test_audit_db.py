@@ -18,7 +18,7 @@ from scipy.stats import kendalltau, wilcoxon
 from core.errors import InputError
 from core.vocabulary import METHODS
 from engine.ranking import method_tables, reversal_test
-from service.audit import chain, hashing, queries
+from service.audit import chain, exact, hashing, queries
 from service.audit.chain import AuditEntry
 from service.audit.db import DatabaseUnavailable, check_writable, make_engine, upgrade
 from service.audit.queries import AuditFilters
@@ -371,6 +371,68 @@ def test_percentiles_match_numpy_for_groups_of_every_size(db_engine: sa.Engine) 
         members = [r for r in rows if r["model"] == group["key"]["model"]]
         for name in ("iou", "emd", "drift_score"):
             assert_stats_close(group["metrics"][name], expected_stats([r[name] for r in members]))
+
+
+def test_sqlite_past_its_memory_bound_gives_the_same_numbers_in_sql(
+    db_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's exact groups come from arrays of the rows up to exact.IN_MEMORY_ROWS, from window functions
+    past it: the same groups, in the same order, and both equal to NumPy (a group with one value, a statistic
+    with no value in a group, ties, null group keys)."""
+    if db_engine.dialect.name != "sqlite":
+        pytest.skip("the in-memory path is SQLite's")
+    rng = np.random.default_rng(23)
+    entries = []
+    for i in range(9):
+        models = MODELS if i else MODELS[:1]
+        entry = make_entry(rng, created_at=START + timedelta(hours=7 * i), models=models)
+        for report in entry.reports:
+            for result in report.methods.values():
+                result["metrics"]["iou"] = float(rng.choice([0.25, 0.5, 0.5]))
+                if report.model == MODELS[1]:
+                    result["metrics"]["ssim"] = None  # no value in any of that model's groups
+        entries.append(entry)
+    append_many(db_engine, entries)
+    rows = drift_rows_of(entries)
+    calls: list[int] = []
+    in_sql = exact._statement_sqlite
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return in_sql(*args)
+
+    monkeypatch.setattr(exact, "_statement_sqlite", counted)
+    for names in ([], ["model", "method"], ["day", "agreement"], ["class", "digest"]):
+        in_memory = summarize(db_engine, filters=AuditFilters(), group_by=names, mode="exact")["groups"]
+        with monkeypatch.context() as bound:
+            bound.setattr(exact, "IN_MEMORY_ROWS", 5)
+            past_bound = summarize(db_engine, filters=AuditFilters(), group_by=names, mode="exact")["groups"]
+        assert [g["key"] for g in in_memory] == [g["key"] for g in past_bound]
+        for a, b in zip(in_memory, past_bound, strict=True):
+            assert a["count"] == b["count"]
+            assert a["agreement_rate"] == pytest.approx(b["agreement_rate"], rel=1e-12)
+            assert a["flagged_rate"] == pytest.approx(b["flagged_rate"], rel=1e-12)
+            for name in STATISTICS:
+                assert_stats_close(a["metrics"][name], b["metrics"][name])
+        for group in in_memory:
+            members = [
+                r for r in rows if all(r[n] == v for n, v in group["key"].items() if n in ("model", "method"))
+            ]
+            if set(group["key"]) <= {"model", "method"}:
+                assert group["count"] == len(members)
+                for name in ("iou", "drift_score", "ssim"):
+                    values = [r[name] for r in members if r[name] is not None]
+                    expected = expected_stats(values) if values else {"n": 0, "mean": None, "sd": None}
+                    if not values:
+                        expected.update({f"p{p}": None for p in (5, 25, 50, 75, 95)})
+                    assert_stats_close(group["metrics"][name], expected)
+    assert len(calls) == 4  # past the bound, every call took the SQL path
+    assert (
+        summarize(db_engine, filters=AuditFilters(model="no-such-model"), group_by=["model"], mode="exact")[
+            "groups"
+        ]
+        == []
+    )
 
 
 def test_null_metrics_are_left_out_of_statistics(db_engine: sa.Engine) -> None:
