@@ -24,6 +24,11 @@ and splits the batched outputs per request: the closed-form CAMs and metrics sta
 the caller's thread from its own rows. Everything else (names, manifest, head weights, sessions) is the
 wrapped pair's.
 
+A :class:`ComputeSlot` lets one caller thread at a time do its own CPU work (preprocessing, the CAMs and
+metrics: NumPy on small arrays, mostly holding the GIL); a caller gives it up while it waits for a batched
+forward. Sixteen request threads trading the GIL back and forth cost more CPU than the same work done one
+after the other: 16 clients over three pairs on 2 cores, 6.81 -> 7.24 req/s side by side (BENCHMARKS.md).
+
 No web imports here: the service (``service/app/inference.py``) supplies the settings and a
 :class:`BatchObserver` that turns batch sizes, queue waits and depths into metrics.
 """
@@ -35,8 +40,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -48,7 +54,7 @@ from engine.runtime import Forward, ModelPair
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchConfig", "BatchObserver", "BatchedPair", "MicroBatcher"]
+__all__ = ["BatchConfig", "BatchObserver", "BatchedPair", "ComputeSlot", "MicroBatcher"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -272,6 +278,44 @@ def _forward_items(pair: ModelPair, checkpoint: str) -> Callable[[list[np.ndarra
     return run
 
 
+class ComputeSlot:
+    """One caller thread at a time does its CPU work (module docstring): :meth:`held` around a caller's work,
+    :meth:`released` around a wait inside it (a no-op in a thread that does not hold the slot)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holder = threading.local()
+
+    def holding(self) -> bool:
+        return bool(getattr(self._holder, "on", False))
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        if self.holding():  # re-entered by the same thread: already held
+            yield
+            return
+        self._lock.acquire()
+        self._holder.on = True
+        try:
+            yield
+        finally:
+            self._holder.on = False
+            self._lock.release()
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        if not self.holding():
+            yield
+            return
+        self._holder.on = False
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+            self._holder.on = True
+
+
 class BatchedPair(ModelPair):
     """A loaded pair whose forwards are batched across callers (module docstring). ``close()`` stops the
     batchers; the wrapped pair (``inner``) and its sessions stay usable."""
@@ -283,11 +327,15 @@ class BatchedPair(ModelPair):
         config: BatchConfig,
         observer: BatchObserver | None = None,
         gate: threading.Semaphore | None = None,
+        compute: ComputeSlot | None = None,
     ) -> None:
         # the wrapped pair's attributes as they are (whatever a loader attached), sessions shared, not copied
-        self.__dict__.update({k: v for k, v in vars(pair).items() if k not in ("inner", "batchers")})
+        self.__dict__.update(
+            {k: v for k, v in vars(pair).items() if k not in ("inner", "batchers", "compute")}
+        )
         self.inner = pair
         self.batch_config = config
+        self.compute = compute
         self.batchers: dict[str, MicroBatcher[np.ndarray, Forward]] = {
             name: MicroBatcher(
                 _forward_items(pair, name),
@@ -313,7 +361,10 @@ class BatchedPair(ModelPair):
             for future in futures.values():
                 future.cancel()  # not run if still queued
             raise
-        return {name: future.result() for name, future in futures.items()}
+        if self.compute is None:
+            return {name: future.result() for name, future in futures.items()}
+        with self.compute.released():  # another caller computes while this one waits
+            return {name: future.result() for name, future in futures.items()}
 
     def close(self, timeout: float | None = 30.0) -> None:
         for batcher in self.batchers.values():

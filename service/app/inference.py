@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.cpus import usable_cores
 from core.errors import Overloaded
-from engine.batching import BatchConfig, BatchedPair
+from engine.batching import BatchConfig, BatchedPair, ComputeSlot
 from engine.runtime import ModelPair
 from service.app.errors import error_json
 from service.app.metrics import Metrics
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ADMITTED_ROUTES", "AdmissionMiddleware", "Inference", "forward_slots", "session_threads"]
 
 RETRY_AFTER_S = 1
+T = TypeVar("T")
 
 
 def forward_slots(settings: Settings) -> int:
@@ -83,6 +85,8 @@ class Inference:
         # shared by every pair's batchers: at most this many batched forwards at once
         self.forward_slots = forward_slots(settings)
         self.forward_gate = threading.BoundedSemaphore(self.forward_slots)
+        # shared by every request: one at a time does its own CPU work, none while waiting for a forward
+        self.compute = ComputeSlot()
 
     @property
     def in_flight(self) -> int:
@@ -116,7 +120,9 @@ class Inference:
         """The pair requests should call: batched (batching on) or ``pair`` itself."""
         if not self.settings.batching or isinstance(pair, BatchedPair):
             return pair
-        batched = BatchedPair(pair, config=self.config, observer=self.metrics, gate=self.forward_gate)
+        batched = BatchedPair(
+            pair, config=self.config, observer=self.metrics, gate=self.forward_gate, compute=self.compute
+        )
         log.info(
             "batching %s: %s, %d forwards at once, %s intra-op threads each",
             pair.name,
@@ -125,6 +131,14 @@ class Inference:
             session_threads(self.settings) or "the runtime's default",
         )
         return batched
+
+    def run(self, work: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``work(*args, **kwargs)`` holding the compute slot (batching on; its batched forwards give it up
+        while they wait), so request threads do their CPU work one at a time (engine.batching.ComputeSlot)."""
+        if not self.settings.batching:
+            return work(*args, **kwargs)
+        with self.compute.held():
+            return work(*args, **kwargs)
 
     @staticmethod
     def detach(pair: ModelPair, timeout: float | None = 30.0) -> None:

@@ -35,8 +35,8 @@ class AppState:
     engine: sqlalchemy.Engine
     metrics: Metrics
     registry: ModelRegistry
+    inference: Inference  # admission + batching (service/app/inference.py)
     started_at: float = field(default_factory=time.time)
-    inference: Inference | None = None  # admission + batching (service/app/inference.py)
     anchors: AnchorExporter | None = None
 
     # The current snapshot's views (a request that needs one consistent view uses registry.use()).

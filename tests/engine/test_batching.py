@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from core.errors import ConfigError, InputError, Overloaded
-from engine.batching import BatchConfig, BatchedPair, MicroBatcher
+from engine.batching import BatchConfig, BatchedPair, ComputeSlot, MicroBatcher
 from engine.report import drift_report
 from engine.runtime import ModelPair, select_providers
 from tests.pairs import PAIR_ARCHS, SMALL_SIZE
@@ -266,6 +266,75 @@ def test_a_shared_gate_bounds_the_forwards_running_at_once(slots: int) -> None:
     for batcher in batchers:
         batcher.close()
         assert not batcher.alive
+
+
+def test_compute_slot_lets_one_caller_work_at_a_time_and_none_while_it_waits() -> None:
+    slot = ComputeSlot()
+    lock = threading.Lock()
+    inside = [0, 0]  # now, most at once
+
+    def work() -> None:
+        with slot.held(), slot.held():  # the same thread again: already held, no deadlock
+            with lock:
+                inside[0] += 1
+                inside[1] = max(inside[1], inside[0])
+            threading.Event().wait(0.01)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert inside[1] == 1
+    with slot.released():  # a thread that does not hold it: nothing to give up
+        assert not slot.holding()
+    # a holder waiting inside released() lets another thread take the slot meanwhile
+    waiting, other_done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with slot.held(), slot.released():
+            waiting.set()
+            assert other_done.wait(30)
+        assert not slot.holding()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert waiting.wait(30)
+    with slot.held():
+        other_done.set()
+    t.join(30)
+    assert not t.is_alive()
+
+
+def test_callers_holding_the_compute_slot_still_share_a_batch(pair: ModelPair) -> None:
+    """A caller gives the slot up while its forward waits: the next caller gets in and joins the batch (kept,
+    every batch would hold one request and wait out its window alone)."""
+    size = SMALL_SIZE[pair.name]
+    x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
+    recorder = Recorder()
+    slot = ComputeSlot()
+    batched = BatchedPair(
+        pair, config=BatchConfig(window_s=0.5, max_batch=8, queue_bound=8), observer=recorder, compute=slot
+    )
+    outs: list[Any] = []
+
+    def caller() -> None:
+        with slot.held():
+            outs.append(batched.forward(x, ("transfer",)))
+            assert slot.holding()  # given back to this caller after the wait
+
+    try:
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        batched.close()
+    assert len(outs) == 4
+    assert max(rows for _, rows, _ in recorder.batches) > 1
 
 
 def test_max_batch_counts_rows_and_splits_results_per_item(pair: ModelPair) -> None:

@@ -252,6 +252,8 @@ def test_batching_off_serves_the_pair_itself_and_settings_are_checked(
         assert isinstance(other, BatchedPair)
         gates = {id(b._gate) for p in (batched, other) for b in p.batchers.values()}
         assert gates == {id(on.forward_gate)} and on.forward_slots == usable_cores()
+        # and one compute slot for every pair's callers
+        assert batched.compute is on.compute and other.compute is on.compute
     finally:
         on.detach(batched)
         on.detach(other)

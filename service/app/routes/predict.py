@@ -132,7 +132,7 @@ async def predict(
         # maps for review (engine.review_maps): the engine must draw them even when the client wants none
         keep_maps = state.settings.keep_maps
         results: Sequence[PairResult] = await run_in_threadpool(
-            predict_pairs, pairs, image.gray, options, with_maps=keep_maps != "none"
+            state.inference.run, predict_pairs, pairs, image.gray, options, with_maps=keep_maps != "none"
         )
     timings.update({f"{r.report.model}_ms": r.elapsed_ms for r in results})
     reports = [r.report for r in results]
