@@ -27,7 +27,8 @@ wrapped pair's.
 A :class:`ComputeSlot` lets one caller thread at a time do its own CPU work (preprocessing, the CAMs and
 metrics: NumPy on small arrays, mostly holding the GIL); a caller gives it up while it waits for a batched
 forward. Sixteen request threads trading the GIL back and forth cost more CPU than the same work done one
-after the other: 16 clients over three pairs on 2 cores, 6.81 -> 7.24 req/s side by side (BENCHMARKS.md).
+after the other: 16 clients over three pairs on 2 cores, side by side, +6% and +1.4% req/s in two runs, p50
+and p99 lower in every round (BENCHMARKS.md).
 
 No web imports here: the service (``service/app/inference.py``) supplies the settings and a
 :class:`BatchObserver` that turns batch sizes, queue waits and depths into metrics.
