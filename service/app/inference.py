@@ -52,7 +52,8 @@ def forward_slots(settings: Settings) -> int:
 def session_threads(settings: Settings) -> int | None:
     """Intra-op threads for each model session: ``ort_threads`` when set; unset with batching on, the usable
     cores shared among the forwards the gate lets run at once (so those forwards ask for no more threads
-    than there are cores: 1 with the default gate); unset with batching off, the runtime's default.
+    than there are cores: 1 with the default gate); unset with batching off, the runtime's default. The torch
+    backend applies it with ``torch.set_num_threads`` (process-wide).
 
     Measured (BENCHMARKS.md, issue 12): three demo pairs on 2 cores, 16 clients, batching on: 5.5 req/s with
     the runtime's default (2 threads per session, 2 forwards at once: 4 threads on 2 cores) against 7.4 with 1.
@@ -85,8 +86,9 @@ class Inference:
         # shared by every pair's batchers: at most this many batched forwards at once
         self.forward_slots = forward_slots(settings)
         self.forward_gate = threading.BoundedSemaphore(self.forward_slots)
-        # shared by every request: one at a time does its own CPU work, none while waiting for a forward
-        self.compute = ComputeSlot()
+        # shared by every request: ``concurrent_compute`` at a time do their own CPU work (none while waiting
+        # for a forward); None: no bound
+        self.compute = ComputeSlot(settings.concurrent_compute) if settings.concurrent_compute else None
 
     @property
     def in_flight(self) -> int:
@@ -133,9 +135,10 @@ class Inference:
         return batched
 
     def run(self, work: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """``work(*args, **kwargs)`` holding the compute slot (batching on; its batched forwards give it up
-        while they wait), so request threads do their CPU work one at a time (engine.batching.ComputeSlot)."""
-        if not self.settings.batching:
+        """``work(*args, **kwargs)`` holding a compute slot (batching on; its batched forwards give it up while
+        they wait), so at most ``concurrent_compute`` request threads do CPU work at once
+        (engine.batching.ComputeSlot)."""
+        if not self.settings.batching or self.compute is None:
             return work(*args, **kwargs)
         with self.compute.held():
             return work(*args, **kwargs)

@@ -71,8 +71,8 @@ class Settings(BaseSettings):
     port: int = 8000
     backend: Literal["onnx", "torch"] = "onnx"
     migrate_on_start: bool = True
-    # intra-op threads per model session; None: 1 per forward the gate lets run at once (batching on: the
-    # usable cores // concurrent_forwards), the runtime's default with batching off (inference.session_threads)
+    # intra-op threads per model session; None: with batching on, the usable cores // concurrent_forwards (1 with
+    # the default gate), with batching off the runtime's default (inference.session_threads)
     ort_threads: int | None = None
     # the manifest HMAC key (core.manifest.MANIFEST_KEY_ENV): set, every pair's manifest must carry its HMAC
     manifest_key: SecretStr | None = None
@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # batched forwards running at once across every pair and checkpoint (engine/batching.py, the gate);
     # None: the usable cores (the others' requests queue meanwhile and go as bigger batches)
     concurrent_forwards: int | None = None
+    # batching on: request threads doing their own CPU work (preprocessing, CAMs, metrics) at once, the others
+    # wait (engine.batching.ComputeSlot; a thread waiting for its forward holds none); 0: no bound
+    concurrent_compute: int = 1
     # requests admitted to inference at once (running or waiting); one more is answered 503 at once
     queue_bound: int = 32
     # The browser dashboard (service/dashboard): the key that signs its session cookies (unset: a random one
@@ -232,7 +235,14 @@ class Settings(BaseSettings):
     @classmethod
     def _check_threads(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
-            raise ValueError(f"ort_threads must be >= 1 (or unset for the runtime's default), got {value}")
+            raise ValueError(f"ort_threads must be >= 1 (or unset: inference.session_threads), got {value}")
+        return value
+
+    @field_validator("concurrent_compute")
+    @classmethod
+    def _check_concurrent_compute(cls, value: int) -> int:
+        if not 0 <= value <= 256:
+            raise ValueError(f"concurrent_compute must be 0..256 (0: no bound), got {value}")
         return value
 
     @field_validator("device")

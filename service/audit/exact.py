@@ -9,14 +9,18 @@ NumPy's default method.
 
 - PostgreSQL: in SQL (``stddev_samp``, ``percentile_cont``).
 - SQLite has neither: the matching rows' statistics are read into arrays (at most :data:`IN_MEMORY_ROWS`
-  rows, about 150 bytes each) and each statistic is sorted once within its groups. Above that bound the
-  statistics are ranked in SQL with window functions instead (the same numbers, in bounded memory, at about
-  5,000 drift rows/s: one sort per statistic, each carrying every column).
+  rows, ~300 bytes each at the peak; at most :data:`IN_MEMORY_AT_ONCE` summaries at once, the others wait)
+  and each statistic is sorted once within its groups. Above that bound the statistics are ranked in SQL
+  with window functions instead (the same numbers, in bounded memory, at about 5,000 drift rows/s: one sort
+  per statistic, each carrying every column).
+
+A selection with no rows has no groups (as on the rollup), with or without ``group_by``.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,9 +44,12 @@ __all__ = [
 
 PERCENTILES: tuple[float, ...] = (0.05, 0.25, 0.50, 0.75, 0.95)
 SUMMARY_STATISTICS: tuple[str, ...] = STATISTICS
-# SQLite: drift rows read into memory for one summary, at most (2,000,000 x ~150 bytes: ~300 MB)
-IN_MEMORY_ROWS = 2_000_000
+# SQLite: drift rows read into memory for one summary, at most (1,000,000 x ~300 bytes at the peak: ~300 MB),
+# and summaries doing so at once
+IN_MEMORY_ROWS = 1_000_000
+IN_MEMORY_AT_ONCE = 2
 _FETCH_ROWS = 20_000
+_in_memory = threading.BoundedSemaphore(IN_MEMORY_AT_ONCE)
 
 
 def float_or_none(value: Any) -> float | None:
@@ -79,12 +86,14 @@ def group_expression(name: str, dialect: str) -> Any:
 def exact_groups(
     connection: sa.Connection, names: list[str], conditions: list[sa.ColumnElement[bool]]
 ) -> list[dict[str, Any]]:
-    """The groups (ordered by key, nulls first) of the drift rows matching ``conditions``, grouped by
-    ``names``: ``key``, ``count``, ``agreement_rate``, ``flagged_rate``, ``metrics``."""
+    """The groups (ordered by key; a null key first on SQLite, last on PostgreSQL) of the drift rows matching
+    ``conditions``, grouped by ``names``: ``key``, ``count``, ``agreement_rate``, ``flagged_rate``,
+    ``metrics``."""
     dialect = connection.dialect.name
     group_columns = [group_expression(name, dialect) for name in names]
     if dialect == "sqlite":
-        in_memory = _sqlite_groups(connection, names, group_columns, conditions)
+        with _in_memory:
+            in_memory = _sqlite_groups(connection, names, group_columns, conditions)
         if in_memory is not None:
             return in_memory
         statement = _statement_sqlite(group_columns, conditions)
@@ -94,6 +103,8 @@ def exact_groups(
     for row in connection.execute(statement):
         values = list(row)
         count, agreement_rate, flagged_rate = values[len(names) : len(names) + 3]
+        if not count:  # without group_by, SQL answers one row for no rows
+            continue
         groups.append(
             {
                 "key": {name: values[i] for i, name in enumerate(names)},
@@ -152,6 +163,7 @@ def _sqlite_groups(
     code = np.concatenate(codes)
     both = np.concatenate(flags)
     stats = np.concatenate(values)
+    del codes, flags, values
     n_groups = len(index)
     count = np.bincount(code, minlength=n_groups)
     agreed = np.bincount(code, weights=both[:, 0], minlength=n_groups)

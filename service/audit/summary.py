@@ -105,12 +105,12 @@ def summarize(
     mode: str = "auto",
     reversal_max_records: int | None = REVERSAL_MAX_RECORDS,
 ) -> dict[str, Any]:
-    """Aggregate the drift rows (one per record x model x method) matching ``filters``, in SQL.
+    """Aggregate the drift rows (one per record x model x method) matching ``filters``.
 
-    Per group: ``count`` (drift rows), ``agreement_rate`` and ``flagged_rate`` (fractions of those rows),
-    and for every metric and ``drift_score``: ``n`` (non-null values), ``mean``, ``sd`` (sample, n - 1;
-    null when n < 2) and ``p5 p25 p50 p75 p95`` (linear interpolation between closest ranks: PostgreSQL
-    ``percentile_cont``, NumPy's default; computed with window functions on SQLite). ``group_by`` takes
+    Per group (none when no row matches): ``count`` (drift rows), ``agreement_rate`` and ``flagged_rate``
+    (fractions of those rows), and for every metric and ``drift_score``: ``n`` (non-null values), ``mean``,
+    ``sd`` (sample, n - 1; null when n < 2) and ``p5 p25 p50 p75 p95`` (linear interpolation between closest
+    ranks: PostgreSQL ``percentile_cont``, NumPy's default; :mod:`service.audit.exact`). ``group_by`` takes
     values among ``GROUP_BY_OPTIONS``; "day"/"week" are UTC dates, weeks starting on Monday.
 
     ``ranking``: per method, the models ordered from most to least stable by mean top-k IoU between the

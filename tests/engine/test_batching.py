@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -268,8 +268,19 @@ def test_a_shared_gate_bounds_the_forwards_running_at_once(slots: int) -> None:
         assert not batcher.alive
 
 
-def test_compute_slot_lets_one_caller_work_at_a_time_and_none_while_it_waits() -> None:
-    slot = ComputeSlot()
+def _free(slot: ComputeSlot) -> bool:
+    """Every slot is free: take them all without waiting, then give them back."""
+    taken = 0
+    while taken < slot.slots and slot._lock.acquire(blocking=False):
+        taken += 1
+    for _ in range(taken):
+        slot._lock.release()
+    return taken == slot.slots
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_compute_slot_bounds_the_callers_at_work_and_frees_a_waiting_one(slots: int) -> None:
+    slot = ComputeSlot(slots)
     lock = threading.Lock()
     inside = [0, 0]  # now, most at once
 
@@ -278,34 +289,42 @@ def test_compute_slot_lets_one_caller_work_at_a_time_and_none_while_it_waits() -
             with lock:
                 inside[0] += 1
                 inside[1] = max(inside[1], inside[0])
-            threading.Event().wait(0.01)
+            threading.Event().wait(0.02)
             with lock:
                 inside[0] -= 1
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert inside[1] == 1
-    with slot.released():  # a thread that does not hold it: nothing to give up
-        assert not slot.holding()
-    # a holder waiting inside released() lets another thread take the slot meanwhile
-    waiting, other_done = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with slot.held(), slot.released():
-            waiting.set()
-            assert other_done.wait(30)
         assert not slot.holding()
 
-    t = threading.Thread(target=holder)
-    t.start()
-    assert waiting.wait(30)
-    with slot.held():
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(work) for _ in range(8)]:
+            future.result(30)  # an assertion inside a thread fails here
+    assert inside[1] == slots and _free(slot)
+    with slot.released():  # a thread that does not hold one: nothing to give up
+        assert not slot.holding()
+    assert _free(slot)
+
+    # holders waiting inside released() let other threads take every slot meanwhile, and get one back after
+    waiting = threading.Barrier(slots + 1)
+    other_done = threading.Event()
+
+    def holder() -> bool:
+        with slot.held():
+            with slot.released():
+                waiting.wait(30)
+                assert other_done.wait(30)
+            held_again = slot.holding()
+        return held_again and not slot.holding()
+
+    with ThreadPoolExecutor(slots) as pool:
+        futures = [pool.submit(holder) for _ in range(slots)]
+        waiting.wait(30)
+        took = [slot._lock.acquire(timeout=30) for _ in range(slots)]  # every slot is free while they wait
+        for _ in took:
+            slot._lock.release()
         other_done.set()
-    t.join(30)
-    assert not t.is_alive()
+        assert all(took) and all(future.result(30) for future in futures)
+    assert _free(slot)
+    with pytest.raises(ValueError, match="slots"):
+        ComputeSlot(0)
 
 
 def test_callers_holding_the_compute_slot_still_share_a_batch(pair: ModelPair) -> None:
@@ -318,22 +337,19 @@ def test_callers_holding_the_compute_slot_still_share_a_batch(pair: ModelPair) -
     batched = BatchedPair(
         pair, config=BatchConfig(window_s=0.5, max_batch=8, queue_bound=8), observer=recorder, compute=slot
     )
-    outs: list[Any] = []
 
-    def caller() -> None:
+    def caller() -> Any:
         with slot.held():
-            outs.append(batched.forward(x, ("transfer",)))
+            out = batched.forward(x, ("transfer",))
             assert slot.holding()  # given back to this caller after the wait
+            return out
 
     try:
-        threads = [threading.Thread(target=caller) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        with ThreadPoolExecutor(4) as pool:
+            outs = [future.result(60) for future in [pool.submit(caller) for _ in range(4)]]
     finally:
         batched.close()
-    assert len(outs) == 4
+    assert len(outs) == 4 and _free(slot)
     assert max(rows for _, rows, _ in recorder.batches) > 1
 
 

@@ -427,12 +427,16 @@ def test_sqlite_past_its_memory_bound_gives_the_same_numbers_in_sql(
                         expected.update({f"p{p}": None for p in (5, 25, 50, 75, 95)})
                     assert_stats_close(group["metrics"][name], expected)
     assert len(calls) == 4  # past the bound, every call took the SQL path
-    assert (
-        summarize(db_engine, filters=AuditFilters(model="no-such-model"), group_by=["model"], mode="exact")[
-            "groups"
-        ]
-        == []
-    )
+
+
+@pytest.mark.parametrize("mode", ["exact", "auto"])
+def test_a_selection_with_no_rows_has_no_groups_on_every_path(
+    populated: tuple[sa.Engine, list[AuditEntry]], mode: str
+) -> None:
+    engine, _ = populated
+    for names in ([], ["model"], ["day", "method"]):
+        summary = summarize(engine, filters=AuditFilters(model="no-such-model"), group_by=names, mode=mode)
+        assert summary["groups"] == [] and summary["total"] == 0, (names, summary["source"])
 
 
 def test_null_metrics_are_left_out_of_statistics(db_engine: sa.Engine) -> None:

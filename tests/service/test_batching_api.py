@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,33 @@ def test_each_session_gets_its_share_of_the_cores_per_forward_at_once(
             assert isinstance(pair, BatchedPair) and _intra_op_threads(pair) == {threads}
 
 
+def test_predict_does_its_cpu_work_holding_a_compute_slot(
+    api_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifacts = copy_pairs(api_artifacts, tmp_path / "artifacts", ("resnet50v2",))
+    with started(make_settings(artifacts, sqlite_url(tmp_path))) as app:
+        compute = app.app.state.cxr.inference.compute
+        assert compute is not None and compute.slots == 1
+        entered: list[str] = []
+        held = compute.held
+
+        @contextlib.contextmanager
+        def counted() -> Iterator[None]:
+            with held():
+                entered.append(threading.current_thread().name)
+                yield
+
+        monkeypatch.setattr(compute, "held", counted)
+        response = app.post(
+            "/predict", files=upload(png_bytes(chest_like(96, seed=4))), headers=headers("predict")
+        )
+        assert response.status_code == 200 and len(entered) == 1
+    unbounded = Inference(make_settings(api_artifacts, sqlite_url(tmp_path), concurrent_compute=0), Metrics())
+    assert unbounded.compute is None and unbounded.run(lambda a, b=0: a + b, 1, b=2) == 3
+    three = Inference(make_settings(api_artifacts, sqlite_url(tmp_path), concurrent_compute=3), Metrics())
+    assert three.compute is not None and three.compute.slots == 3
+
+
 def test_batching_off_serves_the_pair_itself_and_settings_are_checked(
     api_artifacts: Path, tmp_path: Path
 ) -> None:
@@ -269,6 +297,7 @@ def test_batching_off_serves_the_pair_itself_and_settings_are_checked(
         {"queue_bound": 0},
         {"device": "tpu"},
         {"concurrent_forwards": 0},
+        {"concurrent_compute": -1},
     ):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             make_settings(api_artifacts, sqlite_url(tmp_path), **bad)
