@@ -145,8 +145,9 @@ def _sqlite_groups(
     values: list[np.ndarray] = []
     rows = 0
     result = connection.execute(statement)
+    cursor = result.cursor  # plain tuples: no Row objects (the group keys are converted below, once each)
     try:
-        for chunk in result.partitions(_FETCH_ROWS):
+        while chunk := cursor.fetchmany(_FETCH_ROWS):
             rows += len(chunk)
             if rows > IN_MEMORY_ROWS:
                 return None
@@ -169,13 +170,18 @@ def _sqlite_groups(
     agreed = np.bincount(code, weights=both[:, 0], minlength=n_groups)
     flagged = np.bincount(code, weights=both[:, 1], minlength=n_groups)
     per_statistic = [_statistics(code, stats[:, s], n_groups) for s in range(len(SUMMARY_STATISTICS))]
-    keys = sorted(index, key=lambda key: tuple((value is not None, value) for value in key))
+    # the values SQLAlchemy's result types make of the raw ones (agreement: 0/1 -> bool)
+    processors = [column.type.result_processor(connection.dialect, None) for column in group_columns]
+    typed = {
+        key: tuple(v if f is None or v is None else f(v) for f, v in zip(processors, key, strict=True))
+        for key in index
+    }
     groups = []
-    for key in keys:
+    for key in sorted(index, key=lambda key: tuple((value is not None, value) for value in typed[key])):
         g = index[key]
         groups.append(
             {
-                "key": dict(zip(names, key, strict=True)),
+                "key": dict(zip(names, typed[key], strict=True)),
                 "count": int(count[g]),
                 "agreement_rate": float(agreed[g] / count[g]),
                 "flagged_rate": float(flagged[g] / count[g]),

@@ -408,6 +408,8 @@ def test_sqlite_past_its_memory_bound_gives_the_same_numbers_in_sql(
             bound.setattr(exact, "IN_MEMORY_ROWS", 5)
             past_bound = summarize(db_engine, filters=AuditFilters(), group_by=names, mode="exact")["groups"]
         assert [g["key"] for g in in_memory] == [g["key"] for g in past_bound]
+        typed = [[(k, type(v)) for k, v in g["key"].items()] for g in in_memory]
+        assert typed == [[(k, type(v)) for k, v in g["key"].items()] for g in past_bound]  # True, not 1
         for a, b in zip(in_memory, past_bound, strict=True):
             assert a["count"] == b["count"]
             assert a["agreement_rate"] == pytest.approx(b["agreement_rate"], rel=1e-12)
