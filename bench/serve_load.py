@@ -248,6 +248,11 @@ async def _load(
     }
 
 
+def batching_on(args: argparse.Namespace) -> dict[str, Any]:
+    """The service settings of every batching-on server this bench starts."""
+    return {"batching": "true", "batch_window_ms": args.window_ms, "max_batch": args.max_batch}
+
+
 def rounds(
     artifacts: Path, db: Path, grays: list[np.ndarray], pngs: list[bytes], args: argparse.Namespace
 ) -> list[dict[str, float]]:
@@ -257,13 +262,7 @@ def rounds(
     clients = max(args.clients)
     pairs = load_pairs(artifacts, args.threads)
     server = Server(
-        artifacts,
-        db,
-        ort_threads=args.threads,
-        queue_bound=args.queue_bound,
-        batching="true",
-        batch_window_ms=args.window_ms,
-        max_batch=args.max_batch,
+        artifacts, db, ort_threads=args.threads, queue_bound=args.queue_bound, **batching_on(args)
     )
     out = []
     try:
@@ -321,11 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"offline: {results['offline']}", file=sys.stderr)
         common = {"ort_threads": args.threads, "queue_bound": args.queue_bound}
         modes = {
-            "batching on": {
-                "batching": "true",
-                "batch_window_ms": args.window_ms,
-                "max_batch": args.max_batch,
-            },
+            "batching on": batching_on(args),
             "batching off": {"batching": "false"},
         }
         results["served"] = {}
@@ -350,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp / "overload.db",
             ort_threads=args.threads,
             queue_bound=args.overload_bound,
-            batching="true",
-            batch_window_ms=args.window_ms,
-            max_batch=args.max_batch,
+            **batching_on(args),
         )
         try:
             server.wait_ready()

@@ -36,6 +36,7 @@ No web imports here: the service (``service/app/inference.py``) supplies the set
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -43,7 +44,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -293,7 +293,7 @@ class ComputeSlot:
     def holding(self) -> bool:
         return bool(getattr(self._holder, "on", False))
 
-    @contextmanager
+    @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         if self.holding():  # re-entered by the same thread: already held
             yield
@@ -306,7 +306,7 @@ class ComputeSlot:
             self._holder.on = False
             self._lock.release()
 
-    @contextmanager
+    @contextlib.contextmanager
     def released(self) -> Iterator[None]:
         if not self.holding():
             yield
@@ -365,9 +365,8 @@ class BatchedPair(ModelPair):
             for future in futures.values():
                 future.cancel()  # not run if still queued
             raise
-        if self.compute is None:
-            return {name: future.result() for name, future in futures.items()}
-        with self.compute.released():  # another caller computes while this one waits
+        # another caller computes while this one waits
+        with self.compute.released() if self.compute is not None else contextlib.nullcontext():
             return {name: future.result() for name, future in futures.items()}
 
     def close(self, timeout: float | None = 30.0) -> None:

@@ -87,8 +87,9 @@ class Inference:
         self.forward_slots = forward_slots(settings)
         self.forward_gate = threading.BoundedSemaphore(self.forward_slots)
         # shared by every request: ``concurrent_compute`` at a time do their own CPU work (none while waiting
-        # for a forward); None: no bound
-        self.compute = ComputeSlot(settings.concurrent_compute) if settings.concurrent_compute else None
+        # for a forward); None: no bound (or batching off: the request thread runs its forwards itself)
+        bounded = settings.batching and settings.concurrent_compute
+        self.compute = ComputeSlot(settings.concurrent_compute) if bounded else None
 
     @property
     def in_flight(self) -> int:
@@ -138,7 +139,7 @@ class Inference:
         """``work(*args, **kwargs)`` holding a compute slot (batching on; its batched forwards give it up while
         they wait), so at most ``concurrent_compute`` request threads do CPU work at once
         (engine.batching.ComputeSlot)."""
-        if not self.settings.batching or self.compute is None:
+        if self.compute is None:
             return work(*args, **kwargs)
         with self.compute.held():
             return work(*args, **kwargs)

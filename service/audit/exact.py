@@ -203,12 +203,12 @@ def _statistics(code: np.ndarray, column: np.ndarray, n_groups: int) -> list[dic
         mean = np.bincount(code, weights=column, minlength=n_groups) / n
         squares = np.bincount(code, weights=(column - mean[code]) ** 2, minlength=n_groups)
         sd = np.sqrt(squares / (n - 1))
+    last = np.maximum(start + n - 1, 0)
     quantiles = []
     for p in PERCENTILES:
         position = p * np.maximum(n - 1, 0)
         low = np.floor(position).astype(np.int64)
         fraction = position - low
-        last = np.maximum(start + n - 1, 0)
         x_low = column[np.minimum(start + low, last)] if column.size else np.zeros(n_groups)
         x_high = column[np.minimum(start + low + 1, last)] if column.size else np.zeros(n_groups)
         quantiles.append(x_low + fraction * (x_high - x_low))
